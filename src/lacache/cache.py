@@ -1,0 +1,356 @@
+"""transformers ``Cache`` classes with a fixed number of slots per layer.
+
+The glue between transformers and the pure slot arithmetic: it stores keys and values, asks a
+policy which slots survive when the budget is exceeded, and re-positions keys by slot.
+
+Facts this relies on (transformers 5.x, SPEC §5):
+
+* the attention mask is sized from layer 0 via ``get_mask_sizes``; every layer therefore holds
+  the same number of slots, though not the same tokens;
+* ``get_seq_length`` must report tokens *seen* (generate slices prompts and chunked prefill with
+  it), while the mask sees ``n_slots + q`` keys starting at offset ``seen - n_slots``;
+* ``update`` returns the full pre-eviction states for this forward's attention; eviction happens
+  after, so a new token always sees everything the cache held;
+* ``generate()`` hands every layer the absolute ``position_ids`` of the new tokens (through the
+  attention kwargs); the cache never assumes the query sits at ``n_slots``.
+
+Position shift ("rotate on read"): incoming keys are rotated back to position 0 once and stored
+that way; each read rotates slot ``i`` of ``n`` to ``p_last - (n - 1 - i)``, where ``p_last`` is the
+position of the newest token. Attention then sees cached tokens as contiguous, however far apart
+they originally were, with no drift in half precision (each stored key is rounded once).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .ladder import CompactionPlan, default_span_overlap, ladder_geometry
+from .policies import LadderPolicy, SlotPolicy, StreamingPolicy
+from .rope import Rotator, check_supported_model
+
+__all__ = ["BoundedCache", "LaCache", "StreamingLLMCache", "POSITION_MODES"]
+
+POSITION_MODES = ("shift", "original")
+
+
+class SlotLayer(CacheLayerMixin):
+    """One layer's slots. All bookkeeping shared by layers lives in the owning ``BoundedCache``."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, owner: "BoundedCache", layer_idx: int):
+        super().__init__()
+        self.owner = owner
+        self.layer_idx = layer_idx
+        self.token_index = torch.empty(0, dtype=torch.long)  # original token indices, slot order
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.dtype = key_states.dtype
+        self.keys = key_states[..., :0, :].clone()
+        self.values = value_states[..., :0, :].clone()
+        self.is_initialized = True
+
+    @property
+    def num_slots(self) -> int:
+        return 0 if self.keys is None else int(self.keys.shape[-2])
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return self.owner.update(key_states, value_states, self.layer_idx, *args, **kwargs)
+
+    def get_seq_length(self) -> int:
+        return self.owner.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        n = self.num_slots
+        return n + query_length, self.owner.seen - n
+
+    def get_max_length(self) -> int:
+        # The stream itself is unbounded; the slot budget is `cache.budget`.
+        return -1
+
+    def reset(self) -> None:
+        self.keys = self.values = None
+        self.is_initialized = False
+        self.token_index = torch.empty(0, dtype=torch.long)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.num_slots:
+            self.keys = self.keys.index_select(0, beam_idx.to(self.keys.device))
+            self.values = self.values.index_select(0, beam_idx.to(self.values.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.num_slots:
+            self.keys = self.keys.repeat_interleave(repeats, dim=0)
+            self.values = self.values.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.num_slots:
+            self.keys = self.keys[indices, ...]
+            self.values = self.values[indices, ...]
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError(
+            f"{type(self.owner).__name__} cannot crop: evicted tokens cannot be restored, so assisted/speculative "
+            "decoding is not supported; generate without assistant_model/prompt_lookup_num_tokens"
+        )
+
+
+@dataclass
+class _Step:
+    """What one forward pass shares across layers: computed at layer 0, reused by the rest."""
+
+    query_length: int
+    slots_before: int
+    new_tokens: torch.Tensor  # [q] original token indices, CPU
+    positions: torch.Tensor  # [B or 1, q] positions the model used for the new tokens
+    plan: CompactionPlan | None
+    angles: dict = field(default_factory=dict)  # device -> (cos_new, sin_new, cos_read, sin_read)
+
+
+class BoundedCache(Cache):
+    """A cache of at most ``budget`` slots per layer, compacted by a ``SlotPolicy``.
+
+    Do not build it directly: use ``LaCache.from_model`` or ``StreamingLLMCache.from_model``.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        budget: int,
+        policy: SlotPolicy,
+        rotator: Rotator | None,
+        positions: str = "shift",
+        chunk: int = 0,
+    ):
+        layers = [SlotLayer(self, i) for i in range(num_layers)]
+        super().__init__(layers=layers)
+        self.budget = int(budget)
+        self.chunk = int(chunk)
+        self.policy = policy
+        self.positions = positions
+        self.rotator = rotator
+        self.seen = 0
+        self._step: _Step | None = None
+
+    # ----------------------------------------------------------------- construction helpers
+    @staticmethod
+    def _validate_common(model: nn.Module, budget, sinks, positions) -> tuple[int, Rotator]:
+        if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
+            raise ValueError(f"budget={budget!r} must be a positive number of slots per layer, e.g. budget=512")
+        if not isinstance(sinks, int) or sinks < 0:
+            raise ValueError(f"sinks={sinks!r} must be a non-negative integer, e.g. sinks=4")
+        if positions not in POSITION_MODES:
+            raise ValueError(f"positions={positions!r} must be one of {POSITION_MODES}; e.g. positions='shift'")
+        rotary = check_supported_model(model, positions)
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        return int(config.num_hidden_layers), Rotator.from_module(rotary)
+
+    @staticmethod
+    def _resolve_chunk(chunk, budget: int, min_target: int) -> int:
+        room = budget - min_target
+        if chunk is None:
+            return max(0, min(budget // 16, room))
+        if not isinstance(chunk, int) or chunk < 0 or chunk > room:
+            raise ValueError(
+                f"chunk={chunk!r} must be between 0 and {max(room, 0)} for budget={budget} (it is how many slots "
+                f"below the budget a compaction frees, to amortise it); e.g. chunk={max(0, min(budget // 16, room))}"
+            )
+        return chunk
+
+    # ----------------------------------------------------------------- introspection
+    @property
+    def num_slots(self) -> int:
+        """Slots currently held by every layer."""
+        return self.layers[0].num_slots if self.layers else 0
+
+    def token_positions(self, layer_idx: int, batch_index: int = 0) -> torch.Tensor:
+        """Original indices (0-based over every token seen) of the tokens held by a layer, in slot order."""
+        if self.batch_size > 0 and not 0 <= batch_index < self.batch_size:
+            raise IndexError(f"batch_index={batch_index} is out of range for a batch of {self.batch_size}")
+        return self.layers[layer_idx].token_index.clone()
+
+    @property
+    def batch_size(self) -> int:
+        keys = self.layers[0].keys if self.layers else None
+        return -1 if keys is None else int(keys.shape[0])
+
+    def memory_bytes(self) -> int:
+        """Bytes held by stored keys and values across all layers."""
+        total = 0
+        for layer in self.layers:
+            if layer.keys is not None:
+                total += layer.keys.numel() * layer.keys.element_size()
+                total += layer.values.numel() * layer.values.element_size()
+        return total
+
+    def describe(self) -> dict:
+        return {
+            "cache": type(self).__name__,
+            "budget": self.budget,
+            "chunk": self.chunk,
+            "positions": self.positions,
+            **self.policy.describe(),
+        }
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v}" for k, v in self.describe().items() if k != "cache")
+        return f"{type(self).__name__}({args}, slots={self.num_slots}, seen={self.seen})"
+
+    # ----------------------------------------------------------------- the update path
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen
+
+    def reset(self) -> None:
+        super().reset()
+        self.seen = 0
+        self._step = None
+        self.policy.reset()
+
+    def _begin_step(self, key_states: torch.Tensor, kwargs: dict) -> _Step:
+        q = int(key_states.shape[-2])
+        position_ids = kwargs.get("position_ids")
+        if position_ids is None:
+            position_ids = torch.arange(self.seen, self.seen + q, device=key_states.device)[None]
+        elif position_ids.dim() == 1:
+            position_ids = position_ids[None]
+        slots_before = self.num_slots
+        total = slots_before + q
+        plan = self.policy.plan(total, self.budget - self.chunk) if total > self.budget else None
+        new_tokens = torch.arange(self.seen, self.seen + q, dtype=torch.long)
+        self.seen += q
+        return _Step(q, slots_before, new_tokens, position_ids, plan)
+
+    def _angles(self, step: _Step, device: torch.device):
+        cached = step.angles.get(device)
+        if cached is None:
+            positions = step.positions.to(device)
+            cos_new, sin_new = self.rotator.angles(positions)
+            total = step.slots_before + step.query_length
+            base = positions[:, -1:] - (total - 1)
+            read = base + torch.arange(total, device=device)
+            cos_read, sin_read = self.rotator.angles(read)
+            cached = step.angles[device] = (cos_new, sin_new, cos_read, sin_read)
+        return cached
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        attn_kwargs = kwargs.get("kwargs")
+        if attn_kwargs is None:
+            attn_kwargs = args[0] if args and isinstance(args[0], dict) else kwargs
+        if layer_idx == 0 or self._step is None:
+            self._step = self._begin_step(key_states, attn_kwargs)
+        step = self._step
+        layer = self.layers[layer_idx]
+        if not layer.is_initialized:
+            layer.lazy_initialization(key_states, value_states)
+
+        shift = self.positions == "shift"
+        if shift:
+            cos_new, sin_new, cos_read, sin_read = self._angles(step, key_states.device)
+            key_states = self.rotator.rotate(key_states, cos_new, sin_new, inverse=True)
+        keys = torch.cat([layer.keys, key_states], dim=-2)
+        values = torch.cat([layer.values, value_states], dim=-2)
+        tokens = torch.cat([layer.token_index, step.new_tokens])
+        visible_keys = self.rotator.rotate(keys, cos_read, sin_read) if shift else keys
+
+        plan = step.plan
+        if plan is None:
+            layer.keys, layer.values, layer.token_index = keys, values, tokens
+        else:
+            rows = plan.tensor(keys.device)
+            row = rows[layer_idx] if rows.shape[0] > 1 else rows[0]
+            layer.keys = keys.index_select(-2, row)
+            layer.values = values.index_select(-2, row)
+            layer.token_index = tokens[torch.from_numpy(plan.rows_for(layer_idx))]
+        return visible_keys, values
+
+
+class LaCache(BoundedCache):
+    """Ladder-shaped KV cache: fixed slots per layer, staggered retention, iterative compaction.
+
+    ``LaCache.from_model(model, budget=512)`` is all most users need; see ``from_model`` for knobs.
+    """
+
+    @classmethod
+    def from_model(
+        cls,
+        model: nn.Module,
+        budget: int,
+        span: int | None = None,
+        overlap: int | None = None,
+        sinks: int = 4,
+        window: int | None = None,
+        positions: str = "shift",
+        layout: str = "ladder",
+        chunk: int | None = None,
+    ) -> "LaCache":
+        """Build a cache sized for ``model``.
+
+        Args:
+            budget: slots per layer (per sequence); memory never grows beyond it.
+            span, overlap: ladder shape (SPEC §2.1); default by depth, see ``default_span_overlap``.
+            sinks: leading slots never compacted (attention sinks; raise it to keep a task prompt).
+            window: most recent slots never compacted; default ``max(rung, budget // 8)``.
+            positions: ``"shift"`` positions keys by slot (generation past the trained context);
+                ``"original"`` keeps each key at its original position.
+            layout: ``"ladder"`` (reference stagger) or ``"band"`` (contiguous layer bands).
+            chunk: extra slots freed per compaction so it happens every ``chunk`` tokens, not every one;
+                default ``budget // 16`` (capped so a rung still fits).
+        """
+        num_layers, rotator = cls._validate_common(model, budget, sinks, positions)
+        if span is None and overlap is None:
+            span, overlap = default_span_overlap(num_layers)
+        elif span is None or overlap is None:
+            raise ValueError(
+                f"span={span!r}, overlap={overlap!r}: give both or neither; for {num_layers} layers the default is "
+                f"span={default_span_overlap(num_layers)[0]}, overlap={default_span_overlap(num_layers)[1]}"
+            )
+        geometry = ladder_geometry(num_layers, span, overlap, layout)
+        if window is None:
+            window = max(geometry.rung, budget // 8)
+        if not isinstance(window, int) or window < 1:
+            raise ValueError(
+                f"window={window!r} must be a positive integer (the newest tokens must stay dense), "
+                f"e.g. window={max(geometry.rung, budget // 8)}"
+            )
+        room = budget - sinks - window
+        if room < geometry.rung:
+            need = sinks + window + geometry.rung
+            raise ValueError(
+                f"budget={budget} is too small for sinks={sinks} + window={window} + one rung of {geometry.rung} "
+                f"slots: use budget >= {need}, or fewer sinks / a smaller window"
+            )
+        policy = LadderPolicy(geometry, sinks, window)
+        chunk = cls._resolve_chunk(chunk, budget, policy.min_target())
+        return cls(
+            num_layers=num_layers, budget=budget, policy=policy, rotator=rotator, positions=positions, chunk=chunk
+        )
+
+
+class StreamingLLMCache(BoundedCache):
+    """StreamingLLM: ``sinks`` first tokens plus the most recent ones, identical in every layer."""
+
+    @classmethod
+    def from_model(
+        cls,
+        model: nn.Module,
+        budget: int,
+        sinks: int = 4,
+        positions: str = "shift",
+        chunk: int | None = None,
+    ) -> "StreamingLLMCache":
+        num_layers, rotator = cls._validate_common(model, budget, sinks, positions)
+        if budget <= sinks:
+            raise ValueError(f"budget={budget} must exceed sinks={sinks}: e.g. budget={sinks + 64}")
+        policy = StreamingPolicy(sinks)
+        chunk = cls._resolve_chunk(chunk, budget, policy.min_target())
+        return cls(
+            num_layers=num_layers, budget=budget, policy=policy, rotator=rotator, positions=positions, chunk=chunk
+        )

@@ -1,0 +1,167 @@
+"""The ``lacache`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+__all__ = ["main", "build_parser"]
+
+DEFAULT_PROMPT = (
+    "Write a long, detailed story about a lighthouse keeper who finds a mysterious map, "
+    "with many chapters, characters and places."
+)
+METHODS = ("lacache", "streaming", "full")
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16"}
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be a positive integer")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lacache", description="Fixed-memory ladder-shaped KV caches for transformers causal LMs."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser(
+        "generate",
+        help="stream text from a prompt with a fixed-size cache (defaults: bundled SmolLM2-135M, 2,000 tokens)",
+    )
+    gen.add_argument("--model", default=None, help="hub id or local path; default: bundled SmolLM2-135M-Instruct")
+    gen.add_argument("--method", choices=METHODS, default="lacache")
+    gen.add_argument("--budget", type=_positive_int, default=256, help="cache slots per layer")
+    gen.add_argument("--sinks", type=int, default=4)
+    gen.add_argument("--span", type=int, default=None)
+    gen.add_argument("--overlap", type=int, default=None)
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=2000)
+    gen.add_argument("--prompt", default=DEFAULT_PROMPT)
+    gen.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
+    gen.add_argument("--stop-at-eos", action="store_true", help="stop at end-of-sequence (default: keep going)")
+    gen.add_argument("--temperature", type=float, default=0.7)
+    gen.add_argument("--top-p", type=float, default=0.9)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    gen.add_argument("--quiet", action="store_true", help="do not print the generated text")
+    gen.add_argument("--json", dest="json_path", default=None, help="write the run's statistics to this file")
+    return parser
+
+
+def make_cli_cache(method: str, model, budget: int, sinks: int, span, overlap):
+    from transformers import DynamicCache
+
+    from .cache import LaCache, StreamingLLMCache
+
+    if method == "lacache":
+        return LaCache.from_model(model, budget=budget, sinks=sinks, span=span, overlap=overlap)
+    if method == "streaming":
+        return StreamingLLMCache.from_model(model, budget=budget, sinks=sinks)
+    return DynamicCache(config=model.config)
+
+
+def _encode_prompt(tokenizer, prompt: str, use_template: bool):
+    if use_template and getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": prompt}]
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)[
+            "input_ids"
+        ]
+    return tokenizer(prompt, return_tensors="pt")["input_ids"]
+
+
+def _mb(num_bytes: int) -> str:
+    return f"{num_bytes / 2**20:.1f} MB"
+
+
+def run_generate(args) -> dict:
+    import torch
+
+    from .generation import StreamStats, stream_tokens
+    from .models import load_model
+
+    torch.manual_seed(args.seed)
+    dtype = getattr(torch, DTYPES[args.dtype])
+    model, tokenizer = load_model(args.model, dtype=dtype)
+    cache = make_cli_cache(args.method, model, args.budget, args.sinks, args.span, args.overlap)
+    input_ids = _encode_prompt(tokenizer, args.prompt, not args.no_chat_template)
+    stats = StreamStats()
+    eos = tokenizer.eos_token_id if args.stop_at_eos else None
+    out = sys.stdout
+    if not args.quiet:
+        print(args.prompt, file=sys.stderr)
+        print("---", file=sys.stderr)
+    pending: list[int] = []
+    printed = ""
+    for token_id in stream_tokens(
+        model,
+        input_ids,
+        cache,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        eos_token_id=eos,
+        seed=args.seed,
+        stats=stats,
+    ):
+        if args.quiet:
+            continue
+        # Decode a growing window so multi-byte characters and merges print correctly.
+        pending.append(token_id)
+        text = tokenizer.decode(pending, skip_special_tokens=False)
+        if text.endswith("\ufffd"):
+            continue
+        out.write(text[len(printed) :])
+        out.flush()
+        printed = text
+        if len(pending) > 64:
+            pending, printed = [], ""
+    if not args.quiet:
+        out.write("\n")
+    report = {
+        "model": args.model or "SmolLM2-135M-Instruct (bundled)",
+        "method": args.method,
+        "budget": args.budget if args.method != "full" else None,
+        "cache": cache.describe() if hasattr(cache, "describe") else {"cache": type(cache).__name__},
+        "prompt_tokens": stats.prompt_tokens,
+        "new_tokens": stats.new_tokens,
+        "decode_tokens_per_second": round(stats.decode_tokens_per_second, 2),
+        "prefill_seconds": round(stats.prefill_seconds, 3),
+        "cache_slots_per_layer": stats.cache_slots,
+        "cache_bytes": stats.cache_bytes,
+        "peak_rss_bytes": stats.peak_rss_bytes,
+        "samples": [
+            {"new_tokens": n, "cache_bytes": c, "rss_bytes": r} for n, c, r in stats.samples
+        ],
+    }
+    trail = ", ".join(f"{n}: {_mb(c)}" for n, c, _ in stats.samples)
+    print(
+        f"[lacache] {args.method}: {stats.new_tokens} tokens at {stats.decode_tokens_per_second:.1f} tokens/s | "
+        f"cache {stats.cache_slots} slots/layer, {_mb(stats.cache_bytes)} | peak RSS {_mb(stats.peak_rss_bytes)}",
+        file=sys.stderr,
+    )
+    if trail:
+        print(f"[lacache] cache size by tokens generated: {trail}", file=sys.stderr)
+    if args.json_path:
+        with open(args.json_path, "w") as fh:
+            json.dump(report, fh, indent=2)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            run_generate(args)
+    except ValueError as err:
+        print(f"lacache: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""lacache's own generation loop: chunked prefill, then one token at a time, forever if asked.
+
+Unlike ``model.generate()``, which gives each token its absolute position, this loop positions
+the new tokens right after the cache's slots. With a bounded cache every position the model ever
+sees is below ``budget + chunk``, so token ten million is computed as precisely as token one
+(absolute positions lose float32 precision past ~1e5) and generation can run far past the
+model's trained context.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from transformers.cache_utils import Cache
+
+from .cache import BoundedCache
+from .memory import current_rss_bytes, peak_rss_bytes
+
+__all__ = ["StreamStats", "stream_tokens", "stream_generate"]
+
+
+@dataclass
+class StreamStats:
+    """What a stream cost; filled in as tokens are produced."""
+
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    cache_slots: int = 0
+    cache_bytes: int = 0
+    peak_rss_bytes: int = 0
+    #: (tokens generated so far, cache bytes, process RSS bytes), sampled every ``sample_every`` tokens
+    samples: list[tuple[int, int, int]] = field(default_factory=list)
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return self.new_tokens / self.decode_seconds if self.decode_seconds else float("nan")
+
+
+def _next_positions(cache: Cache, q: int, device) -> torch.Tensor:
+    start = cache.num_slots if isinstance(cache, BoundedCache) else cache.get_seq_length()
+    return torch.arange(start, start + q, device=device)[None]
+
+
+def _cache_bytes(cache: Cache) -> int:
+    if isinstance(cache, BoundedCache):
+        return cache.memory_bytes()
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+def _slots(cache: Cache) -> int:
+    if isinstance(cache, BoundedCache):
+        return cache.num_slots
+    return cache.get_seq_length()
+
+
+def _choose(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def stream_tokens(
+    model,
+    input_ids: torch.Tensor,
+    cache: Cache,
+    max_new_tokens: int | None = None,
+    *,
+    prefill_chunk: int | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    eos_token_id: int | list[int] | None = None,
+    seed: int | None = None,
+    stats: StreamStats | None = None,
+    sample_every: int = 250,
+) -> Iterator[int]:
+    """Yield new token ids one by one (batch of one). ``max_new_tokens=None`` never stops by itself.
+
+    ``prefill_chunk`` feeds the prompt in pieces, compacting after each, so a prompt of any length
+    costs memory for ``budget + prefill_chunk`` slots only; default: the cache's budget (or the
+    whole prompt for an unbounded cache).
+    """
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    if input_ids.shape[0] != 1:
+        raise ValueError(f"stream_tokens streams one sequence; got a batch of {input_ids.shape[0]}")
+    if input_ids.shape[1] == 0:
+        raise ValueError("input_ids is empty: give at least one prompt token")
+    device = next(model.parameters()).device
+    input_ids = input_ids.to(device)
+    stats = stats if stats is not None else StreamStats()
+    stats.prompt_tokens = int(input_ids.shape[1])
+    eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    if prefill_chunk is None:
+        prefill_chunk = cache.budget if isinstance(cache, BoundedCache) else input_ids.shape[1]
+    if prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk={prefill_chunk} must be >= 1")
+
+    started = time.perf_counter()
+    logits = None
+    for start in range(0, input_ids.shape[1], prefill_chunk):
+        piece = input_ids[:, start : start + prefill_chunk]
+        out = model(input_ids=piece, position_ids=_next_positions(cache, piece.shape[1], device), cache=cache)
+        logits = out.logits[:, -1]
+    stats.prefill_seconds = time.perf_counter() - started
+
+    started = time.perf_counter()
+    produced = 0
+    while max_new_tokens is None or produced < max_new_tokens:
+        token = _choose(logits, temperature, top_p, generator)
+        produced += 1
+        stats.new_tokens = produced
+        stats.decode_seconds = time.perf_counter() - started
+        token_id = int(token)
+        yield token_id
+        if token_id in eos or (max_new_tokens is not None and produced >= max_new_tokens):
+            break
+        out = model(input_ids=token.view(1, 1), position_ids=_next_positions(cache, 1, device), cache=cache)
+        logits = out.logits[:, -1]
+        if produced % sample_every == 0:
+            stats.samples.append((produced, _cache_bytes(cache), current_rss_bytes()))
+    stats.decode_seconds = time.perf_counter() - started
+    stats.cache_slots = _slots(cache)
+    stats.cache_bytes = _cache_bytes(cache)
+    stats.peak_rss_bytes = peak_rss_bytes()
+
+
+def stream_generate(
+    model,
+    input_ids: torch.Tensor,
+    cache: Cache,
+    max_new_tokens: int,
+    on_token: Callable[[int], None] | None = None,
+    **kwargs,
+) -> tuple[list[int], StreamStats]:
+    """Run ``stream_tokens`` to the end; return the new ids and the stats."""
+    stats = StreamStats()
+    ids = []
+    for token_id in stream_tokens(model, input_ids, cache, max_new_tokens, stats=stats, **kwargs):
+        ids.append(token_id)
+        if on_token is not None:
+            on_token(token_id)
+    return ids, stats

@@ -1,0 +1,228 @@
+"""Pure slot arithmetic for ladder-shaped KV caches.
+
+Everything here works on slot *indices* only: which slots each layer keeps when the cache
+is compacted. No tensors and no transformers, so the rules can be checked exhaustively and
+reused by every cache and by the evaluation code.
+
+Vocabulary (SPEC §2.1-2.2):
+
+* ``L`` layers, each holding the same number of slots ``n``;
+* ``S`` sink slots at the front and a recent window of ``W`` slots at the back are never compacted;
+* a *rung* is ``B`` consecutive body slots; in a rung, layer ``l`` keeps the ``A`` slots starting
+  at offset ``o(l)``, so different layers keep different tokens but the same *number* of them;
+* a *cursor* ``c`` marks the next body slot to compact; when the next rung would reach into the
+  recent window the pass is over and the cursor goes back to ``S``: older history is compacted
+  again and gets sparser, while the total never grows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = [
+    "LadderGeometry",
+    "CompactionPlan",
+    "default_span_overlap",
+    "ladder_geometry",
+    "ladder_plan",
+    "window_plan",
+    "identity_plan",
+    "LAYOUTS",
+]
+
+LAYOUTS = ("ladder", "band")
+
+
+@dataclass(frozen=True)
+class LadderGeometry:
+    """The shape of one ladder: rung width, slots kept per rung, and each layer's offset."""
+
+    num_layers: int
+    span: int
+    overlap: int
+    rung: int  # B
+    keep: int  # A
+    layout: str
+    offsets: tuple[int, ...]
+
+    @property
+    def freed_per_rung(self) -> int:
+        """Slots each compacted rung frees in every layer (``B - A``)."""
+        return self.rung - self.keep
+
+    @property
+    def keep_ratio(self) -> float:
+        return self.keep / self.rung
+
+
+def default_span_overlap(num_layers: int) -> tuple[int, int]:
+    """Span/overlap defaults by model depth.
+
+    Deep models (>= 28 layers) follow the reference's Llama settings: span ``L // 2``, overlap 0
+    (32 layers -> 16/0, 28 -> 14/0: rungs of two slots, alternate layers keep alternate tokens).
+    Shallower models follow its SmolLM2-1.7B setting scaled by depth: span ``round(3L/8)``,
+    overlap ``span - 2`` (24 layers -> 9/7). A single layer cannot form a ladder at all.
+    """
+    if num_layers < 2:
+        raise ValueError(
+            f"num_layers={num_layers}: a ladder needs at least 2 layers; use StreamingLLMCache for 1-layer models"
+        )
+    if num_layers >= 28:
+        return num_layers // 2, 0
+    span = max(1, round(3 * num_layers / 8))
+    return span, max(0, span - 2)
+
+
+def _rung_and_keep(num_layers: int, span: int, overlap: int) -> tuple[int, int]:
+    step = span - overlap
+    rung = 1 + math.ceil((num_layers - span) / step)
+    keep = min(math.ceil(span / step), rung)
+    return rung, keep
+
+
+def _working_span_overlap(num_layers: int) -> str:
+    options = []
+    for span in range(1, num_layers + 1):
+        for overlap in range(span):
+            b, a = _rung_and_keep(num_layers, span, overlap)
+            if b > a:
+                options.append((span, overlap))
+    if not options:
+        return "none exists for this depth"
+    default = default_span_overlap(num_layers) if num_layers >= 2 else options[0]
+    return f"e.g. span={default[0]}, overlap={default[1]}"
+
+
+def ladder_geometry(num_layers: int, span: int, overlap: int, layout: str = "ladder") -> LadderGeometry:
+    """Validate ``span``/``overlap`` for ``num_layers`` layers and derive the ladder (SPEC §2.1).
+
+    ``layout="ladder"`` staggers offsets with period ``B - A + 1`` (the reference pattern);
+    ``layout="band"`` gives each offset to a contiguous band of layers (an ablation).
+    """
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} is not one of {LAYOUTS}; use layout='ladder'")
+    if not 1 <= span <= num_layers:
+        raise ValueError(
+            f"span={span} must be between 1 and the number of layers ({num_layers}); "
+            f"{_working_span_overlap(num_layers)}"
+        )
+    if not 0 <= overlap < span:
+        raise ValueError(
+            f"overlap={overlap} must satisfy 0 <= overlap < span={span}; e.g. overlap={max(0, span - 2)}"
+        )
+    rung, keep = _rung_and_keep(num_layers, span, overlap)
+    if rung <= keep:
+        raise ValueError(
+            f"span={span}, overlap={overlap} with {num_layers} layers gives rungs of {rung} slots keeping {keep}: "
+            f"the ladder cannot compress; {_working_span_overlap(num_layers)}"
+        )
+    period = rung - keep + 1
+    if layout == "ladder":
+        offsets = tuple(layer % period for layer in range(num_layers))
+    else:
+        offsets = tuple(layer * period // num_layers for layer in range(num_layers))
+    return LadderGeometry(num_layers, span, overlap, rung, keep, layout, offsets)
+
+
+@dataclass(frozen=True)
+class CompactionPlan:
+    """Which current slots survive a compaction, per layer, in slot order.
+
+    ``index`` has shape ``[rows, m]`` with ``rows`` either the number of layers (each layer its own
+    choice) or 1 (every layer keeps the same slots). ``cursor`` is the ladder cursor after the plan.
+    ``passes_started`` lists, for each pass begun inside this plan, the slot where it began (property
+    tests use it to check that every pass starts at the oldest non-sink slot).
+    """
+
+    index: np.ndarray
+    cursor: int
+    passes_started: tuple[int, ...] = ()
+    _tensors: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def kept(self) -> int:
+        return int(self.index.shape[1])
+
+    def rows_for(self, layer: int) -> np.ndarray:
+        return self.index[layer if self.index.shape[0] > 1 else 0]
+
+    def tensor(self, device):  # -> torch.Tensor, kept lazy so this module needs no torch
+        """The index as a LongTensor on ``device``, built once per device and reused."""
+        key = str(device)
+        t = self._tensors.get(key)
+        if t is None:
+            import torch
+
+            t = torch.as_tensor(self.index, dtype=torch.long).to(device)
+            self._tensors[key] = t
+        return t
+
+
+def identity_plan(n: int, cursor: int) -> CompactionPlan:
+    return CompactionPlan(np.arange(n, dtype=np.int64)[None, :], cursor)
+
+
+def _check_room(n_target: int, sinks: int, window: int, rung: int) -> None:
+    if n_target - sinks - window < rung - 1:
+        raise ValueError(
+            f"target of {n_target} slots leaves no room for a rung of {rung} between {sinks} sinks and a "
+            f"recent window of {window}: need target >= sinks + window + rung - 1 = {sinks + window + rung - 1}"
+        )
+
+
+def ladder_plan(
+    geometry: LadderGeometry, n: int, cursor: int, target: int, sinks: int, window: int
+) -> CompactionPlan:
+    """Compact ``n`` slots down to at most ``target`` by laddering rungs from ``cursor`` (SPEC §2.2).
+
+    Rungs are taken in batches (as many as are needed and fit before the recent window) and each
+    batch is one vectorised step, so a prompt many times the budget costs a few passes, not one
+    Python iteration per rung. The result composes every step into one index per layer.
+    """
+    if n <= target:
+        return identity_plan(n, cursor)
+    big_b, small_a = geometry.rung, geometry.keep
+    _check_room(target, sinks, window, big_b)
+    num_layers = geometry.num_layers
+    offsets = np.asarray(geometry.offsets, dtype=np.int64)
+    within = (offsets[:, None] + np.arange(small_a, dtype=np.int64)[None, :])  # [L, A]
+    index = np.broadcast_to(np.arange(n, dtype=np.int64), (num_layers, n))
+    m, c = n, cursor
+    starts: list[int] = []
+    while m > target:
+        if c < sinks or c + big_b > m - window:
+            c = sinks
+            starts.append(c)
+        available = (m - window - c) // big_b
+        needed = -(-(m - target) // (big_b - small_a))
+        r = min(available, needed)
+        rung_starts = c + big_b * np.arange(r, dtype=np.int64)  # [r]
+        body = (rung_starts[None, :, None] + within[:, None, :]).reshape(num_layers, r * small_a)
+        keep = np.concatenate(
+            [
+                np.broadcast_to(np.arange(c, dtype=np.int64), (num_layers, c)),
+                body,
+                np.broadcast_to(np.arange(c + r * big_b, m, dtype=np.int64), (num_layers, m - c - r * big_b)),
+            ],
+            axis=1,
+        )
+        index = np.take_along_axis(index, keep, axis=1)
+        m -= r * (big_b - small_a)
+        c += r * small_a
+    return CompactionPlan(np.ascontiguousarray(index), c, tuple(starts))
+
+
+def window_plan(n: int, target: int, sinks: int) -> CompactionPlan:
+    """StreamingLLM: keep the ``sinks`` first slots and the most recent ``target - sinks``."""
+    if n <= target:
+        return identity_plan(n, sinks)
+    if target <= sinks:
+        raise ValueError(f"target={target} must exceed sinks={sinks}")
+    recent = target - sinks
+    index = np.concatenate([np.arange(sinks), np.arange(n - recent, n)]).astype(np.int64)
+    return CompactionPlan(index[None, :], sinks)

@@ -1,0 +1,119 @@
+"""Rotary-embedding arithmetic for re-positioning cached keys.
+
+A bounded cache keeps keys of tokens that were far apart and puts them side by side. To position
+them by *slot* (StreamingLLM-style), the cache stores keys without rotation and rotates them on
+every read to the slot positions the current query expects. The rotation must be the model's own
+(same ``inv_freq``, which already folds in linear/llama3/yarn frequency scaling) but *unscaled*:
+the model's ``attention_scaling`` is already inside the keys it hands over and must not be applied
+twice. Only the rotate-half convention (Llama, Qwen, Mistral, Gemma, Phi-3) is used by the families
+we support.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["Rotator", "find_rotary_embedding", "check_supported_model"]
+
+# RoPE variants whose frequencies change at run time with the sequence length: the cache cannot
+# re-rotate stored keys consistently with them.
+_RUNTIME_ROPE_TYPES = ("dynamic", "longrope")
+
+
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def find_rotary_embedding(model: nn.Module) -> nn.Module | None:
+    """The module holding the model's ``inv_freq`` (usually ``model.model.rotary_emb``)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", model)
+    rotary = getattr(decoder, "rotary_emb", None)
+    if rotary is not None and hasattr(rotary, "inv_freq"):
+        return rotary
+    for _, module in model.named_modules():
+        if hasattr(module, "inv_freq") and isinstance(getattr(module, "inv_freq"), torch.Tensor):
+            return module
+    return None
+
+
+def _rope_type(config) -> str:
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if isinstance(params, dict):
+        if "rope_type" in params or "type" in params:
+            return str(params.get("rope_type", params.get("type")))
+        # per-layer-type parameters (e.g. Gemma 3): any runtime type among them counts
+        for value in params.values():
+            if isinstance(value, dict) and value.get("rope_type") in _RUNTIME_ROPE_TYPES:
+                return str(value["rope_type"])
+    return "default"
+
+
+def check_supported_model(model: nn.Module, positions: str) -> nn.Module:
+    """Refuse, with one clear message, models a slot-positioned cache cannot serve; return the rotary module."""
+    config = _text_config(model.config)
+    name = type(model).__name__
+    if getattr(config, "kv_lora_rank", None) or getattr(config, "q_lora_rank", None):
+        raise ValueError(
+            f"model={name} uses multi-head latent attention (MLA), whose cached latents carry no per-key "
+            "rotation lacache can re-position; use a grouped/multi-head attention model (e.g. Llama, Qwen2)"
+        )
+    rotary = find_rotary_embedding(model)
+    if rotary is None:
+        raise ValueError(
+            f"model={name} has no rotary position embedding (no module with `inv_freq`); lacache's caches "
+            "re-position keys by rotation and support RoPE decoder-only models such as Llama, Qwen2 or Mistral"
+        )
+    rope_type = _rope_type(config)
+    if positions == "shift" and rope_type in _RUNTIME_ROPE_TYPES:
+        raise ValueError(
+            f"model={name} uses rope_type={rope_type!r}, whose frequencies change with the sequence length, so "
+            "stored keys cannot be re-positioned consistently; pass positions='original' (no position shift)"
+        )
+    return rotary
+
+
+@dataclass
+class Rotator:
+    """Applies rotate-half RoPE by arbitrary (integer) positions with the model's frequencies."""
+
+    inv_freq: torch.Tensor  # [rotary_dim // 2], float32
+
+    @classmethod
+    def from_module(cls, rotary: nn.Module) -> "Rotator":
+        return cls(rotary.inv_freq.detach().to(torch.float32).clone())
+
+    @property
+    def half(self) -> int:
+        return int(self.inv_freq.shape[0])
+
+    def angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of ``positions`` ([B, n], any integer or float dtype) as [B, 1, n, half] float32.
+
+        Angles are formed as ``position * inv_freq`` in float32, exactly as the model's rotary
+        module forms them, so a key rotated here matches one rotated by the model.
+        """
+        inv = self.inv_freq.to(positions.device)
+        freqs = positions.to(torch.float32)[..., None] * inv
+        return freqs.cos()[:, None], freqs.sin()[:, None]
+
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        """Rotate ``x`` ([B, H, n, D]) by the angles; ``inverse`` rotates back. Returns ``x``'s dtype.
+
+        Only the first ``2 * half`` features rotate (partial-rotary models leave the rest alone).
+        Computation is in float32 so that un-rotating and re-rotating a half-precision key costs at
+        most one rounding each way, never an accumulating drift.
+        """
+        h = self.half
+        xf = x[..., : 2 * h].to(torch.float32)
+        x1, x2 = xf[..., :h], xf[..., h:]
+        if inverse:
+            sin = -sin
+        out = torch.empty_like(x)
+        out[..., :h] = x1 * cos - x2 * sin
+        out[..., h : 2 * h] = x2 * cos + x1 * sin
+        if x.shape[-1] > 2 * h:
+            out[..., 2 * h :] = x[..., 2 * h :]
+        return out

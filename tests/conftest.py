@@ -1,0 +1,39 @@
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def tiny_llama(attn: str = "sdpa", layers: int = 4, seed: int = 0, dtype=torch.float32, **overrides):
+    """A random Llama small enough that a 2,000-step stream takes seconds."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=8192,
+        rope_theta=10000.0,
+        attn_implementation=attn,
+        **overrides,
+    )
+    model = LlamaForCausalLM(config).eval()
+    # Random init is nearly uniform attention; sharpen it so position errors would show in the logits.
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(4.0)
+            layer.self_attn.k_proj.weight.mul_(4.0)
+    return model.to(dtype)
+
+
+@pytest.fixture(params=["sdpa", "eager"])
+def attn(request):
+    return request.param

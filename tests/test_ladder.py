@@ -1,0 +1,192 @@
+"""Properties of the pure slot arithmetic (ladder geometry and compaction plans)."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lacache.ladder import (
+    default_span_overlap,
+    identity_plan,
+    ladder_geometry,
+    ladder_plan,
+    window_plan,
+)
+
+
+def valid_geometries(max_layers=40):
+    out = []
+    for layers in range(2, max_layers + 1):
+        for span in range(1, layers + 1):
+            for overlap in range(span):
+                step = span - overlap
+                b = 1 + math.ceil((layers - span) / step)
+                a = min(math.ceil(span / step), b)
+                if b > a:
+                    out.append((layers, span, overlap))
+    return out
+
+
+GEOMETRIES = valid_geometries()
+
+
+def test_spec_examples():
+    g = ladder_geometry(30, 9, 7)
+    assert (g.rung, g.keep) == (12, 5)
+    assert g.offsets[:9] == (0, 1, 2, 3, 4, 5, 6, 7, 0)
+    g = ladder_geometry(30, 10, 0)
+    assert (g.rung, g.keep) == (3, 1)
+    assert [layer for layer in range(30) if g.offsets[layer] == 0] == list(range(0, 30, 3))
+    g = ladder_geometry(32, 16, 0)
+    assert (g.rung, g.keep) == (2, 1)
+    assert g.offsets[:4] == (0, 1, 0, 1)
+
+
+def test_default_span_overlap_matches_reference_settings():
+    assert default_span_overlap(32) == (16, 0)
+    assert default_span_overlap(28) == (14, 0)
+    assert default_span_overlap(24) == (9, 7)
+    for layers in range(2, 81):
+        span, overlap = default_span_overlap(layers)
+        ladder_geometry(layers, span, overlap)  # must be a compressing ladder
+
+
+@pytest.mark.parametrize("layout", ["ladder", "band"])
+def test_every_valid_geometry_keeps_rungs_inside(layout):
+    for layers, span, overlap in GEOMETRIES:
+        g = ladder_geometry(layers, span, overlap, layout)
+        assert g.rung > g.keep >= 1
+        assert all(0 <= o <= g.rung - g.keep for o in g.offsets), (layers, span, overlap)
+        # every offset of the ladder's period is used once there are enough layers
+        period = g.rung - g.keep + 1
+        if layers >= period:
+            assert set(g.offsets) == set(range(period))
+        if layout == "band":
+            assert list(g.offsets) == sorted(g.offsets)
+
+
+def test_invalid_geometries_raise_with_a_working_suggestion():
+    with pytest.raises(ValueError, match="span=31"):
+        ladder_geometry(30, 31, 0)
+    with pytest.raises(ValueError, match="overlap=9"):
+        ladder_geometry(30, 9, 9)
+    with pytest.raises(ValueError, match="cannot compress.*span="):
+        ladder_geometry(30, 30, 0)
+    with pytest.raises(ValueError, match="layout"):
+        ladder_geometry(30, 9, 7, "zigzag")
+
+
+scenario = st.fixed_dictionaries(
+    {
+        "geometry": st.sampled_from(GEOMETRIES),
+        "sinks": st.integers(0, 8),
+        "window": st.integers(1, 24),
+        "extra": st.integers(0, 64),
+        "chunk": st.integers(0, 16),
+        "steps": st.lists(st.integers(1, 40), min_size=1, max_size=60),
+    }
+)
+
+
+def _simulate(params):
+    """Stream tokens through the planner like a cache would; check every invariant at every step."""
+    layers, span, overlap = params["geometry"]
+    g = ladder_geometry(layers, span, overlap)
+    sinks, window = params["sinks"], params["window"]
+    budget = sinks + window + g.rung + params["extra"]
+    target = max(sinks + window + g.rung - 1, budget - params["chunk"])
+    held = np.broadcast_to(np.arange(0), (layers, 0))
+    cursor, seen = sinks, 0
+    for q in params["steps"]:
+        new = np.arange(seen, seen + q)
+        seen += q
+        held = np.concatenate([held, np.broadcast_to(new, (layers, q))], axis=1)
+        n = held.shape[1]
+        if n <= budget:
+            continue
+        plan = ladder_plan(g, n, cursor, target, sinks, window)
+        idx = plan.index
+        # same count in every layer, never above the target
+        assert idx.shape[0] == layers and idx.shape[1] <= target
+        # strictly increasing: no duplicates, order preserved
+        assert (np.diff(idx, axis=1) > 0).all()
+        # sinks and the recent window are always kept
+        assert (idx[:, :sinks] == np.arange(sinks)).all()
+        if window:
+            assert (idx[:, -window:] == np.arange(n - window, n)).all()
+        # every pass starts at the oldest non-sink slot
+        assert all(start == sinks for start in plan.passes_started)
+        # a compaction that starts a pass drops slots from the first rung after the sinks
+        if plan.passes_started and plan.passes_started[0] == sinks and cursor == sinks:
+            dropped = np.setdiff1d(np.arange(n), idx[0])
+            assert dropped.min() < sinks + g.rung
+        # it frees no more than one rung below the target
+        assert idx.shape[1] > target - g.freed_per_rung
+        held = np.take_along_axis(held, idx, axis=1)
+        cursor = plan.cursor
+    return g, held, seen
+
+
+@settings(max_examples=300, deadline=None)
+@given(scenario)
+def test_streamed_compaction_invariants(params):
+    g, held, seen = _simulate(params)
+    assert held.shape[1] <= max(held.shape[1], 0)
+    # each layer holds distinct, increasing original tokens and always the newest one
+    if held.shape[1]:
+        assert (np.diff(held, axis=1) > 0).all()
+        assert (held[:, -1] == seen - 1).all()
+
+
+def test_budget_at_least_sequence_changes_nothing():
+    g = ladder_geometry(30, 9, 7)
+    for n in range(0, 200, 7):
+        plan = ladder_plan(g, n, 4, 200, 4, 16)
+        assert plan.index.shape == (1, n) and (plan.index[0] == np.arange(n)).all()
+        assert plan.cursor == 4
+    assert (identity_plan(5, 2).index == np.arange(5)).all()
+
+
+def test_layers_keep_different_tokens_and_the_ladder_covers_more_than_a_layer():
+    g = ladder_geometry(30, 9, 7)
+    plan = ladder_plan(g, 1000, 4, 200, 4, 16)
+    rows = {tuple(row) for row in plan.index}
+    assert len(rows) == g.rung - g.keep + 1  # one distinct pattern per offset
+    union = np.unique(plan.index)
+    assert union.size > plan.index.shape[1]
+
+
+def test_prompt_many_times_the_budget_takes_several_passes_and_gets_sparser_with_age():
+    g = ladder_geometry(30, 10, 0)  # keep 1 of 3
+    plan = ladder_plan(g, 20_000, 4, 256, 4, 32)
+    assert len(plan.passes_started) >= 4
+    row = plan.index[0]
+    assert row.shape[0] <= 256
+    body = row[4:-32]
+    gaps = np.diff(body)
+    # older history (front of the body) is sparser than newer history
+    assert gaps[: len(gaps) // 4].mean() > gaps[-len(gaps) // 4 :].mean()
+
+
+def test_density_after_passes():
+    # Each full pass keeps A/B of the body: after p passes density is (A/B)^p.
+    g = ladder_geometry(32, 16, 0)  # keep 1 of 2
+    plan = ladder_plan(g, 4 + 64 * 4, 4, 4 + 64, 4, 0)
+    gaps = np.diff(plan.index[0][4:])
+    assert set(gaps.tolist()) == {4}
+
+
+def test_window_plan_keeps_sinks_and_recent():
+    plan = window_plan(100, 20, 4)
+    assert plan.index[0].tolist() == list(range(4)) + list(range(84, 100))
+    assert window_plan(10, 20, 4).index[0].tolist() == list(range(10))
+    with pytest.raises(ValueError):
+        window_plan(30, 4, 4)
+
+
+def test_plan_rejects_target_without_room_for_a_rung():
+    g = ladder_geometry(4, 2, 0)
+    with pytest.raises(ValueError, match="target"):
+        ladder_plan(g, 40, 2, 6, 2, 4)
