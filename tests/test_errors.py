@@ -1,0 +1,78 @@
+"""Every bad setting fails early with one ValueError that names the parameter and a value that works."""
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+from lacache import LaCache, StreamingLLMCache
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama("sdpa", layers=8)
+
+
+@pytest.mark.parametrize(
+    "kwargs, pattern",
+    [
+        (dict(span=9, overlap=0), r"span=9 must be between 1 and the number of layers \(8\); e\.g\. span=3"),
+        (dict(span=4, overlap=4), r"overlap=4 must satisfy 0 <= overlap < span=4; e\.g\. overlap=2"),
+        (dict(span=8, overlap=0), r"cannot compress; e\.g\. span=3, overlap=1"),
+        (dict(span=3), r"give both or neither.*span=3, overlap=1"),
+        (dict(budget=20, sinks=4, window=16), r"budget=20 is too small.*use budget >= 24"),
+        (dict(budget=0), r"budget=0 must be a positive number"),
+        (dict(sinks=-1), r"sinks=-1 must be a non-negative integer"),
+        (dict(window=0), r"window=0 must be a positive integer"),
+        (dict(positions="absolute"), r"positions='absolute' must be one of"),
+        (dict(layout="zigzag"), r"layout='zigzag' is not one of"),
+        (dict(chunk=500), r"chunk=500 must be between 0 and"),
+    ],
+)
+def test_lacache_configuration_errors(model, kwargs, pattern):
+    kwargs = {"budget": 64, **kwargs}
+    with pytest.raises(ValueError, match=pattern):
+        LaCache.from_model(model, **kwargs)
+
+
+def test_streaming_configuration_errors(model):
+    with pytest.raises(ValueError, match=r"budget=4 must exceed sinks=4"):
+        StreamingLLMCache.from_model(model, budget=4, sinks=4)
+
+
+def test_model_without_rope_is_refused():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2))
+    with pytest.raises(ValueError, match=r"model=GPT2LMHeadModel has no rotary position embedding"):
+        LaCache.from_model(gpt2, budget=64)
+
+
+def test_mla_model_is_refused():
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    config = DeepseekV3Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1,
+        n_group=1, topk_group=1,
+    )
+    with pytest.raises(ValueError, match=r"multi-head latent attention \(MLA\)"):
+        LaCache.from_model(DeepseekV3ForCausalLM(config), budget=64)
+
+
+def test_dynamic_rope_is_refused_for_shift_but_allowed_with_original_positions():
+    model = tiny_llama("sdpa", rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    with pytest.raises(ValueError, match=r"rope_type='dynamic'.*positions='original'"):
+        LaCache.from_model(model, budget=64)
+    cache = LaCache.from_model(model, budget=64, positions="original")
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 96, (1, 10)), cache=cache)
+    assert cache.num_slots == 10
+
+
+def test_crop_is_refused_clearly(model):
+    cache = LaCache.from_model(model, budget=64)
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 96, (1, 10)), cache=cache)
+    with pytest.raises(NotImplementedError, match="assisted"):
+        cache.crop(-2)
