@@ -193,7 +193,8 @@ def test_token_positions_and_introspection():
         assert len(pos) == cache.num_slots <= 24
         assert pos[:2].tolist() == [0, 1] and pos[-1].item() == 49
         assert (pos.diff() > 0).all()
-    assert cache.memory_bytes() == 2 * 4 * 2 * 16 * 4 * cache.num_slots  # 2 x layers x kv x head_dim x fp32
+    # buffers of budget + headroom slots: 2 x layers x kv_heads x head_dim x fp32 bytes x slots
+    assert cache.memory_bytes() == 2 * 4 * 2 * 16 * 4 * (24 + 64)
     with pytest.raises(IndexError):
         cache.token_positions(0, batch_index=3)
     cache.reset()

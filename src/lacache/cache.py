@@ -38,28 +38,111 @@ POSITION_MODES = ("shift", "original")
 
 
 class SlotLayer(CacheLayerMixin):
-    """One layer's slots. All bookkeeping shared by layers lives in the owning ``BoundedCache``."""
+    """One layer's slots in a preallocated buffer. Bookkeeping shared by layers lives in the cache.
+
+    Compaction is *deferred*: ``update`` returns views of the buffer to attention, so the buffer
+    may only be rearranged at the next ``update`` of this layer (or when someone reads it). The
+    planned compaction is recorded and applied in place then; only slots after the plan's stable
+    prefix move. ``num_slots`` always reports the count after any pending compaction.
+    """
 
     is_sliding = False
     is_compileable = False
     is_croppable = False
+    #: spare capacity beyond the budget, so appends rarely reallocate
+    headroom = 64
 
     def __init__(self, owner: "BoundedCache", layer_idx: int):
         super().__init__()
         self.owner = owner
         self.layer_idx = layer_idx
         self.token_index = torch.empty(0, dtype=torch.long)  # original token indices, slot order
+        self._reset_storage()
+
+    def _reset_storage(self) -> None:
+        self._k: torch.Tensor | None = None
+        self._v: torch.Tensor | None = None
+        self._n = 0  # slots physically in the buffer
+        self._pending: tuple[torch.Tensor, int, int] | None = None  # (index row, stable prefix, kept)
+
+    # `keys`/`values` read as the live slots; transformers' base class assigns None to them.
+    @property
+    def keys(self) -> torch.Tensor | None:
+        self._settle()
+        return None if self._k is None else self._k[:, :, : self._n]
+
+    @keys.setter
+    def keys(self, value) -> None:
+        if value is not None:
+            raise AttributeError("SlotLayer.keys is read-only; use the cache's update()")
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        self._settle()
+        return None if self._v is None else self._v[:, :, : self._n]
+
+    @values.setter
+    def values(self, value) -> None:
+        if value is not None:
+            raise AttributeError("SlotLayer.values is read-only; use the cache's update()")
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
         self.dtype = key_states.dtype
-        self.keys = key_states[..., :0, :].clone()
-        self.values = value_states[..., :0, :].clone()
+        self._k = self._v = None
+        self._n = 0
         self.is_initialized = True
 
     @property
     def num_slots(self) -> int:
-        return 0 if self.keys is None else int(self.keys.shape[-2])
+        return self._pending[2] if self._pending is not None else self._n
+
+    def _reserve(self, template_k: torch.Tensor, template_v: torch.Tensor, needed: int) -> None:
+        capacity = 0 if self._k is None else self._k.shape[-2]
+        if needed <= capacity:
+            return
+        # grow geometrically up to budget + headroom: short streams never pay for the whole budget
+        size = max(needed, min(self.owner.budget + self.headroom, max(2 * capacity, 256)))
+        b, h, _, dk = template_k.shape
+        new_k = template_k.new_empty((b, h, size, dk))
+        new_v = template_v.new_empty((b, template_v.shape[1], size, template_v.shape[-1]))
+        if self._n:
+            new_k[:, :, : self._n] = self._k[:, :, : self._n]
+            new_v[:, :, : self._n] = self._v[:, :, : self._n]
+        self._k, self._v = new_k, new_v
+
+    def _settle(self) -> None:
+        """Apply a pending compaction in place."""
+        if self._pending is None:
+            return
+        row, start, kept = self._pending
+        self._pending = None
+        if start < kept:
+            moved = row[start:]
+            self._k[:, :, start:kept] = self._k.index_select(2, moved)
+            self._v[:, :, start:kept] = self._v.index_select(2, moved)
+        self._n = kept
+        # give back the memory a long full prefill needed
+        if self._k.shape[-2] > 2 * (self.owner.budget + self.headroom):
+            size = self.owner.budget + self.headroom
+            self._k = self._k[:, :, :size].clone()
+            self._v = self._v[:, :, :size].clone()
+
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write new states after the live slots; return views of all of them (pre-eviction)."""
+        self._settle()
+        q = key_states.shape[-2]
+        self._reserve(key_states, value_states, self._n + q)
+        self._k[:, :, self._n : self._n + q] = key_states
+        self._v[:, :, self._n : self._n + q] = value_states
+        self._n += q
+        return self._k[:, :, : self._n], self._v[:, :, : self._n]
+
+    def schedule(self, plan: CompactionPlan) -> None:
+        rows = plan.tensor(self._k.device)
+        row = rows[self.layer_idx] if rows.shape[0] > 1 else rows[0]
+        self._pending = (row, plan.stable_prefix, plan.kept)
+        self.token_index = self.token_index[torch.from_numpy(plan.rows_for(self.layer_idx))]
 
     def update(self, key_states, value_states, *args, **kwargs):
         return self.owner.update(key_states, value_states, self.layer_idx, *args, **kwargs)
@@ -75,25 +158,30 @@ class SlotLayer(CacheLayerMixin):
         # The stream itself is unbounded; the slot budget is `cache.budget`.
         return -1
 
+    def memory_bytes(self) -> int:
+        """Bytes allocated for this layer's keys and values (the whole buffer, not just live slots)."""
+        if self._k is None:
+            return 0
+        return self._k.numel() * self._k.element_size() + self._v.numel() * self._v.element_size()
+
     def reset(self) -> None:
-        self.keys = self.values = None
+        self._reset_storage()
         self.is_initialized = False
         self.token_index = torch.empty(0, dtype=torch.long)
 
+    def _select_batch(self, fn) -> None:
+        self._settle()
+        if self._k is not None:
+            self._k, self._v = fn(self._k), fn(self._v)
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        if self.num_slots:
-            self.keys = self.keys.index_select(0, beam_idx.to(self.keys.device))
-            self.values = self.values.index_select(0, beam_idx.to(self.values.device))
+        self._select_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.num_slots:
-            self.keys = self.keys.repeat_interleave(repeats, dim=0)
-            self.values = self.values.repeat_interleave(repeats, dim=0)
+        self._select_batch(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.num_slots:
-            self.keys = self.keys[indices, ...]
-            self.values = self.values[indices, ...]
+        self._select_batch(lambda t: t[indices, ...])
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError(
@@ -179,17 +267,12 @@ class BoundedCache(Cache):
 
     @property
     def batch_size(self) -> int:
-        keys = self.layers[0].keys if self.layers else None
+        keys = self.layers[0]._k if self.layers else None
         return -1 if keys is None else int(keys.shape[0])
 
     def memory_bytes(self) -> int:
-        """Bytes held by stored keys and values across all layers."""
-        total = 0
-        for layer in self.layers:
-            if layer.keys is not None:
-                total += layer.keys.numel() * layer.keys.element_size()
-                total += layer.values.numel() * layer.values.element_size()
-        return total
+        """Bytes allocated for keys and values across all layers (buffers of ``budget`` + headroom slots)."""
+        return sum(layer.memory_bytes() for layer in self.layers)
 
     def describe(self) -> dict:
         return {
@@ -255,20 +338,11 @@ class BoundedCache(Cache):
         if shift:
             cos_new, sin_new, cos_read, sin_read = self._angles(step, key_states.device)
             key_states = self.rotator.rotate(key_states, cos_new, sin_new, inverse=True)
-        keys = torch.cat([layer.keys, key_states], dim=-2)
-        values = torch.cat([layer.values, value_states], dim=-2)
-        tokens = torch.cat([layer.token_index, step.new_tokens])
+        keys, values = layer.append(key_states, value_states)
+        layer.token_index = torch.cat([layer.token_index, step.new_tokens])
         visible_keys = self.rotator.rotate(keys, cos_read, sin_read) if shift else keys
-
-        plan = step.plan
-        if plan is None:
-            layer.keys, layer.values, layer.token_index = keys, values, tokens
-        else:
-            rows = plan.tensor(keys.device)
-            row = rows[layer_idx] if rows.shape[0] > 1 else rows[0]
-            layer.keys = keys.index_select(-2, row)
-            layer.values = values.index_select(-2, row)
-            layer.token_index = tokens[torch.from_numpy(plan.rows_for(layer_idx))]
+        if step.plan is not None:
+            layer.schedule(step.plan)
         return visible_keys, values
 
 

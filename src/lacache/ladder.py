@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -147,6 +148,13 @@ class CompactionPlan:
     @property
     def kept(self) -> int:
         return int(self.index.shape[1])
+
+    @cached_property
+    def stable_prefix(self) -> int:
+        """Leading slots that stay where they are in every layer (sinks and history before the cursor)."""
+        moved = self.index != np.arange(self.index.shape[1])
+        columns = np.flatnonzero(moved.any(axis=0))
+        return int(columns[0]) if columns.size else int(self.index.shape[1])
 
     def rows_for(self, layer: int) -> np.ndarray:
         return self.index[layer if self.index.shape[0] > 1 else 0]
