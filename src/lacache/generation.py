@@ -41,7 +41,8 @@ class StreamStats:
         return self.new_tokens / self.decode_seconds if self.decode_seconds else float("nan")
 
 
-def _next_positions(cache: Cache, q: int, device) -> torch.Tensor:
+def next_positions(cache: Cache, q: int, device) -> torch.Tensor:
+    """Positions for ``q`` new tokens: right after the slots of a bounded cache, absolute otherwise."""
     start = cache.num_slots if isinstance(cache, BoundedCache) else cache.get_seq_length()
     return torch.arange(start, start + q, device=device)[None]
 
@@ -119,7 +120,7 @@ def stream_tokens(
     logits = None
     for start in range(0, input_ids.shape[1], prefill_chunk):
         piece = input_ids[:, start : start + prefill_chunk]
-        out = model(input_ids=piece, position_ids=_next_positions(cache, piece.shape[1], device), cache=cache)
+        out = model(input_ids=piece, position_ids=next_positions(cache, piece.shape[1], device), cache=cache)
         logits = out.logits[:, -1]
     stats.prefill_seconds = time.perf_counter() - started
 
@@ -134,7 +135,7 @@ def stream_tokens(
         yield token_id
         if token_id in eos or (max_new_tokens is not None and produced >= max_new_tokens):
             break
-        out = model(input_ids=token.view(1, 1), position_ids=_next_positions(cache, 1, device), cache=cache)
+        out = model(input_ids=token.view(1, 1), position_ids=next_positions(cache, 1, device), cache=cache)
         logits = out.logits[:, -1]
         if produced % sample_every == 0:
             stats.samples.append((produced, _cache_bytes(cache), current_rss_bytes()))

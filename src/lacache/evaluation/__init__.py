@@ -1,0 +1,1 @@
+"""Evaluation harnesses: streaming perplexity (and, later, retrieval tasks)."""

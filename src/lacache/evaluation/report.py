@@ -1,0 +1,85 @@
+"""Tables, CSV/JSON files and plots for evaluation results."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["format_table", "write_csv", "write_json", "plot_ppl_by_position", "ppl_table_rows"]
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
+    """A plain-text table with aligned columns (numbers right-aligned)."""
+
+    def cell(value) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.2f}"
+        return str(value)
+
+    text = [[cell(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in text)) if text else len(h) for i, h in enumerate(headers)]
+    numeric = [all(isinstance(row[i], (int, float)) or row[i] is None for row in rows) for i in range(len(headers))]
+
+    def line(values):
+        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric))
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in text)])
+
+
+def write_csv(path: Path, headers: Sequence[str], rows: Sequence[Sequence]) -> None:
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(headers)
+        writer.writerows(rows)
+
+
+def write_json(path: Path, payload) -> None:
+    with open(path, "w") as fh:
+        json.dump(payload, fh, indent=2)
+
+
+def ppl_table_rows(results) -> tuple[list[str], list[list]]:
+    """Overall PPL: one row per method, one column per budget."""
+    budgets = sorted({r.budget for r in results if r.budget is not None})
+    methods = list(dict.fromkeys(r.method for r in results))
+    headers = ["method", *[f"budget {b}" for b in budgets]]
+    rows = []
+    for method in methods:
+        mine = {r.budget: r.ppl for r in results if r.method == method}
+        if None in mine:  # full cache: same value under every budget
+            rows.append([method, *[mine[None]] * len(budgets)] if budgets else [method])
+        else:
+            rows.append([method, *[mine.get(b) for b in budgets]])
+    return headers, rows
+
+
+def plot_ppl_by_position(results, path: Path, title: str = "Streaming perplexity") -> None:
+    """One panel per budget; one line per method (the full cache is drawn in every panel)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    budgets = sorted({r.budget for r in results if r.budget is not None}) or [None]
+    fig, axes = plt.subplots(1, len(budgets), figsize=(5 * len(budgets), 4), sharey=True, squeeze=False)
+    for ax, budget in zip(axes[0], budgets):
+        for r in results:
+            if r.budget not in (budget, None):
+                continue
+            xs = [(a + b) / 2 for a, b, _ in r.windows]
+            ys = [p for _, _, p in r.windows]
+            style = "--" if r.budget is None else "-"
+            ax.plot(xs, ys, style, marker="o", markersize=3, label=f"{r.method} ({r.ppl:.2f})")
+        ax.set_title(f"budget {budget}" if budget is not None else "")
+        ax.set_xlabel("token position")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel(f"PPL per {results[0].window}-token window")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
