@@ -409,7 +409,7 @@ class LaCache(BoundedCache):
             budget: slots per layer (per sequence); memory never grows beyond it.
             span, overlap: ladder shape (SPEC §2.1); default by depth, see ``default_span_overlap``.
             sinks: leading slots never compacted (attention sinks; raise it to keep a task prompt).
-            window: most recent slots never compacted; default ``max(rung, budget // 8)``.
+            window: most recent slots never compacted; default ``max(rung, budget // 4)``.
             positions: ``"shift"`` positions keys by slot (generation past the trained context);
                 ``"original"`` keeps each key at its original position.
             layout: ``"ladder"`` (reference stagger) or ``"band"`` (contiguous layer bands).
@@ -426,11 +426,11 @@ class LaCache(BoundedCache):
             )
         geometry = ladder_geometry(num_layers, span, overlap, layout)
         if window is None:
-            window = max(geometry.rung, budget // 8)
+            window = max(geometry.rung, budget // 4)
         if not isinstance(window, int) or window < 1:
             raise ValueError(
                 f"window={window!r} must be a positive integer (the newest tokens must stay dense), "
-                f"e.g. window={max(geometry.rung, budget // 8)}"
+                f"e.g. window={max(geometry.rung, budget // 4)}"
             )
         room = budget - sinks - window
         if room < geometry.rung:

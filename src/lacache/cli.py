@@ -111,6 +111,16 @@ def load_eval_text(text_file: str | None, dataset: str | None) -> str:
     return load_essays()
 
 
+def tokenize_prefix(tokenizer, text: str, tokens: int):
+    """The first ``tokens`` token ids of ``text``, tokenizing only as much text as needed."""
+    chars = tokens * 8
+    while True:
+        ids = tokenizer(text[:chars], return_tensors="pt")["input_ids"][0]
+        if ids.numel() > tokens or chars >= len(text):
+            return ids[:tokens]
+        chars *= 2
+
+
 def run_eval_ppl(args) -> list:
     from pathlib import Path
 
@@ -132,7 +142,7 @@ def run_eval_ppl(args) -> list:
     options = parse_method_options(args.option)
     text = load_eval_text(args.text_file, args.dataset)
     model, tokenizer = load_model(args.model, dtype=getattr(torch, DTYPES[args.dtype]))
-    ids = tokenizer(text, return_tensors="pt")["input_ids"][0, : args.tokens]
+    ids = tokenize_prefix(tokenizer, text, args.tokens)
     if ids.numel() < args.tokens:
         print(f"[lacache] the text has only {ids.numel()} tokens; evaluating those", file=sys.stderr)
     results = evaluate_ppl_grid(
