@@ -13,7 +13,7 @@ def tiny_llama(attn: str = "sdpa", layers: int = 4, seed: int = 0, dtype=torch.f
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    settings = dict(
         vocab_size=96,
         hidden_size=64,
         intermediate_size=128,
@@ -23,8 +23,9 @@ def tiny_llama(attn: str = "sdpa", layers: int = 4, seed: int = 0, dtype=torch.f
         max_position_embeddings=8192,
         rope_theta=10000.0,
         attn_implementation=attn,
-        **overrides,
     )
+    settings.update(overrides)
+    config = LlamaConfig(**settings)
     model = LlamaForCausalLM(config).eval()
     # Random init is nearly uniform attention; sharpen it so position errors would show in the logits.
     with torch.no_grad():

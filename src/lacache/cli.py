@@ -67,6 +67,20 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     ppl.add_argument("--out", default="runs/ppl", help="folder for ppl.csv, ppl.json, ppl.png")
     ppl.add_argument("--no-progress", action="store_true")
+
+    pk = tasks.add_parser("passkey", help="pass-key retrieval: depth x length heatmaps under a budget")
+    pk.add_argument("--model", default=None)
+    pk.add_argument("--methods", default="full,streaming,lacache,tova,h2o,knorm")
+    pk.add_argument("--lengths", default="600,1100", help="prompt lengths in tokens")
+    pk.add_argument("--depths", default="0,0.25,0.5,0.75,1")
+    pk.add_argument("--seeds", type=_positive_int, default=2, help="trials per cell (different keys and filler)")
+    pk.add_argument("--budget", type=float, default=0.5, help="< 1: fraction of the prompt; >= 1: slots per layer")
+    pk.add_argument("--filler", choices=["grass", "essays"], default="grass")
+    pk.add_argument("--prefill", choices=["full", "chunked"], default="full")
+    pk.add_argument("--prefill-chunk", type=_positive_int, default=128)
+    pk.add_argument("--option", action="append", default=[], metavar="METHOD.KEY=VALUE")
+    pk.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    pk.add_argument("--out", default="runs/passkey")
     return parser
 
 
@@ -276,6 +290,54 @@ def run_generate(args) -> dict:
     return report
 
 
+def _split(text: str, cast):
+    try:
+        return [cast(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{text!r} must be a comma-separated list of numbers") from None
+
+
+def run_eval_passkey(args) -> list:
+    from pathlib import Path
+
+    import torch
+
+    from .evaluation.passkey import plot_heatmaps, run_passkey, trial_dicts
+    from .evaluation.report import format_table, write_csv, write_json
+    from .models import load_model
+    from .registry import METHODS
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"--methods {','.join(unknown)} not known; choose from {','.join(METHODS)}")
+    lengths, depths = _split(args.lengths, int), _split(args.depths, float)
+    model, tokenizer = load_model(args.model, dtype=getattr(torch, DTYPES[args.dtype]))
+    trials = run_passkey(
+        model, tokenizer, methods, lengths, depths, list(range(args.seeds)), args.budget, filler=args.filler,
+        prefill=args.prefill, prefill_chunk=args.prefill_chunk, method_options=parse_method_options(args.option),
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    headers = ["method", *[f"{n} tokens" for n in lengths], "all"]
+    rows = []
+    for method in methods:
+        mine = [t for t in trials if t.method == method]
+        cells = [sum(t.correct for t in mine if t.length == n) / max(1, sum(t.length == n for t in mine)) for n in lengths]
+        rows.append([method, *cells, sum(t.correct for t in mine) / max(1, len(mine))])
+    print(f"Pass-key accuracy, budget {args.budget}, {args.prefill} prefill, {args.filler} filler, "
+          f"{len(depths)} depths x {args.seeds} seeds per length")
+    print(format_table(headers, rows))
+    fields = ["method", "length", "depth", "seed", "budget", "key", "answer", "correct", "seconds"]
+    write_csv(out / "passkey.csv", fields, [[getattr(t, f) for f in fields] for t in trials])
+    write_json(out / "passkey.json", {"budget": args.budget, "prefill": args.prefill, "filler": args.filler,
+                                      "model": args.model or "SmolLM2-135M-Instruct (bundled)",
+                                      "trials": trial_dicts(trials)})
+    plot_heatmaps(trials, out / "passkey.png", f"Pass key, budget {args.budget}, {args.prefill} prefill")
+    print(f"[lacache] wrote {out / 'passkey.csv'}, {out / 'passkey.json'}, {out / 'passkey.png'}", file=sys.stderr)
+    return trials
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -283,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
             run_generate(args)
         elif args.command == "eval" and args.task == "ppl":
             run_eval_ppl(args)
+        elif args.command == "eval" and args.task == "passkey":
+            run_eval_passkey(args)
     except ValueError as err:
         print(f"lacache: error: {err}", file=sys.stderr)
         return 2

@@ -1,0 +1,181 @@
+"""Pass-key retrieval: a random number hidden at a chosen depth of filler text, asked for at the end.
+
+The prompt is built in token space so that its length and the needle's depth are exact:
+``[instruction][filler before][needle][filler after][question]``. The cache budget can be a
+fraction of the prompt (the paper's setting: 0.5 = half the prompt) or a number of slots; the
+prompt is either prefilled in one forward and then compacted ("full", the reference's way) or fed
+in chunks that are compacted as they come ("chunked": memory bounded by budget + chunk).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ..generation import stream_tokens
+from ..registry import make_cache
+
+__all__ = ["PasskeyPrompt", "build_passkey_prompt", "run_passkey", "PasskeyTrial", "FILLERS"]
+
+INSTRUCTION = (
+    "There is an important piece of information hidden inside a lot of irrelevant text. "
+    "Find it and memorize it. I will quiz you about it.\n"
+)
+GRASS = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
+QUESTION = "\nWhat is the pass key? The pass key is"
+FILLERS = ("grass", "essays")
+
+
+@dataclass
+class PasskeyPrompt:
+    input_ids: torch.Tensor  # [1, n]
+    key: str
+    depth: float
+    needle_start: int  # token index where the needle begins
+    needle_end: int
+
+
+def _filler_ids(tokenizer, kind: str, count: int, rng: random.Random) -> list[int]:
+    if kind == "grass":
+        text = GRASS * (count // 8 + 8)
+    elif kind == "essays":
+        from ..texts import load_essays
+
+        essays = load_essays()
+        start = rng.randrange(0, max(1, len(essays) - count * 8))
+        text = essays[start : start + count * 8 + 2000]
+    else:
+        raise ValueError(f"filler={kind!r} must be one of {FILLERS}")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) < count:
+        raise ValueError(f"not enough filler text for {count} tokens")
+    return ids[:count]
+
+
+def build_passkey_prompt(
+    tokenizer, length: int, depth: float, key: str | None = None, filler: str = "grass", seed: int = 0
+) -> PasskeyPrompt:
+    """A prompt of exactly ``length`` tokens with the needle starting at ``depth`` (0-1) of the filler."""
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth={depth} must be between 0 and 1")
+    rng = random.Random(seed)
+    key = key or str(rng.randrange(10_000, 100_000))
+    head = tokenizer(INSTRUCTION, add_special_tokens=False)["input_ids"]
+    needle = tokenizer(NEEDLE.format(key=key), add_special_tokens=False)["input_ids"]
+    tail = tokenizer(QUESTION, add_special_tokens=False)["input_ids"]
+    room = length - len(head) - len(needle) - len(tail)
+    if room < 0:
+        raise ValueError(f"length={length} is too short for the instruction, needle and question ({length - room})")
+    filler = _filler_ids(tokenizer, filler, room, rng)
+    before = round(depth * room)
+    ids = head + filler[:before] + needle + filler[before:] + tail
+    start = len(head) + before
+    return PasskeyPrompt(torch.tensor([ids]), key, depth, start, start + len(needle))
+
+
+@dataclass
+class PasskeyTrial:
+    method: str
+    length: int
+    depth: float
+    seed: int
+    budget: int | None
+    key: str
+    answer: str
+    correct: bool
+    seconds: float
+    options: dict = field(default_factory=dict)
+
+
+def run_passkey(
+    model,
+    tokenizer,
+    methods: Sequence[str],
+    lengths: Sequence[int],
+    depths: Sequence[float],
+    seeds: Sequence[int],
+    budget: float,
+    filler: str = "grass",
+    prefill: str = "full",
+    prefill_chunk: int = 128,
+    method_options: dict[str, dict] | None = None,
+    new_tokens: int = 8,
+) -> list[PasskeyTrial]:
+    """Every method x length x depth x seed; greedy answer; correct if the key appears in it.
+
+    ``budget`` below 1 is a fraction of each prompt's length; 1 or more is a number of slots.
+    """
+    if prefill not in ("full", "chunked"):
+        raise ValueError(f"prefill={prefill!r} must be 'full' or 'chunked'")
+    method_options = method_options or {}
+    trials = []
+    for length in lengths:
+        slots = int(budget * length) if budget < 1 else int(budget)
+        for depth in depths:
+            for seed in seeds:
+                prompt = build_passkey_prompt(tokenizer, length, depth, filler=filler, seed=seed)
+                for method in methods:
+                    options = dict(method_options.get(method, {}))
+                    cache = make_cache(method, model, None if method == "full" else slots, **options)
+                    started = time.perf_counter()
+                    chunk = prompt.input_ids.shape[1] if prefill == "full" else prefill_chunk
+                    ids = list(stream_tokens(model, prompt.input_ids, cache, new_tokens, prefill_chunk=chunk))
+                    answer = tokenizer.decode(ids, skip_special_tokens=True)
+                    if hasattr(cache, "close"):
+                        cache.close()
+                    trials.append(
+                        PasskeyTrial(method, length, depth, seed, None if method == "full" else slots, prompt.key,
+                                     answer, prompt.key in answer, round(time.perf_counter() - started, 2), options)
+                    )
+    return trials
+
+
+def accuracy_grid(trials: Sequence[PasskeyTrial], method: str) -> tuple[list[float], list[int], list[list[float]]]:
+    """(depths, lengths, accuracy[depth][length]) for one method."""
+    mine = [t for t in trials if t.method == method]
+    depths = sorted({t.depth for t in mine})
+    lengths = sorted({t.length for t in mine})
+    grid = []
+    for d in depths:
+        row = []
+        for n in lengths:
+            cell = [t.correct for t in mine if t.depth == d and t.length == n]
+            row.append(sum(cell) / len(cell) if cell else float("nan"))
+        grid.append(row)
+    return depths, lengths, grid
+
+
+def plot_heatmaps(trials: Sequence[PasskeyTrial], path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(dict.fromkeys(t.method for t in trials))
+    fig, axes = plt.subplots(1, len(methods), figsize=(3.2 * len(methods) + 1, 3.6), squeeze=False)
+    image = None
+    for ax, method in zip(axes[0], methods):
+        depths, lengths, grid = accuracy_grid(trials, method)
+        image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+        ax.set_yticks(range(len(depths)), [f"{int(d * 100)}%" for d in depths])
+        ax.set_xlabel("prompt tokens")
+        total = sum(t.correct for t in trials if t.method == method) / max(1, sum(t.method == method for t in trials))
+        ax.set_title(f"{method} ({total:.0%})")
+        for i, row in enumerate(grid):
+            for j, value in enumerate(row):
+                ax.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=8)
+    axes[0][0].set_ylabel("needle depth")
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
+    fig.suptitle(title)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def trial_dicts(trials: Sequence[PasskeyTrial]) -> list[dict]:
+    return [asdict(t) for t in trials]
