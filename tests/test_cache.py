@@ -152,8 +152,6 @@ def test_generate_with_chunked_prefill_matches_own_loop():
 def test_stream_generate_keeps_positions_bounded():
     model = tiny_llama("sdpa")
     seen_positions = []
-    hook = model.model.rotary_emb.register_forward_hook(lambda mod, args, kw_out: None)
-    hook.remove()
     handle = model.model.rotary_emb.register_forward_pre_hook(
         lambda mod, args, kwargs: seen_positions.append(int(kwargs["position_ids"].max())), with_kwargs=True
     )

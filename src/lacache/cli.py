@@ -149,10 +149,7 @@ def run_eval_ppl(args) -> list:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"--methods {','.join(unknown)} not known; choose from {','.join(METHODS)}")
-    try:
-        budgets = [int(b) for b in args.budgets.split(",") if b.strip()]
-    except ValueError:
-        raise ValueError(f"--budgets {args.budgets!r} must be comma-separated integers, e.g. 128,256,512") from None
+    budgets = _split(args.budgets, int)
     options = parse_method_options(args.option)
     text = load_eval_text(args.text_file, args.dataset)
     model, tokenizer = load_model(args.model, dtype=getattr(torch, DTYPES[args.dtype]))
