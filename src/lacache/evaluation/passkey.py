@@ -16,8 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ..generation import stream_tokens
-from ..registry import make_cache
+from .common import PREFILLS, greedy_answer, resolve_budget
 
 __all__ = ["PasskeyPrompt", "build_passkey_prompt", "run_passkey", "PasskeyTrial", "FILLERS"]
 
@@ -110,24 +109,21 @@ def run_passkey(
 
     ``budget`` below 1 is a fraction of each prompt's length; 1 or more is a number of slots.
     """
-    if prefill not in ("full", "chunked"):
-        raise ValueError(f"prefill={prefill!r} must be 'full' or 'chunked'")
+    if prefill not in PREFILLS:
+        raise ValueError(f"prefill={prefill!r} must be one of {PREFILLS}")
     method_options = method_options or {}
     trials = []
     for length in lengths:
-        slots = int(budget * length) if budget < 1 else int(budget)
+        slots = resolve_budget(budget, length)
         for depth in depths:
             for seed in seeds:
                 prompt = build_passkey_prompt(tokenizer, length, depth, filler=filler, seed=seed)
                 for method in methods:
                     options = dict(method_options.get(method, {}))
-                    cache = make_cache(method, model, None if method == "full" else slots, **options)
                     started = time.perf_counter()
-                    chunk = prompt.input_ids.shape[1] if prefill == "full" else prefill_chunk
-                    ids = list(stream_tokens(model, prompt.input_ids, cache, new_tokens, prefill_chunk=chunk))
+                    ids = greedy_answer(model, prompt.input_ids, method, slots, options, prefill, prefill_chunk,
+                                        new_tokens)
                     answer = tokenizer.decode(ids, skip_special_tokens=True)
-                    if hasattr(cache, "close"):
-                        cache.close()
                     trials.append(
                         PasskeyTrial(method, length, depth, seed, None if method == "full" else slots, prompt.key,
                                      answer, prompt.key in answer, round(time.perf_counter() - started, 2), options)
