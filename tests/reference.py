@@ -38,7 +38,7 @@ class ReferenceStream:
         q = token_ids.shape[0]
         new_idx = list(range(self.seen, self.seen + q))
         h = self.core.embed_tokens(token_ids[None])[0].float()  # [q, hidden]
-        for l, layer in enumerate(self.core.layers):
+        for li, layer in enumerate(self.core.layers):
             attn = layer.self_attn
             x = layer.input_layernorm(h[None])[0]
             qs = attn.q_proj(x).view(q, self.num_heads, self.head_dim).transpose(0, 1)
@@ -46,15 +46,15 @@ class ReferenceStream:
             vs = attn.v_proj(x).view(q, self.num_kv, self.head_dim).transpose(0, 1)
             qs = self._rope(qs, positions)
             for j, t in enumerate(new_idx):
-                self.history[l][t] = (ks[:, j], vs[:, j], int(positions[j]))
-            tokens = list(kept[l]) + new_idx
-            keys = torch.stack([self.history[l][t][0] for t in tokens], dim=1)  # [kv, n, D]
-            values = torch.stack([self.history[l][t][1] for t in tokens], dim=1)
+                self.history[li][t] = (ks[:, j], vs[:, j], int(positions[j]))
+            tokens = list(kept[li]) + new_idx
+            keys = torch.stack([self.history[li][t][0] for t in tokens], dim=1)  # [kv, n, D]
+            values = torch.stack([self.history[li][t][1] for t in tokens], dim=1)
             n = len(tokens)
             if self.shift:
                 key_pos = positions[-1] - (n - 1) + torch.arange(n)
             else:
-                key_pos = torch.tensor([self.history[l][t][2] for t in tokens])
+                key_pos = torch.tensor([self.history[li][t][2] for t in tokens])
             keys = self._rope(keys, key_pos)
             groups = self.num_heads // self.num_kv
             keys = keys.repeat_interleave(groups, dim=0)

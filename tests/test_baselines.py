@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from conftest import tiny_llama
-from reference import ReferenceStream
 
+from conftest import tiny_llama
 from lacache import H2OCache, KNormCache, TOVACache, make_cache
 from lacache.observe import QueryObserver
 from lacache.policies.scores import H2OPolicy, KNormPolicy, TOVAPolicy, attention_probs, keep_top
+from reference import ReferenceStream
 
 
 def test_keep_top_forces_sinks_and_window_and_sorts():

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from conftest import tiny_llama
-from reference import ReferenceStream
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
+from conftest import tiny_llama
 from lacache import LaCache, StreamingLLMCache
 from lacache.generation import stream_generate
+from reference import ReferenceStream
 
 CACHES = {
     "lacache": lambda m, budget, **kw: LaCache.from_model(m, budget=budget, sinks=2, **kw),

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from conftest import tiny_llama
 
+from conftest import tiny_llama
 from lacache import LaCache, StreamingLLMCache
 
 

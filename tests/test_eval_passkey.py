@@ -3,9 +3,9 @@
 import json
 
 import pytest
-from conftest import tiny_llama
 from transformers import AutoTokenizer
 
+from conftest import tiny_llama
 from lacache.evaluation.passkey import accuracy_grid, build_passkey_prompt, plot_heatmaps, run_passkey
 from lacache.models import default_model_dir
 

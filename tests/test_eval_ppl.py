@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_llama
 
+from conftest import tiny_llama
 from lacache.cli import main as cli_main
 from lacache.cli import parse_method_options
 from lacache.evaluation.perplexity import evaluate_ppl_grid, streaming_nll, window_ppl

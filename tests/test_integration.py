@@ -4,12 +4,12 @@ import json
 
 import pytest
 import torch
-from reference import ReferenceStream
 from transformers import DynamicCache
 
 from lacache import LaCache, StreamingLLMCache, load_model
 from lacache.cli import main as cli_main
 from lacache.texts import load_essays
+from reference import ReferenceStream
 
 pytestmark = pytest.mark.integration
 

@@ -32,6 +32,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from .ladder import CompactionPlan, default_span_overlap, ladder_geometry
 from .observe import QueryObserver
 from .policies import LadderPolicy, SlotPolicy, StreamingPolicy
+from .policies.salient import SalientLadderPolicy
 from .policies.scores import H2OPolicy, KNormPolicy, ScorePolicy, TOVAPolicy, attention_probs
 from .rope import Rotator, check_supported_model
 
@@ -402,6 +403,7 @@ class LaCache(BoundedCache):
         positions: str = "shift",
         layout: str = "ladder",
         chunk: int | None = None,
+        salient: int | float | None = None,
     ) -> "LaCache":
         """Build a cache sized for ``model``.
 
@@ -415,6 +417,9 @@ class LaCache(BoundedCache):
             layout: ``"ladder"`` (reference stagger) or ``"band"`` (contiguous layer bands).
             chunk: extra slots freed per compaction so it happens every ``chunk`` tokens, not every one;
                 default ``budget // 16`` (capped so a rung still fits).
+            salient: slots per layer (an int) or a fraction of the budget (a float below 1) kept for the
+                tokens with the smallest key norms among those the ladder evicts, so multi-token facts
+                survive whole in every layer (see ``policies/salient.py``); ``None``/0: the plain ladder.
         """
         num_layers, rotator = cls._validate_common(model, budget, sinks, positions)
         if span is None and overlap is None:
@@ -432,17 +437,32 @@ class LaCache(BoundedCache):
                 f"window={window!r} must be a positive integer (the newest tokens must stay dense), "
                 f"e.g. window={max(geometry.rung, budget // 4)}"
             )
-        room = budget - sinks - window
+        pool = cls._salient_slots(salient, budget)
+        room = budget - sinks - window - pool
         if room < geometry.rung:
-            need = sinks + window + geometry.rung
+            need = sinks + window + pool + geometry.rung
             raise ValueError(
-                f"budget={budget} is too small for sinks={sinks} + window={window} + one rung of {geometry.rung} "
-                f"slots: use budget >= {need}, or fewer sinks / a smaller window"
+                f"budget={budget} is too small for sinks={sinks} + window={window} + salient={pool} + one rung of "
+                f"{geometry.rung} slots: use budget >= {need}, or fewer sinks / a smaller window"
             )
-        policy = LadderPolicy(geometry, sinks, window)
+        policy = SalientLadderPolicy(geometry, sinks, window, pool) if pool else LadderPolicy(geometry, sinks, window)
         chunk = cls._resolve_chunk(chunk, budget, policy.min_target())
         return cls(
             num_layers=num_layers, budget=budget, policy=policy, rotator=rotator, positions=positions, chunk=chunk
+        )
+
+
+    @staticmethod
+    def _salient_slots(salient, budget: int) -> int:
+        if salient is None or salient == 0:
+            return 0
+        if isinstance(salient, float) and 0 < salient < 1:
+            return max(1, int(salient * budget))
+        if isinstance(salient, int) and salient > 0:
+            return salient
+        raise ValueError(
+            f"salient={salient!r} must be a number of slots (an int >= 1), a fraction of the budget "
+            f"(a float between 0 and 1, e.g. 0.125), or 0/None for the plain ladder"
         )
 
 

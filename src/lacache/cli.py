@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("--option", action="append", default=[], metavar="METHOD.KEY=VALUE")
     pk.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     pk.add_argument("--out", default="runs/passkey")
+
+    from .evaluation import longbench
+
+    longbench.add_parser(tasks)
     return parser
 
 
@@ -344,6 +348,10 @@ def main(argv: list[str] | None = None) -> int:
             run_eval_ppl(args)
         elif args.command == "eval" and args.task == "passkey":
             run_eval_passkey(args)
+        elif args.command == "eval" and args.task == "longbench":
+            from .evaluation import longbench
+
+            longbench.run_cli(args)
     except ValueError as err:
         print(f"lacache: error: {err}", file=sys.stderr)
         return 2

@@ -1,0 +1,463 @@
+"""LongBench (English datasets) under a bounded KV cache: official prompts, lengths and scorer.
+
+Records come in the official layout, one JSON object per line with ``input``, ``context``,
+``answers``, ``all_classes``, ``length``, ``dataset``, ``language`` and ``_id``: either a folder of
+``<dataset>.jsonl`` / ``<dataset>_e.jsonl`` files (what the official ``data.zip`` unpacks to) or the
+hub dataset through ``datasets``. Each record is filled into its dataset's official template,
+wrapped in the model's chat template except for the few-shot and code datasets (as the official
+code does for chat models), answered greedily with a fresh cache of each method, and scored with
+:mod:`lacache.evaluation.metrics`.
+
+The official code middle-truncates every prompt to the model's context length. That is off by
+default here: a bounded cache is meant to read the whole context, and truncating would hide what it
+forgets. ``max_length`` turns it on for comparisons with published numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .common import PREFILLS, greedy_answer, resolve_budget
+from .metrics import dataset_score, score_sample
+
+__all__ = [
+    "MAX_NEW_TOKENS",
+    "PROMPTS",
+    "RAW_DATASETS",
+    "LongBenchRecord",
+    "LongBenchTrial",
+    "add_parser",
+    "base_name",
+    "check_dataset",
+    "encode_prompt",
+    "folder_datasets",
+    "format_prompt",
+    "load_folder",
+    "load_hub",
+    "run_cli",
+    "run_longbench",
+    "summarize",
+    "summary_table",
+    "truncate_middle",
+    "uses_chat_template",
+]
+
+_QA_PASSAGES = (
+    "Answer the question based on the given passages. Only give me the answer and do not output any other words."
+    "\n\nThe following are given passages.\n{context}\n\nAnswer the question based on the given passages. "
+    "Only give me the answer and do not output any other words.\n\nQuestion: {input}\nAnswer:"
+)
+_QASPER_RULES = (
+    "as concisely as you can, using a single phrase or sentence if possible. If the question cannot be answered "
+    "based on the information in the article, write \"unanswerable\". If the question is a yes/no question, answer "
+    "\"yes\", \"no\", or \"unanswerable\". Do not provide any explanation."
+)
+
+# The official config/dataset2prompt.json for the English datasets, verbatim (typos included: the
+# "asconcisely" of narrativeqa and qasper's leading space are part of the published prompts).
+PROMPTS: dict[str, str] = {
+    "narrativeqa": (
+        "You are given a story, which can be either a novel or a movie script, and a question. Answer the question "
+        "asconcisely as you can, using a single phrase if possible. Do not provide any explanation.\n\nStory: "
+        "{context}\n\nNow, answer the question based on the story asconcisely as you can, using a single phrase if "
+        "possible. Do not provide any explanation.\n\nQuestion: {input}\n\nAnswer:"
+    ),
+    "qasper": (
+        "You are given a scientific article and a question. Answer the question " + _QASPER_RULES
+        + "\n\nArticle: {context}\n\n Answer the question based on the above article " + _QASPER_RULES
+        + "\n\nQuestion: {input}\n\nAnswer:"
+    ),
+    "multifieldqa_en": (
+        "Read the following text and answer briefly.\n\n{context}\n\nNow, answer the following question based on "
+        "the above text, only give me the answer and do not output any other words.\n\nQuestion: {input}\nAnswer:"
+    ),
+    "hotpotqa": _QA_PASSAGES,
+    "2wikimqa": _QA_PASSAGES,
+    "musique": _QA_PASSAGES,
+    "gov_report": (
+        "You are given a report by a government agency. Write a one-page summary of the report.\n\nReport:\n"
+        "{context}\n\nNow, write a one-page summary of the report.\n\nSummary:"
+    ),
+    "qmsum": (
+        "You are given a meeting transcript and a query containing a question or instruction. Answer the query in "
+        "one or more sentences.\n\nTranscript:\n{context}\n\nNow, answer the query based on the above meeting "
+        "transcript in one or more sentences.\n\nQuery: {input}\nAnswer:"
+    ),
+    "multi_news": (
+        "You are given several news passages. Write a one-page summary of all news. \n\nNews:\n{context}\n\n"
+        "Now, write a one-page summary of all the news.\n\nSummary:"
+    ),
+    "trec": (
+        "Please determine the type of the question below. Here are some examples of questions.\n\n{context}\n{input}"
+    ),
+    "triviaqa": (
+        "Answer the question based on the given passage. Only give me the answer and do not output any other "
+        "words. The following are some examples.\n\n{context}\n\n{input}"
+    ),
+    "samsum": "Summarize the dialogue into a few short sentences. The following are some examples.\n\n{context}\n\n{input}",
+    "passage_count": (
+        "There are some paragraphs below sourced from Wikipedia. Some of them may be duplicates. Please carefully "
+        "read these paragraphs and determine how many unique paragraphs there are after removing duplicates. In "
+        "other words, how many non-repeating paragraphs are there in total?\n\n{context}\n\nPlease enter the final "
+        "count of unique paragraphs after removing duplicates. The output format should only contain the number, "
+        "such as 1, 2, 3, and so on.\n\nThe final answer is: "
+    ),
+    "passage_retrieval_en": (
+        "Here are 30 paragraphs from Wikipedia, along with an abstract. Please determine which paragraph the "
+        "abstract is from.\n\n{context}\n\nThe following is an abstract.\n\n{input}\n\nPlease enter the number of "
+        "the paragraph that the abstract is from. The answer format must be like \"Paragraph 1\", \"Paragraph 2\", "
+        "etc.\n\nThe answer is: "
+    ),
+    "lcc": "Please complete the code given below. \n{context}Next line of code:\n",
+    "repobench-p": "Please complete the code given below. \n{context}{input}Next line of code:\n",
+}
+
+# The official config/dataset2maxlen.json: tokens generated per answer.
+MAX_NEW_TOKENS: dict[str, int] = {
+    "narrativeqa": 128, "qasper": 128, "multifieldqa_en": 64, "hotpotqa": 32, "2wikimqa": 32, "musique": 32,
+    "gov_report": 512, "qmsum": 512, "multi_news": 512, "trec": 64, "triviaqa": 32, "samsum": 128,
+    "passage_count": 32, "passage_retrieval_en": 32, "lcc": 64, "repobench-p": 64,
+}
+
+# Datasets the official code feeds to chat models as raw text: few-shot and code completion prompts.
+RAW_DATASETS = frozenset({"trec", "triviaqa", "samsum", "lcc", "repobench-p"})
+
+_FIELDS = ("input", "context", "answers", "all_classes", "length", "dataset", "language", "_id")
+
+
+def base_name(dataset: str) -> str:
+    """The LongBench dataset a (possibly LongBench-E, ``*_e``) name stands for."""
+    return dataset.removesuffix("_e")
+
+
+def check_dataset(dataset: str) -> str:
+    """``dataset`` itself if this harness has its prompt and metric; a ValueError naming the known ones if not."""
+    if base_name(dataset) not in PROMPTS:
+        raise ValueError(
+            f"LongBench dataset {dataset!r} is not supported; known (English, each also as NAME_e for "
+            f"LongBench-E): {', '.join(PROMPTS)}"
+        )
+    return dataset
+
+
+@dataclass
+class LongBenchRecord:
+    dataset: str  # file / config name, e.g. "hotpotqa" or "hotpotqa_e"
+    id: str
+    input: str
+    context: str
+    answers: list[str]
+    all_classes: list[str] | None
+    length: int  # the official length field (words, or characters for Chinese), not tokens
+    language: str = "en"
+
+    @classmethod
+    def from_row(cls, row: dict, dataset: str) -> LongBenchRecord:
+        missing = [f for f in ("input", "context", "answers") if f not in row]
+        if missing:
+            raise ValueError(f"{dataset}: record {row.get('_id', '?')} lacks {', '.join(missing)}; "
+                             f"the official layout has {', '.join(_FIELDS)}")
+        answers = row["answers"]
+        return cls(dataset, str(row.get("_id", "")), row["input"] or "", row["context"] or "",
+                   [answers] if isinstance(answers, str) else list(answers), row.get("all_classes"),
+                   int(row.get("length") or 0), row.get("language") or "en")
+
+
+def folder_datasets(folder: str | Path) -> list[str]:
+    """Dataset names present in ``folder`` (one ``<name>.jsonl`` each), sorted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"LongBench data folder {str(folder)!r} does not exist; it should hold <dataset>.jsonl files")
+    names = sorted(p.stem for p in folder.glob("*.jsonl"))
+    if not names:
+        raise ValueError(f"no <dataset>.jsonl files in {str(folder)!r}")
+    return names
+
+
+def _read_jsonl(path: Path, dataset: str, limit: int | None) -> list[LongBenchRecord]:
+    records = []
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            if limit is not None and len(records) >= limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: not JSON ({err})") from None
+            records.append(LongBenchRecord.from_row(row, dataset))
+    return records
+
+
+def load_folder(folder: str | Path, datasets: Sequence[str] | None = None,
+                limit: int | None = None) -> list[LongBenchRecord]:
+    """Records of ``datasets`` (default: every file in ``folder``), at most ``limit`` of each."""
+    available = folder_datasets(folder)
+    chosen = list(datasets) if datasets else available
+    for name in chosen:
+        check_dataset(name)
+        if name not in available:
+            raise ValueError(f"{name}.jsonl is not in {str(folder)!r}; found: {', '.join(available)}")
+    return [r for name in chosen for r in _read_jsonl(Path(folder) / f"{name}.jsonl", name, limit)]
+
+
+def load_hub(hub_id: str = "THUDM/LongBench", datasets: Sequence[str] | None = None,
+             limit: int | None = None) -> list[LongBenchRecord]:
+    """The same records through ``datasets.load_dataset(hub_id, name, split="test")`` (needs internet)."""
+    try:
+        import datasets as hf_datasets
+    except ImportError:
+        raise ValueError("--dataset needs the `datasets` package (pip install datasets) and internet; "
+                         "or unpack the official data.zip and pass --data DIR") from None
+    records = []
+    for name in datasets or list(PROMPTS):
+        check_dataset(name)
+        rows = hf_datasets.load_dataset(hub_id, name, split="test")
+        if limit is not None:
+            rows = rows.select(range(min(limit, len(rows))))
+        records.extend(LongBenchRecord.from_row(dict(row), name) for row in rows)
+    return records
+
+
+def format_prompt(record: LongBenchRecord) -> str:
+    """The official template of the record's dataset, filled in."""
+    return PROMPTS[base_name(check_dataset(record.dataset))].format(context=record.context, input=record.input)
+
+
+def truncate_middle(ids: Sequence[int], max_length: int) -> list[int]:
+    """The first and last ``max_length // 2`` tokens when longer (the official truncation: the
+    instruction is at both ends, so the middle of the context is what goes)."""
+    ids = list(ids)
+    if len(ids) <= max_length:
+        return ids
+    half = max_length // 2
+    return ids[:half] + ids[len(ids) - half:]
+
+
+def _truncate_text(tokenizer, prompt: str, max_length: int) -> str:
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if len(ids) <= max_length:
+        return prompt
+    half = max_length // 2
+    kept = truncate_middle(ids, max_length)
+    return (tokenizer.decode(kept[:half], skip_special_tokens=True)
+            + tokenizer.decode(kept[half:], skip_special_tokens=True))
+
+
+def uses_chat_template(tokenizer, dataset: str, use_chat_template: bool = True) -> bool:
+    """Whether the prompt is wrapped as a user turn: chat models, except on the official raw datasets."""
+    return (use_chat_template and bool(getattr(tokenizer, "chat_template", None))
+            and base_name(dataset) not in RAW_DATASETS)
+
+
+def encode_prompt(tokenizer, record: LongBenchRecord, use_chat_template: bool = True,
+                  max_length: int | None = None) -> torch.Tensor:
+    """Token ids [1, n] of the record's prompt: template, optional middle truncation, then chat wrap."""
+    prompt = format_prompt(record)
+    if max_length is not None:
+        prompt = _truncate_text(tokenizer, prompt, max_length)
+    if uses_chat_template(tokenizer, record.dataset, use_chat_template):
+        messages = [{"role": "user", "content": prompt}]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+    else:
+        ids = tokenizer(prompt)["input_ids"]
+    return torch.tensor([list(ids)])
+
+
+def _stop_ids(model, tokenizer) -> set[int]:
+    """End-of-sequence ids of the tokenizer and the model's generation config (as ``generate`` stops).
+
+    The official samsum run also stops at a newline, but only after a first token; greedy_answer
+    cannot express "not first", so samsum runs to its length and post-processing keeps line one.
+    """
+    ids = {tokenizer.eos_token_id}
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(config_eos if isinstance(config_eos, (list, tuple)) else [config_eos])
+    return {i for i in ids if i is not None}
+
+
+@dataclass
+class LongBenchTrial:
+    method: str
+    dataset: str
+    id: str
+    length: int  # prompt tokens, after template and any truncation
+    slots: int | None  # cache slots per layer; None for the full cache
+    prediction: str
+    answers: list[str]
+    score: float  # 0-100, the official per-sample score (best over answers) times 100
+    seconds: float
+
+
+def run_longbench(
+    model,
+    tokenizer,
+    methods: Sequence[str],
+    records: Iterable[LongBenchRecord],
+    budget: float,
+    prefill: str = "chunked",
+    prefill_chunk: int = 512,
+    method_options: dict[str, dict] | None = None,
+    use_chat_template: bool = True,
+    max_length: int | None = None,
+    max_new_tokens: int | None = None,
+    progress: bool = False,
+) -> list[LongBenchTrial]:
+    """Every record x method: greedy answer with a fresh cache, scored as the official eval.py does.
+
+    ``budget`` below 1 is a fraction of each prompt; 1 or more is slots per layer ("full" ignores
+    it). ``max_new_tokens`` caps the official per-dataset answer length (for quick runs only).
+    """
+    if prefill not in PREFILLS:
+        raise ValueError(f"prefill={prefill!r} must be one of {PREFILLS}")
+    records = list(records)
+    for record in records:
+        check_dataset(record.dataset)
+    method_options = method_options or {}
+    stop_ids = _stop_ids(model, tokenizer)
+    trials = []
+    for number, record in enumerate(records, 1):
+        ids = encode_prompt(tokenizer, record, use_chat_template, max_length)
+        new_tokens = MAX_NEW_TOKENS[base_name(record.dataset)]
+        new_tokens = min(new_tokens, max_new_tokens) if max_new_tokens else new_tokens
+        for method in methods:
+            slots = None if method == "full" else resolve_budget(budget, ids.shape[1])
+            started = time.perf_counter()
+            answer = greedy_answer(model, ids, method, slots, dict(method_options.get(method, {})), prefill,
+                                   prefill_chunk, new_tokens, stop_ids)
+            prediction = tokenizer.decode(answer, skip_special_tokens=True)
+            score = 100 * score_sample(record.dataset, prediction, record.answers, record.all_classes)
+            trials.append(LongBenchTrial(method, record.dataset, record.id, ids.shape[1], slots, prediction,
+                                         record.answers, round(score, 4), round(time.perf_counter() - started, 2)))
+            if progress:
+                print(f"[lacache] {number}/{len(records)} {record.dataset} {method}: {ids.shape[1]} tokens, "
+                      f"score {score:.1f}", file=sys.stderr)
+    return trials
+
+
+def summarize(trials: Sequence[LongBenchTrial]) -> dict[str, dict[str, float]]:
+    """{method: {dataset: score, ..., "average": mean of the dataset scores}}, scores 0-100."""
+    summary: dict[str, dict[str, float]] = {}
+    for method in dict.fromkeys(t.method for t in trials):
+        mine = [t for t in trials if t.method == method]
+        scores = {d: dataset_score([t.score / 100 for t in mine if t.dataset == d])
+                  for d in dict.fromkeys(t.dataset for t in mine)}
+        scores["average"] = round(sum(scores.values()) / len(scores), 2)
+        summary[method] = scores
+    return summary
+
+
+def summary_table(trials: Sequence[LongBenchTrial]) -> tuple[list[str], list[list]]:
+    """Headers and rows: one row per method, one column per dataset, then the average."""
+    summary = summarize(trials)
+    datasets = list(dict.fromkeys(t.dataset for t in trials))
+    headers = ["method", *datasets, "average"]
+    return headers, [[m, *[s.get(d) for d in datasets], s["average"]] for m, s in summary.items()]
+
+
+# --- command line (wired into ``lacache eval`` by cli.py) ---------------------------------------
+
+DEFAULT_METHODS = "full,streaming,lacache,tova,h2o"
+SAMPLE_FIELDS = ("method", "dataset", "id", "length", "slots", "score", "seconds", "prediction", "answers")
+
+
+def add_parser(tasks_subparsers):
+    """Add ``longbench`` to ``lacache eval``'s subcommands; returns the new parser."""
+    from ..cli import DTYPES, _positive_int
+
+    lb = tasks_subparsers.add_parser(
+        "longbench", help="LongBench (English) from official-layout JSONL files: scores per method x dataset")
+    source = lb.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", default=None, metavar="DIR",
+                        help="folder of official <dataset>.jsonl files (the unpacked data.zip)")
+    source.add_argument("--dataset", default=None, metavar="HUB_ID",
+                        help="hub dataset through `datasets` (needs internet), e.g. THUDM/LongBench")
+    lb.add_argument("--datasets", default=None,
+                    help=f"comma-separated names (default: every file in --data, or all of: {','.join(PROMPTS)})")
+    lb.add_argument("--limit", type=_positive_int, default=None, help="samples per dataset (default: all)")
+    lb.add_argument("--model", default=None, help="hub id or local path; default: bundled SmolLM2-135M-Instruct")
+    lb.add_argument("--methods", default=DEFAULT_METHODS)
+    lb.add_argument("--budget", type=float, default=1024, help="< 1: fraction of each prompt; >= 1: slots per layer")
+    lb.add_argument("--prefill", choices=list(PREFILLS), default="chunked")
+    lb.add_argument("--prefill-chunk", type=_positive_int, default=512)
+    lb.add_argument("--max-length", type=_positive_int, default=None,
+                    help="middle-truncate prompts to N tokens like the official code (default: read everything)")
+    lb.add_argument("--no-chat-template", action="store_true", help="feed every prompt as raw text")
+    lb.add_argument("--option", action="append", default=[], metavar="METHOD.KEY=VALUE")
+    lb.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    lb.add_argument("--out", default="runs/longbench", help="folder for longbench.csv and longbench.json")
+    return lb
+
+
+def _cli_methods(text: str) -> list[str]:
+    from ..registry import METHODS
+
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ValueError(f"--methods {','.join(unknown)} not known; choose from {','.join(METHODS)}")
+    return methods
+
+
+def _cli_records(args) -> list[LongBenchRecord]:
+    from ..cli import _split
+
+    names = [n.strip() for n in _split(args.datasets, str)] if args.datasets else None
+    if args.data:
+        return load_folder(args.data, names, args.limit)
+    return load_hub(args.dataset, names, args.limit)
+
+
+def _truncation_note(max_length: int | None) -> str:
+    if max_length is None:
+        return "whole contexts (no truncation)"
+    return f"prompts middle-truncated to {max_length} tokens"
+
+
+def _write_outputs(out: Path, trials: Sequence[LongBenchTrial], settings: dict) -> None:
+    from .report import write_csv, write_json
+
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [[json.dumps(t.answers, ensure_ascii=False) if f == "answers" else getattr(t, f) for f in SAMPLE_FIELDS]
+            for t in trials]
+    write_csv(out / "longbench.csv", SAMPLE_FIELDS, rows)
+    write_json(out / "longbench.json", {**settings, "summary": summarize(trials),
+                                        "samples": [asdict(t) for t in trials]})
+
+
+def run_cli(args) -> list[LongBenchTrial]:
+    """``lacache eval longbench``: load, run, print the score table, write CSV and JSON."""
+    from ..cli import DTYPES, parse_method_options
+    from ..models import load_model
+    from .report import format_table
+
+    methods = _cli_methods(args.methods)
+    options = parse_method_options(args.option)
+    records = _cli_records(args)
+    if not records:
+        raise ValueError("no LongBench records to evaluate")
+    model, tokenizer = load_model(args.model, dtype=getattr(torch, DTYPES[args.dtype]))
+    trials = run_longbench(model, tokenizer, methods, records, args.budget, prefill=args.prefill,
+                           prefill_chunk=args.prefill_chunk, method_options=options,
+                           use_chat_template=not args.no_chat_template, max_length=args.max_length, progress=True)
+    print(f"LongBench scores (0-100), budget {args.budget:g}, {args.prefill} prefill, "
+          f"{_truncation_note(args.max_length)}, {len(records)} samples")
+    print(format_table(*summary_table(trials)))
+    settings = {
+        "model": args.model or "SmolLM2-135M-Instruct (bundled)", "source": args.data or args.dataset,
+        "budget": args.budget, "prefill": args.prefill, "prefill_chunk": args.prefill_chunk,
+        "max_length": args.max_length, "truncation": _truncation_note(args.max_length),
+        "chat_template": not args.no_chat_template, "options": options,
+    }
+    out = Path(args.out)
+    _write_outputs(out, trials, settings)
+    print(f"[lacache] wrote {out / 'longbench.csv'}, {out / 'longbench.json'}", file=sys.stderr)
+    return trials
