@@ -70,7 +70,12 @@ class SlotLayer(CacheLayerMixin):
         # (index row [m] shared by the batch, or [B, m] per sequence; first slot that moves; slots kept)
         self._pending: tuple[torch.Tensor, int, int] | None = None
         # original token index of every slot: [1, n] when all sequences hold the same tokens, else [B, n]
-        self.token_index = torch.empty((1, 0), dtype=torch.long)
+        self._token_index = torch.empty((1, 0), dtype=torch.long)
+        # tokens appended since the index was last materialised are always the consecutive indices
+        # [_tail_start, _tail_end): recorded as two integers, so a decode step costs no tensor work
+        self._tail_start = self._tail_end = 0
+        # "stored" rotation only: slot i of row b holds its key rotated to position frame[b] + i
+        self.frame: list[int] | None = None
 
     # `keys`/`values` read as the live slots; transformers' base class assigns None to them.
     @property
@@ -118,9 +123,20 @@ class SlotLayer(CacheLayerMixin):
             new_v[:, :, : self._n] = self._v[:, :, : self._n]
         self._k, self._v = new_k, new_v
 
-    def _settle(self) -> None:
-        """Apply a pending compaction in place."""
+    def _settle(self, frame: list[int] | None = None) -> None:
+        """Apply a pending compaction in place; with stored rotation, re-position keys to ``frame``.
+
+        Stored keys sit at ``frame + slot``. A compaction moves slot ``row[i]`` to ``i`` and the new
+        frame may differ from the old one, so each kept key turns by ``new - old + i - row[i]``:
+        one rotation per kept key per compaction (every ``chunk`` tokens), none per token. With an
+        unchanged frame the stable prefix does not move and is not touched.
+        """
+        frame = self.frame if frame is None or self.frame is None else frame
         if self._pending is None:
+            if self.frame is not None and frame != self.frame and self._n:
+                shift = torch.tensor(frame, device=self._k.device)[:, None] - torch.tensor(self.frame, device=self._k.device)[:, None]
+                self._rotate_range(0, self._n, shift.expand(-1, self._n))
+            self.frame = frame
             return
         row, start, kept = self._pending
         self._pending = None
@@ -134,11 +150,26 @@ class SlotLayer(CacheLayerMixin):
             self._k[:, :, start:kept] = self._k.index_select(2, moved)
             self._v[:, :, start:kept] = self._v.index_select(2, moved)
         self._n = kept
+        if self.frame is not None:
+            shift = [new - old for new, old in zip(frame, self.frame)]
+            first = start if row.dim() == 1 and not any(shift) else 0
+            if first < kept:
+                slots = torch.arange(first, kept, device=row.device)
+                moved_by = slots - (row[first:kept] if row.dim() == 1 else row[:, first:kept])
+                delta = torch.tensor(shift, device=row.device)[:, None] + moved_by
+                self._rotate_range(first, kept, delta)
+            self.frame = frame
         # give back the memory a long full prefill needed
         if self._k.shape[-2] > 2 * (self.owner.budget + self.headroom):
             size = self.owner.budget + self.headroom
             self._k = self._k[:, :, :size].clone()
             self._v = self._v[:, :, :size].clone()
+
+    def _rotate_range(self, first: int, end: int, delta: torch.Tensor) -> None:
+        """Turn stored keys of slots ``first:end`` by ``delta`` ([B or 1, end - first]) positions."""
+        rotator = self.owner.rotator
+        cos, sin = rotator.angles(delta)
+        self._k[:, :, first:end] = rotator.rotate(self._k[:, :, first:end], cos, sin)
 
     def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write new states after the live slots; return views of all of them (pre-eviction)."""
@@ -158,13 +189,32 @@ class SlotLayer(CacheLayerMixin):
 
     def schedule_rows(self, rows: torch.Tensor) -> None:
         """Keep slots ``rows`` ([B, m], ascending per row): each sequence its own choice."""
-        self._pending = (rows.to(self._k.device), 0, int(rows.shape[1]))
+        rows_here = rows.to(self._k.device)
+        # one sequence: the cheaper shared-row path (index_select instead of an expanded gather)
+        self._pending = (rows_here[0] if rows.shape[0] == 1 else rows_here, 0, int(rows.shape[1]))
         index = self.token_index.expand(rows.shape[0], -1)
         self.token_index = index.gather(1, rows.cpu())
 
-    def add_tokens(self, new_tokens: torch.Tensor) -> None:
-        rows = self.token_index.shape[0]
-        self.token_index = torch.cat([self.token_index, new_tokens[None].expand(rows, -1)], dim=1)
+    def add_tokens(self, start: int, end: int) -> None:
+        if self._tail_end != start:
+            self.token_index  # materialise a non-contiguous tail first
+            self._tail_start = start
+        self._tail_end = end
+
+    @property
+    def token_index(self) -> torch.Tensor:
+        """Original token index of every slot: ``[1, n]`` if all sequences hold the same tokens, else ``[B, n]``."""
+        if self._tail_end > self._tail_start:
+            index = self._token_index
+            tail = torch.arange(self._tail_start, self._tail_end, dtype=torch.long)
+            self._token_index = torch.cat([index, tail[None].expand(index.shape[0], -1)], dim=1)
+            self._tail_start = self._tail_end
+        return self._token_index
+
+    @token_index.setter
+    def token_index(self, value: torch.Tensor) -> None:
+        self._token_index = value
+        self._tail_start = self._tail_end
 
     def update(self, key_states, value_states, *args, **kwargs):
         return self.owner.update(key_states, value_states, self.layer_idx, *args, **kwargs)
@@ -190,19 +240,23 @@ class SlotLayer(CacheLayerMixin):
         self._reset_storage()
         self.is_initialized = False
 
-    def _select_batch(self, fn) -> None:
+    def _select_batch(self, fn, rows: list[int]) -> None:
         self._settle()
         if self._k is not None:
             self._k, self._v = fn(self._k), fn(self._v)
+        if self.frame is not None:
+            self.frame = [self.frame[r] for r in rows]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._select_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+        self._select_batch(lambda t: t.index_select(0, beam_idx.to(t.device)), beam_idx.tolist())
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        self._select_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+        rows = [r for r in range(len(self.frame or [])) for _ in range(repeats)]
+        self._select_batch(lambda t: t.repeat_interleave(repeats, dim=0), rows)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._select_batch(lambda t: t[indices, ...])
+        rows = torch.arange(len(self.frame or []))[indices].tolist()
+        self._select_batch(lambda t: t[indices, ...], rows)
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError(
@@ -217,12 +271,15 @@ class _Step:
 
     query_length: int
     slots_before: int
-    new_tokens: torch.Tensor  # [q] original token indices, CPU
     positions: torch.Tensor  # [B or 1, q] positions the model used for the new tokens
     plan: CompactionPlan | None
     target: int
     over_budget: bool
     angles: dict = field(default_factory=dict)  # device -> (cos_new, sin_new, cos_read, sin_read)
+    # "stored" rotation: per row, the position slot 0 must sit at, and how far each new key is from
+    # its slot position (None when the new tokens sit exactly at their slots, the usual case)
+    frame: list[int] | None = None
+    new_delta: torch.Tensor | None = None
 
 
 class BoundedCache(Cache):
@@ -251,6 +308,8 @@ class BoundedCache(Cache):
         self.seen = 0
         self._step: _Step | None = None
         self.observer: QueryObserver | None = None  # set for caches that need attention scores
+        #: "stored" | "read" | "none"; chosen from the key dtype at the first update (see _rotation)
+        self.rotation: str | None = None
 
     # ----------------------------------------------------------------- construction helpers
     @staticmethod
@@ -336,9 +395,39 @@ class BoundedCache(Cache):
         plan = None
         if over and not isinstance(self.policy, ScorePolicy):
             plan = self.policy.plan(total, target)
-        new_tokens = torch.arange(self.seen, self.seen + q, dtype=torch.long)
         self.seen += q
-        return _Step(q, slots_before, new_tokens, position_ids, plan, target, over)
+        step = _Step(q, slots_before, position_ids, plan, target, over)
+        if self._rotation(key_states) == "stored":
+            self._frame_step(step, int(key_states.shape[0]))
+        return step
+
+    def _rotation(self, key_states: torch.Tensor) -> str:
+        """How keys are re-positioned: not at all, rotated on every read, or stored rotated.
+
+        Float32 caches store keys already rotated to their slot positions and re-rotate them only
+        when a compaction moves them (no per-token rotation of the cache). Half-precision caches
+        rotate on read instead: a stored bf16 key re-rotated at every compaction would be rounded
+        again each time and drift over a long stream.
+        """
+        if self.positions != "shift":
+            return "none"
+        if self.rotation is None:
+            self.rotation = "stored" if key_states.dtype == torch.float32 else "read"
+        return self.rotation
+
+    def _frame_step(self, step: _Step, batch: int) -> None:
+        # one host read of this step's positions: frames are host integers so that deciding what to
+        # rotate never needs a device sync of its own
+        rows = step.positions.tolist()
+        if len(rows) == 1 and batch > 1:
+            rows = rows * batch
+        total = step.slots_before + step.query_length
+        frame = [r[-1] - (total - 1) for r in rows]
+        step.frame = frame
+        first = step.slots_before
+        off = [[p - (f + first + j) for j, p in enumerate(r)] for r, f in zip(rows, frame)]
+        if any(any(o) for o in off):
+            step.new_delta = torch.tensor(off, dtype=torch.long)
 
     def _angles(self, step: _Step, device: torch.device):
         cached = step.angles.get(device)
@@ -363,13 +452,25 @@ class BoundedCache(Cache):
         if not layer.is_initialized:
             layer.lazy_initialization(key_states, value_states)
 
-        shift = self.positions == "shift"
-        if shift:
+        mode = self._rotation(key_states)
+        if mode == "stored":
+            if layer.frame is None:
+                layer.frame = list(step.frame)
+            layer._settle(step.frame)
+            if step.new_delta is not None:
+                cos, sin = self.rotator.angles(step.new_delta.to(key_states.device))
+                key_states = self.rotator.rotate(key_states, cos, sin)
+            keys, values = layer.append(key_states, value_states)
+            visible_keys = keys
+        elif mode == "read":
             cos_new, sin_new, cos_read, sin_read = self._angles(step, key_states.device)
             key_states = self.rotator.rotate(key_states, cos_new, sin_new, inverse=True)
-        keys, values = layer.append(key_states, value_states)
-        layer.add_tokens(step.new_tokens)
-        visible_keys = self.rotator.rotate(keys, cos_read, sin_read) if shift else keys
+            keys, values = layer.append(key_states, value_states)
+            visible_keys = self.rotator.rotate(keys, cos_read, sin_read)
+        else:
+            keys, values = layer.append(key_states, value_states)
+            visible_keys = keys
+        layer.add_tokens(self.seen - step.query_length, self.seen)
         policy = self.policy
         if isinstance(policy, ScorePolicy):
             if policy.accumulates or step.over_budget:
@@ -403,7 +504,7 @@ class LaCache(BoundedCache):
         positions: str = "shift",
         layout: str = "ladder",
         chunk: int | None = None,
-        salient: int | float | None = None,
+        salient: int | float | None = 0.125,
     ) -> "LaCache":
         """Build a cache sized for ``model``.
 
@@ -419,7 +520,8 @@ class LaCache(BoundedCache):
                 default ``budget // 16`` (capped so a rung still fits).
             salient: slots per layer (an int) or a fraction of the budget (a float below 1) kept for the
                 tokens with the smallest key norms among those the ladder evicts, so multi-token facts
-                survive whole in every layer (see ``policies/salient.py``); ``None``/0: the plain ladder.
+                survive whole in every layer (see ``policies/salient.py``); default an eighth of the
+                budget; ``0``/``None``: the plain ladder of the reference schedule.
         """
         num_layers, rotator = cls._validate_common(model, budget, sinks, positions)
         if span is None and overlap is None:
