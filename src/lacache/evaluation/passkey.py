@@ -39,7 +39,7 @@ class PasskeyPrompt:
     needle_end: int
 
 
-def _filler_ids(tokenizer, kind: str, count: int, rng: random.Random) -> list[int]:
+def filler_ids(tokenizer, kind: str, count: int, rng: random.Random) -> list[int]:
     if kind == "grass":
         text = GRASS * (count // 8 + 8)
     elif kind == "essays":
@@ -70,7 +70,7 @@ def build_passkey_prompt(
     room = length - len(head) - len(needle) - len(tail)
     if room < 0:
         raise ValueError(f"length={length} is too short for the instruction, needle and question ({length - room})")
-    filler = _filler_ids(tokenizer, filler, room, rng)
+    filler = filler_ids(tokenizer, filler, room, rng)
     before = round(depth * room)
     ids = head + filler[:before] + needle + filler[before:] + tail
     start = len(head) + before

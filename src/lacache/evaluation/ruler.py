@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .common import PREFILLS, greedy_answer, resolve_budget
-from .passkey import FILLERS, _filler_ids
+from .passkey import FILLERS, filler_ids
 
 __all__ = [
     "DEFAULT_LENGTHS",
@@ -56,7 +56,7 @@ TASKS = ("niah_multikey", "niah_multivalue", "variable_tracking", "common_words"
 #: tokens): niah_multikey 0.67 / 0.67 (chance ~0.25: one of 4 numbers), niah_multivalue 0.83 / 0.25,
 #: variable_tracking 0.67 / 0.44, common_words 0.30 / 0.03 (about chance: the model cannot count).
 #: Past ~1,000 tokens the full cache itself fails most tasks, leaving nothing for a budget to lose.
-DEFAULT_LENGTHS = (500, 1000)
+DEFAULT_LENGTHS = (500,)
 DEFAULT_METHODS = "full,streaming,ladder,lacache,tova,h2o"
 #: Greedy tokens per answer: enough for the expected answer plus a little slack, no more (decoding
 #: dominates the cost of a trial on CPU).
@@ -170,7 +170,7 @@ def _insert_needles(
 
 def _haystack_text(tokenizer, filler: str, length: int, rng: random.Random) -> tuple[list[int], str]:
     """Filler ids (more than needed; prompts take a prefix) and their text, to keep needles out of it."""
-    ids = _filler_ids(tokenizer, filler, length, rng)
+    ids = filler_ids(tokenizer, filler, length, rng)
     return ids, tokenizer.decode(ids)
 
 
@@ -218,14 +218,14 @@ def build_niah_multikey(
     if keys < 1:
         raise ValueError(f"keys={keys} must be at least 1")
     rng = _rng("niah_multikey", seed)
-    filler_ids, avoid = _haystack_text(tokenizer, filler, length, rng)
+    haystack, avoid = _haystack_text(tokenizer, filler, length, rng)
     taken: set[str] = set()
     pairs = [(_fresh(rng, _word_key, avoid, taken), _fresh(rng, _number(7), avoid, taken)) for _ in range(keys)]
     rng.shuffle(pairs)
     key, value = pairs[rng.randrange(keys)]
     needles = [NIAH_NEEDLE.format(key=k, value=v) for k, v in pairs]
     ids, spans = _layout(tokenizer, length, NIAH_INSTRUCTION, needles, MULTIKEY_QUESTION.format(key=key),
-                         filler_ids, rng)
+                         haystack, rng)
     return RulerPrompt("niah_multikey", torch.tensor([ids]), [value], spans, key)
 
 
@@ -236,13 +236,13 @@ def build_niah_multivalue(
     if values < 1:
         raise ValueError(f"values={values} must be at least 1")
     rng = _rng("niah_multivalue", seed)
-    filler_ids, avoid = _haystack_text(tokenizer, filler, length, rng)
+    haystack, avoid = _haystack_text(tokenizer, filler, length, rng)
     taken: set[str] = set()
     key = _fresh(rng, _word_key, avoid, taken)
     numbers = [_fresh(rng, _number(7), avoid, taken) for _ in range(values)]
     needles = [NIAH_NEEDLE.format(key=key, value=v) for v in numbers]
     ids, spans = _layout(tokenizer, length, NIAH_INSTRUCTION, needles, MULTIVALUE_QUESTION.format(key=key),
-                         filler_ids, rng)
+                         haystack, rng)
     return RulerPrompt("niah_multivalue", torch.tensor([ids]), numbers, spans, key)
 
 
@@ -265,7 +265,7 @@ def build_variable_tracking(
     if chains < 1 or hops < 0:
         raise ValueError(f"chains={chains} must be >= 1 and hops={hops} >= 0")
     rng = _rng("variable_tracking", seed)
-    filler_ids, avoid = _haystack_text(tokenizer, filler, length, rng)
+    haystack, avoid = _haystack_text(tokenizer, filler, length, rng)
     taken: set[str] = set()
     names, statements, values = [], [], []
     for _ in range(chains):
@@ -276,7 +276,7 @@ def build_variable_tracking(
         statements.append([VT_NEEDLE.format(name=chain[0], value=value)]
                           + [VT_NEEDLE.format(name=b, value=a) for a, b in itertools.pairwise(chain)])
     tail = VT_QUESTION.format(value=values[0], count=hops + 1)
-    ids, spans = _layout(tokenizer, length, VT_INSTRUCTION, _interleave(rng, statements), tail, filler_ids, rng)
+    ids, spans = _layout(tokenizer, length, VT_INSTRUCTION, _interleave(rng, statements), tail, haystack, rng)
     return RulerPrompt("variable_tracking", torch.tensor([ids]), names[0], spans, values[0])
 
 
