@@ -32,6 +32,7 @@ class SalientLadderPolicy(ScorePolicy):
         self.cursor = sinks
         self._plan_rows: torch.Tensor | None = None  # this step's ladder plan, [L, m] in ladder coordinates
         self._norms: list[torch.Tensor | None] = [None] * geometry.num_layers
+        self._pooled = [0] * geometry.num_layers  # pool members per layer (equal in every row), host-side
 
     def min_target(self) -> int:
         return self.sinks + self.window + self.geometry.rung - 1 + self.pool
@@ -60,7 +61,7 @@ class SalientLadderPolicy(ScorePolicy):
         batch, n = norms.shape
         device = norms.device
         in_pool = self._in_pool(layer_idx, batch, n, device)
-        pooled = int(in_pool[0].sum())
+        pooled = self._pooled[layer_idx]  # counted on the host: no device sync on this path
         ladder_slots = (~in_pool).nonzero()[:, 1].view(batch, n - pooled)  # ascending per row
         keep_rows = self._ladder_rows(layer_idx, n - pooled, target - self.pool, device)
         kept = ladder_slots.gather(1, keep_rows[None].expand(batch, -1))
@@ -68,7 +69,7 @@ class SalientLadderPolicy(ScorePolicy):
         candidate = in_pool.clone()
         candidate.scatter_(1, ladder_slots, True)
         candidate.scatter_(1, kept, False)
-        take = min(self.pool, int(candidate[0].sum()))
+        take = min(self.pool, pooled + (n - pooled) - keep_rows.shape[0])
         score = torch.where(candidate, -norms, torch.full_like(norms, float("-inf")))
         chosen = score.topk(take, dim=-1).indices
         new_pool = torch.zeros_like(in_pool)
@@ -76,6 +77,7 @@ class SalientLadderPolicy(ScorePolicy):
         index = torch.cat([kept, chosen], dim=1).sort(dim=-1).values
         self.state[layer_idx] = new_pool.gather(1, index)
         self._norms[layer_idx] = None
+        self._pooled[layer_idx] = take
         return index
 
     def reset(self) -> None:
@@ -83,6 +85,7 @@ class SalientLadderPolicy(ScorePolicy):
         self.cursor = self.sinks
         self._plan_rows = None
         self._norms = [None] * self.num_layers
+        self._pooled = [0] * self.num_layers
 
     def describe(self) -> dict:
         g = self.geometry
