@@ -18,7 +18,6 @@ Memory is read from the process (RSS, and its high-water mark reset per phase th
 
 from __future__ import annotations
 
-import gc
 import time
 from collections.abc import Callable, Sequence
 
@@ -33,6 +32,7 @@ from .memory import current_rss_bytes
 __all__ = [
     "CACHE_METHODS",
     "DECODE_METHODS",
+    "EVERY_STEP_METHODS",
     "CacheStandIn",
     "ReferenceLadderCache",
     "bench_cache_update",
@@ -57,6 +57,8 @@ __all__ = [
 DECODE_METHODS = ("full", "streaming", "lacache", "tova", "h2o")
 #: cache-update microbenchmark methods: our caches, and the reference strategy re-implemented
 CACHE_METHODS = ("lacache", "ladder", "ladder-step", "streaming", "reference")
+#: methods that compact at every step once full: each step costs the same, so few timed steps suffice
+EVERY_STEP_METHODS = ("reference", "ladder-step")
 MB = 2**20
 
 
@@ -134,8 +136,7 @@ def _sync(device) -> None:
 
 
 def _fresh_phase(device) -> None:
-    """Free what the previous phase left, and start new peak readings."""
-    gc.collect()
+    """Start new peak readings (caches hold no reference cycles: dropping one frees it at once)."""
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -571,7 +572,7 @@ def bench_cache_update(
     methods: Sequence[str] = ("lacache", "reference", "streaming"),
     positions: Sequence[str] = ("absolute",),
     steps: int | None = None,
-    ref_steps: int | None = 64,
+    ref_steps: int | None = 32,
     warmup: int = 32,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
@@ -582,11 +583,12 @@ def bench_cache_update(
 
     Synthetic random keys/values (batch 1, one new token per step) after filling the cache to its
     budget and ``warmup`` more steps; timed over ``steps`` steps (default ``max(512, 2 * budget)``,
-    covering many compactions). ``positions``: ``absolute`` passes the absolute position of each new
-    token as ``generate()`` does; ``slots`` passes the slot position (lacache's own loop). The reference
-    strategy takes no positions (it always rotates to slots ``0..n-1``) and compacts at every step
-    once full, so ``ref_steps`` (default 64, ``None``: as ``steps``) is enough for a stable mean.
-    One row per (layers, budget, method, positions).
+    covering many compactions: ours compact every ``budget // 16`` tokens). ``positions``: ``absolute``
+    passes the absolute position of each new token as ``generate()`` does; ``slots`` the slot position
+    (lacache's own loop). The reference strategy takes no positions (it always rotates to slots
+    ``0..n-1``). Methods that compact at every step once full (``reference``, ``ladder-step``) cost the
+    same at every step, so they are timed over ``ref_steps`` steps (default 32; ``None``: as ``steps``)
+    after at most 4 warm-up steps. One row per (layers, budget, method, positions).
     """
     for method in methods:
         if method not in CACHE_METHODS:
@@ -604,8 +606,11 @@ def bench_cache_update(
                 modes = ["slots 0..n-1"] if method == "reference" else list(positions)
                 for mode in modes:
                     cache = _build_cache(method, stand_in, budget)
-                    count = n_steps if method != "reference" or ref_steps is None else min(n_steps, int(ref_steps))
-                    seconds = _time_updates(cache, method, num_layers, budget, count, warmup, mode, kv_heads,
+                    count, warm = n_steps, warmup
+                    if method in EVERY_STEP_METHODS:
+                        count = n_steps if ref_steps is None else min(n_steps, int(ref_steps))
+                        warm = min(warmup, 4)
+                    seconds = _time_updates(cache, method, num_layers, budget, count, warm, mode, kv_heads,
                                             head_dim, dtype, device, seed)
                     row = {
                         "layers": num_layers,
@@ -625,8 +630,7 @@ def bench_cache_update(
                     rows.append(row)
                     if on_row is not None:
                         on_row(row)
-                    del cache
-                    gc.collect()
+                    del cache  # no reference cycles: freed here
     return rows
 
 
@@ -835,10 +839,12 @@ def plot_cache(rows: Sequence[dict], path, title: str = "Time inside cache.updat
         groups.setdefault((r["method"], r["positions"], r["layers"]), []).append(r)
     styles = ["-", "--", ":", "-."]
     layer_counts = sorted({r["layers"] for r in rows})
+    colors = list(dict.fromkeys((method, mode) for method, mode, _ in groups))  # one colour per method/mode
     for (method, mode, num_layers), mine in groups.items():
         mine = sorted(mine, key=lambda r: r["budget"])
         label = f"{method} ({mode}), {num_layers} layers" if method != "reference" else f"reference, {num_layers} layers"
         ax.plot([r["budget"] for r in mine], [r["ms_per_token"] for r in mine], marker="o",
+                color=f"C{colors.index((method, mode)) % 10}",
                 ls=styles[layer_counts.index(num_layers) % len(styles)], label=label)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
@@ -864,11 +870,12 @@ def plot_prefill(result: dict, path, title: str | None = None, full: dict | None
     axes[0].set_ylim(bottom=0)
     per_token = s["full_cache_bytes"] / s["tokens"]
     axes[1].plot(x, [r["cache_bytes"] / MB for r in rows], marker=".", label=f"{s['method']} cache")
-    axes[1].plot(x, [r["rss_bytes"] / MB for r in rows], marker=".", label="process RSS")
+    axes[1].plot(x, [r["rss_bytes"] / MB for r in rows], marker=".", label=f"process RSS ({s['method']})")
     axes[1].plot(x, [per_token * t / MB for t in x], ls="--", label="full cache KV (computed)")
     if full is not None:
-        axes[1].plot([r["tokens"] for r in full["rows"]], [r["cache_bytes"] / MB for r in full["rows"]],
-                     marker=".", label="full cache (measured)")
+        fx = [r["tokens"] for r in full["rows"]]
+        axes[1].plot(fx, [r["cache_bytes"] / MB for r in full["rows"]], marker=".", label="full cache (measured)")
+        axes[1].plot(fx, [r["rss_bytes"] / MB for r in full["rows"]], marker=".", label="process RSS (full)")
     axes[1].set_ylabel("MB")
     axes[1].set_yscale("log")
     for ax in axes:

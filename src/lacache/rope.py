@@ -111,7 +111,7 @@ class Rotator:
         out = torch.empty_like(x)
         if inverse:
             sin = -sin
-        if x.dtype == torch.float32:
+        if x.dtype == torch.float32 and not torch.compiler.is_compiling():  # out= on views breaks graphs
             x1, x2 = x[..., :h], x[..., h : 2 * h]
             o1, o2 = out[..., :h], out[..., h : 2 * h]
             torch.mul(x1, cos, out=o1)

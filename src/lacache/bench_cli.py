@@ -1,0 +1,509 @@
+"""``lacache bench``: performance benchmarks (tables, CSV/JSON, PNG plots).
+
+Wire it into the top-level parser with ``add_parser(subparsers)`` and run the parsed arguments with
+``run_cli(args)`` (``args.command == "bench"``). Sub-commands: ``decode``, ``memory``, ``stream``,
+``cache``, ``prefill`` and ``all`` (a quick version of each); each writes ``<out>/<name>.csv``,
+``.json`` and ``.png`` and prints a table. The measurements live in :mod:`lacache.bench`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["add_parser", "run_cli", "BENCHMARKS"]
+
+BENCHMARKS = ("decode", "memory", "stream", "cache", "prefill", "all")
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16"}
+DEFAULT_OUT = "runs/bench"
+MB = 2**20
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be a positive integer")
+    return value
+
+
+def _common(parser: argparse.ArgumentParser, model: bool = True) -> None:
+    if model:
+        parser.add_argument("--model", default=None, help="hub id or local path; default: bundled SmolLM2-135M-Instruct")
+        parser.add_argument("--tiny", action="store_true", help="a random tiny Llama built in-process instead of --model")
+        parser.add_argument("--tiny-layers", type=_positive_int, default=4, help="layers of the --tiny model")
+        parser.add_argument("--tiny-hidden", type=_positive_int, default=64, help="hidden size of the --tiny model")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ...; auto: cuda when available")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
+
+def _decode_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--methods", default="full,streaming,lacache,tova,h2o")
+    parser.add_argument("--budget", type=_positive_int, default=512, help="slots per layer of the bounded caches")
+    parser.add_argument("--tokens", type=_positive_int, default=8192, help="tokens to generate per method")
+    parser.add_argument("--window", type=_positive_int, default=256, help="decode steps per ms/token reading")
+    parser.add_argument("--prompt-tokens", type=_positive_int, default=64,
+                        help="prompt length (a prefix of the bundled essays; random ids with --tiny)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--option", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                        help="method option, repeatable, e.g. lacache.span=9 h2o.window=64")
+    _common(parser)
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``bench`` (with its sub-benchmarks) on the top-level sub-parsers; return its parser."""
+    bench = subparsers.add_parser(
+        "bench", help="performance benchmarks: decode speed, memory, constant-memory stream, cache updates, prefill"
+    )
+    kinds = bench.add_subparsers(dest="benchmark", required=True)
+
+    decode = kinds.add_parser("decode", help="decode ms/token vs generated length per method (also writes memory.*)")
+    _decode_args(decode)
+
+    memory = kinds.add_parser("memory", help="cache bytes and process RSS vs generated length (the decode run)")
+    _decode_args(memory)
+    memory.add_argument("--from", dest="from_json", default=None, metavar="DECODE_JSON",
+                        help="plot the memory columns of an earlier decode.json instead of running")
+
+    stream = kinds.add_parser("stream", help="continuous generation at constant memory, sampled at intervals")
+    stream.add_argument("--method", default="lacache", help="a bounded method (lacache, streaming, ladder, ...)")
+    stream.add_argument("--budget", type=_positive_int, default=512)
+    stream.add_argument("--tokens", type=_positive_int, default=None,
+                        help="tokens to generate (default 1,000,000 with --tiny, 20,000 otherwise)")
+    stream.add_argument("--interval", type=_positive_int, default=None, help="tokens between samples (default tokens/50)")
+    stream.add_argument("--prompt-tokens", type=_positive_int, default=64)
+    stream.add_argument("--temperature", type=float, default=0.0)
+    stream.add_argument("--tolerance", type=float, default=0.01, help="allowed relative memory change (0.01 = 1%%)")
+    stream.add_argument("--option", action="append", default=[], metavar="METHOD.KEY=VALUE")
+    _common(stream)
+
+    cache = kinds.add_parser("cache", help="time per token inside cache.update (synthetic K/V, no model) vs the "
+                                           "reference implementation's per-step strategy")
+    cache.add_argument("--methods", default="lacache,reference,streaming",
+                       help="from lacache, ladder (no salient pool), ladder-step (no pool, compaction every step), "
+                            "streaming, reference")
+    cache.add_argument("--budgets", default="256,1024,4096")
+    cache.add_argument("--layers", default="30,80")
+    cache.add_argument("--kv-heads", type=_positive_int, default=8)
+    cache.add_argument("--head-dim", type=_positive_int, default=128)
+    cache.add_argument("--positions", default="absolute",
+                       help="absolute (as generate() passes them), slots (lacache's own loop), or both: absolute,slots")
+    cache.add_argument("--steps", type=_positive_int, default=None, help="timed steps (default max(512, 2 x budget))")
+    cache.add_argument("--ref-steps", type=_positive_int, default=32,
+                       help="timed steps for reference and ladder-step (they compact at every step, so each step "
+                            "costs the same and few are enough)")
+    cache.add_argument("--warmup", type=int, default=32, help="untimed steps after filling the cache")
+    _common(cache, model=False)
+
+    prefill = kinds.add_parser("prefill", help="chunked prefill of a long prompt vs the computed full-cache size")
+    prefill.add_argument("--method", default="lacache")
+    prefill.add_argument("--budget", type=_positive_int, default=512)
+    prefill.add_argument("--tokens", type=_positive_int, default=32768, help="prompt length")
+    prefill.add_argument("--prefill-chunk", type=_positive_int, default=512)
+    prefill.add_argument("--random", action="store_true", help="random token ids instead of the bundled essays")
+    prefill.add_argument("--compare-full", action="store_true",
+                         help="also run a full cache the same way (only when the prompt fits the trained context)")
+    prefill.add_argument("--option", action="append", default=[], metavar="METHOD.KEY=VALUE")
+    _common(prefill)
+
+    quick = kinds.add_parser("all", help="a quick version of every benchmark (small sizes; minutes on a CPU)")
+    quick.add_argument("--model", default=None)
+    quick.add_argument("--tiny", action="store_true", help="use a random tiny Llama for decode/stream/prefill")
+    quick.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    quick.add_argument("--device", default="auto")
+    quick.add_argument("--out", default=f"{DEFAULT_OUT}/quick")
+    quick.add_argument("--quiet", action="store_true")
+    return bench
+
+
+# --------------------------------------------------------------------------- helpers
+def _names(text: str, known, what: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = [x for x in names if x not in known]
+    if unknown or not names:
+        raise ValueError(f"--{what} {','.join(unknown) or '(empty)'} not known; choose from {','.join(known)}")
+    return names
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--{what} {text!r} must be a comma-separated list of integers") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"--{what} {text!r} must list positive integers, e.g. 256,1024")
+    return values
+
+
+def _method_options(items: list[str]) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for item in items:
+        try:
+            target, value = item.split("=", 1)
+            method, key = target.split(".", 1)
+        except ValueError:
+            raise ValueError(f"--option {item!r} must look like METHOD.KEY=VALUE, e.g. lacache.span=9") from None
+        parsed: object = None if value in ("none", "None") else value
+        for cast in (int, float):
+            try:
+                parsed = cast(value)
+                break
+            except ValueError:
+                continue
+        out.setdefault(method, {})[key] = parsed
+    return out
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu")
+    return device
+
+
+def _dtype(name: str):
+    import torch
+
+    return getattr(torch, DTYPES[name])
+
+
+def _load(args):
+    """(model, tokenizer or None, description) on the requested device."""
+    from . import bench
+
+    device = _device(args.device)
+    dtype = _dtype(args.dtype)
+    if getattr(args, "tiny", False):
+        model = bench.tiny_model(layers=args.tiny_layers, hidden=args.tiny_hidden, seed=args.seed, dtype=dtype)
+        desc = f"random tiny Llama ({args.tiny_layers} layers, hidden {args.tiny_hidden})"
+        return model.to(device), None, desc
+    from .models import load_model
+
+    model, tokenizer = load_model(args.model, dtype=dtype, device=device)
+    return model, tokenizer, args.model or "SmolLM2-135M-Instruct (bundled)"
+
+
+def _token_ids(model, tokenizer, n: int, seed: int, random_ids: bool = False):
+    """``n`` prompt ids: the bundled essays (repeated as needed), or random ids without a tokenizer."""
+    import torch
+
+    if tokenizer is not None and not random_ids:
+        from .texts import ESSAY_SEPARATOR, load_essays
+
+        chars = 8 * n + 64
+        ids = None
+        while True:
+            text = load_essays(max_chars=chars)
+            ids = tokenizer(text, return_tensors="pt", verbose=False)["input_ids"][0]
+            if ids.numel() >= n or len(text) < chars:
+                break
+            chars *= 2
+        if ids.numel() < n:  # the whole collection is shorter than asked: repeat it
+            sep = tokenizer(ESSAY_SEPARATOR, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+            piece = torch.cat([ids, sep])
+            ids = piece.repeat(math.ceil(n / piece.numel()))
+        return ids[:n][None]
+    vocab = int(model.config.vocab_size)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (1, n), generator=generator)
+
+
+def _log(args, text: str) -> None:
+    if not getattr(args, "quiet", False):
+        print(text, file=sys.stderr, flush=True)
+
+
+def _mb(x) -> float | None:
+    return None if x is None else x / MB
+
+
+def _write(out: Path, name: str, rows: list[dict], payload: dict) -> None:
+    from .evaluation.report import write_csv, write_json
+
+    out.mkdir(parents=True, exist_ok=True)
+    headers = list(dict.fromkeys(k for r in rows for k in r))
+    write_csv(out / f"{name}.csv", headers, [[r.get(h) for h in headers] for r in rows])
+    write_json(out / f"{name}.json", payload)
+
+
+def _table(rows: list[dict], columns: list[tuple[str, str, object]]) -> str:
+    """Rows as a text table; ``columns`` are (header, key, transform or None)."""
+    from .evaluation.report import format_table
+
+    body = []
+    for r in rows:
+        line = []
+        for _, key, fn in columns:
+            value = r.get(key)
+            line.append(fn(value) if fn is not None and value is not None else value)
+        body.append(line)
+    return format_table([c[0] for c in columns], body)
+
+
+def _environment(device) -> dict:
+    import platform
+
+    import torch
+
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+        "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+
+
+# --------------------------------------------------------------------------- sub-commands
+DECODE_COLUMNS = [
+    ("method", "method", None), ("budget", "budget", None), ("tokens", "tokens", None),
+    ("ms/tok first", "ms_per_token_first", None), ("ms/tok last", "ms_per_token_last", None),
+    ("ms/tok mean", "ms_per_token_mean", None), ("tok/s", "tokens_per_s", None),
+    ("cache MB", "cache_mb_last", None), ("RSS MB", "rss_mb_last", None), ("peak RSS MB", "peak_rss_mb", None),
+]
+MEMORY_KEYS = ["method", "budget", "last", "context", "cache_slots", "cache_bytes", "rss_bytes", "peak_rss_bytes",
+               "cuda_allocated_bytes"]
+
+
+def _write_memory(out: Path, payload: dict) -> None:
+    from .bench import plot_memory
+
+    rows = [{k: r.get(k) for k in MEMORY_KEYS} for r in payload["rows"]]
+    _write(out, "memory", rows, {**payload, "rows": rows})
+    plot_memory(rows, out / "memory.png",
+                title=f"Memory while decoding (budget {payload['budget']}, {payload['model']})")
+
+
+def run_decode(args, write_memory: bool = True) -> dict:
+    from . import bench
+    from .registry import METHODS
+
+    methods = _names(args.methods, METHODS, "methods")
+    options = _method_options(args.option)
+    model, tokenizer, desc = _load(args)
+    prompt = _token_ids(model, tokenizer, args.prompt_tokens, args.seed)
+    geometry = bench.model_geometry(model)
+    _log(args, f"[bench decode] {desc}: {', '.join(methods)}, budget {args.budget}, {args.tokens} tokens, "
+               f"prompt {prompt.shape[1]} tokens")
+
+    def progress(row):
+        _log(args, f"[bench decode] {row['method']:>9} tokens {row['last']:>6}: {row['ms_per_token']:7.2f} ms/token, "
+                   f"cache {row['cache_bytes'] / MB:8.1f} MB, RSS {row['rss_bytes'] / MB:7.1f} MB")
+
+    rows = bench.bench_decode(model, prompt, methods, budget=args.budget, tokens=args.tokens, window=args.window,
+                              temperature=args.temperature, seed=args.seed, method_options=options,
+                              on_row=progress)
+    summary = bench.decode_summary(rows)
+    device = next(model.parameters()).device
+    payload = {
+        "benchmark": "decode", "model": desc, "dtype": args.dtype, **geometry, "budget": args.budget,
+        "tokens": args.tokens, "window": args.window, "prompt_tokens": int(prompt.shape[1]),
+        "temperature": args.temperature, "method_options": options, "environment": _environment(device),
+        "summary": summary, "rows": rows,
+    }
+    out = Path(args.out)
+    _write(out, "decode", rows, payload)
+    bench.plot_decode(rows, out / "decode.png", title=f"Decode ms/token (budget {args.budget}, {desc})")
+    if write_memory:
+        _write_memory(out, payload)
+    print(f"Decode, {args.tokens} tokens after a {prompt.shape[1]}-token prompt, budget {args.budget} ({desc}, "
+          f"{args.dtype}, {device})")
+    print(_table(summary, DECODE_COLUMNS))
+    context = geometry["trained_context"]
+    if context and "full" in methods and prompt.shape[1] + args.tokens > context:
+        _log(args, f"[bench decode] note: the full cache went past the trained context ({context})")
+    written = ["decode"] + (["memory"] if write_memory else [])
+    _log(args, f"[bench] wrote {', '.join(str(out / f'{n}.{e}') for n in written for e in ('csv', 'json', 'png'))}")
+    return payload
+
+
+def run_memory(args) -> dict:
+    if args.from_json is None:
+        return run_decode(args, write_memory=True)
+    with open(args.from_json) as fh:
+        payload = json.load(fh)
+    if payload.get("benchmark") != "decode":
+        raise ValueError(f"--from {args.from_json} is not a decode.json written by `lacache bench decode`")
+    out = Path(args.out)
+    _write_memory(out, payload)
+    rows = [r for r in payload["summary"]]
+    print(f"Memory while decoding (from {args.from_json})")
+    print(_table(rows, [c for c in DECODE_COLUMNS if c[1] in ("method", "budget", "tokens", "cache_mb_last",
+                                                              "rss_mb_last", "peak_rss_mb")]))
+    _log(args, f"[bench] wrote {out / 'memory.csv'}, {out / 'memory.json'}, {out / 'memory.png'}")
+    return payload
+
+
+def run_stream(args) -> dict:
+    from . import bench
+
+    if args.method == "full":
+        raise ValueError("--method full has no bound; the stream benchmark needs a bounded cache, e.g. lacache")
+    tokens = args.tokens or (1_000_000 if args.tiny else 20_000)
+    model, tokenizer, desc = _load(args)
+    prompt = _token_ids(model, tokenizer, args.prompt_tokens, args.seed)
+    options = _method_options(args.option).get(args.method)
+    _log(args, f"[bench stream] {desc}: {args.method}, budget {args.budget}, {tokens:,} tokens")
+
+    def progress(s):
+        cuda = "" if s["cuda_allocated_bytes"] is None else f", CUDA {s['cuda_allocated_bytes'] / MB:.1f} MB"
+        _log(args, f"[bench stream] {s['tokens']:>10,} tokens: {s['tokens_per_s']:8.1f} tok/s, cache "
+                   f"{s['cache_bytes'] / MB:.2f} MB, RSS {s['rss_bytes'] / MB:.1f} MB{cuda}, {s['num_slots']} slots")
+
+    result = bench.bench_stream(model, prompt, tokens, budget=args.budget, interval=args.interval,
+                                method=args.method, method_options=options, temperature=args.temperature,
+                                seed=args.seed, tolerance=args.tolerance, on_sample=progress)
+    device = next(model.parameters()).device
+    payload = {"benchmark": "stream", "model": desc, "dtype": args.dtype, **bench.model_geometry(model),
+               "environment": _environment(device), **result}
+    out = Path(args.out)
+    _write(out, "stream", result["samples"], payload)
+    bench.plot_stream(result, out / "stream.png")
+    columns = [("tokens", "tokens", None), ("tok/s", "tokens_per_s", None), ("cache MB", "cache_bytes", _mb),
+               ("RSS MB", "rss_bytes", _mb), ("CUDA MB", "cuda_allocated_bytes", _mb), ("slots", "num_slots", None)]
+    shown = result["samples"]
+    if len(shown) > 12:  # the table shows a dozen samples; the CSV has them all
+        step = math.ceil(len(shown) / 12)
+        shown = shown[::step] + ([shown[-1]] if (len(shown) - 1) % step else [])
+    print(f"Constant-memory stream: {args.method}, budget {args.budget}, {result['tokens']:,} tokens ({desc}, "
+          f"{args.dtype}, {device}); {result['tokens_per_s']:.1f} tokens/s overall")
+    print(_table(shown, columns))
+    v, ref = result["verdict"], result["reference"]
+    if ref is None:
+        print("verdict: the cache never filled (tokens <= budget): nothing to compare")
+    else:
+        parts = [f"{name} x{v[key]:.4f}" for name, key in (("cache bytes", "cache_bytes_ratio"),
+                                                            ("RSS", "rss_bytes_ratio"),
+                                                            ("CUDA allocated", "cuda_allocated_bytes_ratio"))
+                 if key in v]
+        print(f"verdict: memory after {v['final_tokens']:,} tokens vs after the first full cache ({ref['tokens']:,} "
+              f"tokens): {', '.join(parts)} -> {'FLAT' if v['flat'] else 'NOT FLAT'} "
+              f"(tolerance {100 * v['tolerance']:g}%); cache {result['final']['cache_bytes']:,} B, expected "
+              f"kv_bytes(budget + headroom) = {result['expected_cache_bytes']:,} B")
+    _log(args, f"[bench] wrote {out / 'stream.csv'}, {out / 'stream.json'}, {out / 'stream.png'}")
+    return payload
+
+
+def run_cache(args) -> dict:
+    from . import bench
+
+    methods = _names(args.methods, bench.CACHE_METHODS, "methods")
+    positions = _names(args.positions, ("absolute", "slots"), "positions")
+    budgets, layers = _ints(args.budgets, "budgets"), _ints(args.layers, "layers")
+    device = _device(args.device)
+    dtype = _dtype(args.dtype)
+    _log(args, f"[bench cache] budgets {budgets}, layers {layers}, {args.kv_heads} KV heads x {args.head_dim}, "
+               f"{args.dtype} on {device}; methods {', '.join(methods)}")
+
+    def progress(r):
+        _log(args, f"[bench cache] {r['layers']:>3} layers, budget {r['budget']:>5}, {r['method']:>11} "
+                   f"({r['positions']}): {r['ms_per_token']:9.3f} ms/token over {r['steps']} steps")
+
+    rows = bench.bench_cache_update(budgets, layers, kv_heads=args.kv_heads, head_dim=args.head_dim,
+                                    methods=methods, positions=positions, steps=args.steps,
+                                    ref_steps=args.ref_steps, warmup=args.warmup, dtype=dtype, device=device,
+                                    seed=args.seed, on_row=progress)
+    summary = bench.cache_summary(rows)
+    payload = {"benchmark": "cache", "kv_heads": args.kv_heads, "head_dim": args.head_dim, "dtype": args.dtype,
+               "environment": _environment(device), "summary": summary, "rows": rows}
+    out = Path(args.out)
+    _write(out, "cache", rows, payload)
+    bench.plot_cache(rows, out / "cache.png",
+                     title=f"cache.update per token, all layers ({args.kv_heads} KV heads x {args.head_dim}, "
+                           f"{args.dtype}, {device})")
+    columns = [("layers", "layers", None), ("budget", "budget", None), ("positions", "positions", None)]
+    columns += [(f"{m} ms", f"{m}_ms", None) for m in methods]
+    if "reference" in methods and "lacache" in methods:
+        columns.append(("ref/lacache", "reference_over_lacache", None))
+    print(f"Time per token inside cache.update, all layers ({args.kv_heads} KV heads x {args.head_dim}, "
+          f"{args.dtype}, {device}, batch 1, one token per step)")
+    print(_table(summary, columns))
+    _log(args, f"[bench] wrote {out / 'cache.csv'}, {out / 'cache.json'}, {out / 'cache.png'}")
+    return payload
+
+
+def run_prefill(args) -> dict:
+    from . import bench
+
+    model, tokenizer, desc = _load(args)
+    ids = _token_ids(model, tokenizer, args.tokens, args.seed, random_ids=args.random)
+    options = _method_options(args.option)
+    text = "random ids" if args.random or tokenizer is None else "bundled essays"
+    _log(args, f"[bench prefill] {desc}: {args.method}, budget {args.budget}, {ids.shape[1]:,} tokens of {text} "
+               f"in chunks of {args.prefill_chunk}")
+
+    def progress(r):
+        _log(args, f"[bench prefill] {r['tokens']:>7,} tokens: {r['chunk_tokens_per_s']:8.1f} tok/s (chunk), "
+                   f"RSS {r['rss_bytes'] / MB:7.1f} MB, cache {r['cache_bytes'] / MB:7.1f} MB")
+
+    result = bench.bench_prefill(model, ids, budget=args.budget, prefill_chunk=args.prefill_chunk,
+                                 method=args.method, method_options=options.get(args.method), on_row=progress)
+    s = result["summary"]
+    full = None
+    if args.compare_full:
+        if s["beyond_trained_context"]:
+            _log(args, f"[bench prefill] --compare-full skipped: {s['tokens']} tokens exceed the trained context "
+                       f"({s['trained_context']}); the full cache size is computed instead")
+        else:
+            full = bench.bench_prefill(model, ids, budget=args.budget, prefill_chunk=args.prefill_chunk,
+                                       method="full", on_row=progress)
+    device = next(model.parameters()).device
+    payload = {"benchmark": "prefill", "model": desc, "dtype": args.dtype, "text": text,
+               "environment": _environment(device), **result, "full": full}
+    out = Path(args.out)
+    _write(out, "prefill", result["rows"], payload)
+    bench.plot_prefill(result, out / "prefill.png", full=full)
+    summaries = [s] + ([full["summary"]] if full else [])
+    for x in summaries:
+        x["full_kv_mb"] = x["full_cache_bytes"] / MB
+    print(f"Chunked prefill of {s['tokens']:,} tokens ({text}), chunk {args.prefill_chunk} ({desc}, {args.dtype}, "
+          f"{device}); trained context {s['trained_context']}")
+    print(_table(summaries, [
+        ("method", "method", None), ("budget", "budget", None), ("tokens", "tokens", None),
+        ("seconds", "seconds", None), ("tok/s", "tokens_per_s", None), ("peak RSS MB", "peak_rss_bytes", _mb),
+        ("CUDA peak MB", "cuda_max_allocated_bytes", _mb), ("cache MB", "cache_bytes", _mb),
+        ("full KV MB (computed)", "full_kv_mb", None),
+    ]))
+    _log(args, f"[bench] wrote {out / 'prefill.csv'}, {out / 'prefill.json'}, {out / 'prefill.png'}")
+    return payload
+
+
+def run_all(args) -> dict:
+    """Quick versions of every benchmark, each into ``<out>``."""
+    parser = argparse.ArgumentParser(prog="lacache")
+    add_parser(parser.add_subparsers(dest="command"))
+    common = ["--dtype", args.dtype, "--device", args.device, "--out", args.out]
+    if args.quiet:
+        common.append("--quiet")
+    model = (["--tiny"] if args.tiny else []) + (["--model", args.model] if args.model and not args.tiny else [])
+    plans = [
+        ["decode", "--tokens", "256", "--budget", "128", "--window", "64", *model],
+        ["stream", "--tokens", "5000" if args.tiny else "1000", "--budget", "128", *model],
+        ["prefill", "--tokens", "2048", "--budget", "256", "--prefill-chunk", "256", *model],
+        # last: its large synthetic caches would raise the RSS readings of the others
+        ["cache", "--budgets", "256,1024", "--layers", "30", "--steps", "256", "--ref-steps", "8", "--warmup", "8"],
+    ]
+    results = {}
+    for plan in plans:
+        sub = parser.parse_args(["bench", *plan, *common])
+        results[plan[0]] = run_cli(sub)
+    return results
+
+
+def run_cli(args) -> dict:
+    """Run the benchmark named by ``args.benchmark``; raises ``ValueError`` for bad options."""
+    runners = {"decode": lambda a: run_decode(a, write_memory=True), "memory": run_memory, "stream": run_stream,
+               "cache": run_cache, "prefill": run_prefill, "all": run_all}
+    return runners[args.benchmark](args)
