@@ -1,6 +1,7 @@
 """lacache: fixed-memory, ladder-shaped KV caches for Hugging Face transformers causal LMs."""
 
 from .cache import BoundedCache, H2OCache, KNormCache, LaCache, StreamingLLMCache, TOVACache
+from .hub_generate import generate
 from .ladder import default_span_overlap, ladder_geometry
 from .registry import METHODS, make_cache
 
@@ -17,6 +18,7 @@ __all__ = [
     "ladder_geometry",
     "load_model",
     "stream_generate",
+    "generate",
 ]
 
 __version__ = "0.1.0"
