@@ -73,7 +73,9 @@ class ReplayCache:
         }
         self.hybrid = hybrid or len(set(self.layer_types)) > 1
         # per layer: token index -> (key [kv, D] rotated to `position`, value [kv, D], position)
-        self.history: list[dict[int, tuple[torch.Tensor, torch.Tensor, int]]] = [{} for _ in range(self.num_layers)]
+        self.history: list[dict[int, tuple[torch.Tensor, torch.Tensor, int]]] = [
+            {} for _ in range(self.num_layers)
+        ]
         self.seen = 0
         self._kept: list[list[int]] | None = None
         self._positions: list[int] = []

@@ -218,3 +218,24 @@ def test_bf16_error_does_not_grow_over_2000_steps():
     assert c16.num_slots <= 64 and c16.seen == 2000
     assert late <= 1.5 * early + 1e-3, (early, late)
     assert errors.max() < 0.5
+
+
+@pytest.mark.parametrize("dtype_mode", ["stored", "read"])
+def test_positions_that_jump_stay_exact(dtype_mode):
+    """Stored keys follow the caller's positions even when they skip ahead between steps."""
+    model = tiny_llama("eager")
+    cache = LaCache.from_model(model, budget=40, sinks=2, chunk=8)  # jumps land between compactions
+    cache.rotation = dtype_mode  # force the path (float32 would pick "stored")
+    ids = torch.randint(0, 96, (60,), generator=torch.Generator().manual_seed(7))
+    ref = ReferenceStream(model, shift=True)
+    worst, position = 0.0, 0
+    for start, size in [(0, 30)] + [(30 + i, 1) for i in range(30)]:
+        piece = ids[start : start + size]
+        pos = torch.arange(position, position + size)
+        kept = kept_sets(cache)
+        with torch.no_grad():
+            out = model(input_ids=piece[None], position_ids=pos[None], cache=cache).logits[0]
+        worst = max(worst, (out - ref.step(piece, pos, kept)).abs().max().item())
+        position += size + 3 * (start % 2)  # a gap of 3 positions every other step
+    assert worst <= 1e-4
+    assert cache.rotation == dtype_mode

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from conftest import tiny_llama
 
 import lacache
+from conftest import tiny_llama
 from lacache import LaCache, StreamingLLMCache
 
 
@@ -19,7 +19,8 @@ def prompt():
 
 
 def _custom(model, ids, **kw):
-    return model.generate(ids, custom_generate=lacache.generate, max_new_tokens=60, do_sample=False, **kw)
+    kw = {"max_new_tokens": 60, "do_sample": False, **kw}
+    return model.generate(ids, custom_generate=lacache.generate, **kw)
 
 
 def test_tokens_equal_generate_with_cache(model, prompt):

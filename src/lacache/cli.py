@@ -82,12 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     pk.add_argument("--out", default="runs/passkey")
 
-    from . import bench_cli
+    from . import bench_cli, chat
     from .evaluation import longbench, ruler
 
     ruler.add_parser(tasks)
     longbench.add_parser(tasks)
     bench_cli.add_parser(sub)
+    chat.add_parser(sub)
     return parser
 
 
@@ -351,6 +352,10 @@ def main(argv: list[str] | None = None) -> int:
             run_eval_ppl(args)
         elif args.command == "eval" and args.task == "passkey":
             run_eval_passkey(args)
+        elif args.command == "chat":
+            from . import chat
+
+            chat.run_cli(args)
         elif args.command == "bench":
             from . import bench_cli
 
