@@ -505,6 +505,7 @@ class LaCache(BoundedCache):
         layout: str = "ladder",
         chunk: int | None = None,
         salient: int | float | None = 0.125,
+        salient_radius: int = 0,
     ) -> "LaCache":
         """Build a cache sized for ``model``.
 
@@ -522,6 +523,8 @@ class LaCache(BoundedCache):
                 tokens with the smallest key norms among those the ladder evicts, so multi-token facts
                 survive whole in every layer (see ``policies/salient.py``); default an eighth of the
                 budget; ``0``/``None``: the plain ladder of the reference schedule.
+            salient_radius: a slot's salience is the smallest key norm within this many slots of it,
+                so the pool keeps neighbours of salient tokens as well (multi-token facts).
         """
         num_layers, rotator = cls._validate_common(model, budget, sinks, positions)
         if span is None and overlap is None:
@@ -547,7 +550,10 @@ class LaCache(BoundedCache):
                 f"budget={budget} is too small for sinks={sinks} + window={window} + salient={pool} + one rung of "
                 f"{geometry.rung} slots: use budget >= {need}, or fewer sinks / a smaller window"
             )
-        policy = SalientLadderPolicy(geometry, sinks, window, pool) if pool else LadderPolicy(geometry, sinks, window)
+        if pool:
+            policy = SalientLadderPolicy(geometry, sinks, window, pool, salient_radius)
+        else:
+            policy = LadderPolicy(geometry, sinks, window)
         chunk = cls._resolve_chunk(chunk, budget, policy.min_target())
         return cls(
             num_layers=num_layers, budget=budget, policy=policy, rotator=rotator, positions=positions, chunk=chunk

@@ -23,8 +23,13 @@ __all__ = ["SalientLadderPolicy"]
 class SalientLadderPolicy(ScorePolicy):
     """Ladder over the non-pool slots plus a pool of ``pool`` lowest-key-norm evicted slots per layer."""
 
-    def __init__(self, geometry: LadderGeometry, sinks: int, window: int, pool: int):
+    def __init__(self, geometry: LadderGeometry, sinks: int, window: int, pool: int, radius: int = 0):
         super().__init__(geometry.num_layers, sinks, window)
+        if radius < 0:
+            raise ValueError(f"salient_radius={radius} must be >= 0; e.g. salient_radius=2")
+        # a slot's salience is the best key norm within ``radius`` slots of it, so the pool takes the
+        # neighbours of a salient token too (a number is several tokens)
+        self.radius = radius
         if pool < 1:
             raise ValueError(f"salient pool={pool} must be >= 1 slot; e.g. salient=budget // 8")
         self.geometry = geometry
@@ -70,7 +75,10 @@ class SalientLadderPolicy(ScorePolicy):
         candidate.scatter_(1, ladder_slots, True)
         candidate.scatter_(1, kept, False)
         take = min(self.pool, pooled + (n - pooled) - keep_rows.shape[0])
-        score = torch.where(candidate, -norms, torch.full_like(norms, float("-inf")))
+        salience = -norms
+        if self.radius:
+            salience = torch.nn.functional.max_pool1d(salience[:, None], 2 * self.radius + 1, 1, self.radius)[:, 0]
+        score = torch.where(candidate, salience, torch.full_like(norms, float("-inf")))
         chosen = score.topk(take, dim=-1).indices
         new_pool = torch.zeros_like(in_pool)
         new_pool.scatter_(1, chosen, True)
@@ -90,4 +98,5 @@ class SalientLadderPolicy(ScorePolicy):
     def describe(self) -> dict:
         g = self.geometry
         return {"policy": "ladder+salient", "sinks": self.sinks, "window": self.window, "span": g.span,
-                "overlap": g.overlap, "layout": g.layout, "rung": g.rung, "keep": g.keep, "salient": self.pool}
+                "overlap": g.overlap, "layout": g.layout, "rung": g.rung, "keep": g.keep, "salient": self.pool,
+                "salient_radius": self.radius}
