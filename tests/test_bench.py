@@ -208,3 +208,13 @@ def test_cli_writes_tables_files_and_plots(tmp_path, capsys):
         bench_cli.run_cli(_parse(["bench", "decode", "--methods", "nope", *tiny]))
     with pytest.raises(ValueError, match="bounded"):
         bench_cli.run_cli(_parse(["bench", "stream", "--method", "full", *tiny]))
+
+
+def test_cache_only_stream_is_flat_and_matches_the_formula():
+    from lacache.bench import bench_cache_stream, kv_bytes
+
+    result = bench_cache_stream(tokens=600, budget=64, layers=2, kv_heads=2, head_dim=16, interval=100)
+    assert [s["tokens"] for s in result["samples"]] == [100, 200, 300, 400, 500, 600]
+    assert result["verdict"]["flat"] and result["verdict"]["cache_bytes_ratio"] == 1.0
+    assert all(s["num_slots"] <= 64 for s in result["samples"])
+    assert result["final"]["cache_bytes"] == kv_bytes(2, 2, 16, 4, 64 + 64) == result["expected_cache_bytes"]

@@ -495,6 +495,77 @@ def bench_stream(
     return result
 
 
+def bench_cache_stream(
+    tokens: int = 1_000_000,
+    budget: int = 512,
+    layers: int = 30,
+    kv_heads: int = 3,
+    head_dim: int = 64,
+    method: str = "lacache",
+    interval: int | None = None,
+    tolerance: float = 0.01,
+    seed: int = 0,
+    on_sample: Callable[[dict], None] | None = None,
+) -> dict:
+    """``bench_stream`` without a model: ``tokens`` one-token updates of every layer with random K/V.
+
+    A million decode steps of even a tiny model take about an hour on a 2-core CPU (the model's own
+    per-call overhead), while the cache's memory behaviour only depends on the updates it receives;
+    this drives the cache the way decoding does (absolute positions, one token per step) at the
+    cache's own speed. Same samples and verdict as ``bench_stream``.
+    """
+    if tokens < 2:
+        raise ValueError(f"tokens={tokens} must be >= 2")
+    interval = max(100, tokens // 50) if interval is None else int(interval)
+    stand_in = CacheStandIn(layers, kv_heads=kv_heads, head_dim=head_dim)
+    cache = _build_cache(method, stand_in, budget)
+    if method == "reference":
+        raise ValueError("the stream benchmark needs a lacache cache; e.g. method='lacache'")
+    gen = torch.Generator().manual_seed(seed)
+    pool = 16
+    new_k = torch.randn(pool, 1, kv_heads, 1, head_dim, generator=gen)
+    new_v = torch.randn(pool, 1, kv_heads, 1, head_dim, generator=gen)
+    device = torch.device("cpu")
+    samples: list[dict] = []
+    reference = None
+    began = last_time = time.perf_counter()
+    last_tokens = 0
+    for produced in range(1, tokens + 1):
+        pos = torch.tensor([[produced - 1]])
+        k, v = new_k[produced % pool], new_v[produced % pool]
+        for layer in range(layers):
+            cache.update(k, v, layer, position_ids=pos)
+        if reference is None and cache.seen > cache.num_slots:
+            now = time.perf_counter()
+            reference = _stream_sample(cache, produced, now - began, produced, now - began, device)
+        if produced % interval and produced < tokens:
+            continue
+        now = time.perf_counter()
+        sample = _stream_sample(cache, produced, now - began, produced - last_tokens, now - last_time, device)
+        samples.append(sample)
+        if on_sample is not None:
+            on_sample(sample)
+        last_time, last_tokens = now, produced
+    final = samples[-1]
+    verdict: dict = {"tolerance": tolerance, "reference_tokens": reference and reference["tokens"],
+                     "final_tokens": final["tokens"]}
+    ok = reference is not None
+    for key in ("cache_bytes", "rss_bytes"):
+        if reference is not None and reference[key]:
+            ratio = final[key] / reference[key]
+            verdict[f"{key}_ratio"] = ratio
+            ok = ok and abs(ratio - 1) <= tolerance
+    verdict["flat"] = bool(ok)
+    return {
+        "method": method, "budget": budget, "tokens": tokens, "interval": interval, "driver": "cache-only",
+        "shape": {"layers": layers, "kv_heads": kv_heads, "head_dim": head_dim},
+        "cache": cache.describe(),
+        "expected_cache_bytes": kv_bytes(layers, kv_heads, head_dim, 4, budget + _headroom(cache)),
+        "tokens_per_s": tokens / (final["seconds"] or float("nan")),
+        "reference": reference, "final": final, "verdict": verdict, "samples": samples,
+    }
+
+
 def _dtype_bytes(model) -> int:
     return next(model.parameters()).element_size()
 

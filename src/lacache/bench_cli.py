@@ -81,6 +81,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     stream.add_argument("--temperature", type=float, default=0.0)
     stream.add_argument("--tolerance", type=float, default=0.01, help="allowed relative memory change (0.01 = 1%%)")
     stream.add_argument("--option", action="append", default=[], metavar="METHOD.KEY=VALUE")
+    stream.add_argument("--cache-only", action="store_true",
+                        help="drive the cache alone with random K/V (no model): a million steps in minutes")
+    stream.add_argument("--layers", type=_positive_int, default=30, help="with --cache-only")
+    stream.add_argument("--kv-heads", type=_positive_int, default=3, help="with --cache-only")
+    stream.add_argument("--head-dim", type=_positive_int, default=64, help="with --cache-only")
     _common(stream)
 
     cache = kinds.add_parser("cache", help="time per token inside cache.update (synthetic K/V, no model) vs the "
@@ -351,9 +356,12 @@ def run_stream(args) -> dict:
 
     if args.method == "full":
         raise ValueError("--method full has no bound; the stream benchmark needs a bounded cache, e.g. lacache")
-    tokens = args.tokens or (1_000_000 if args.tiny else 20_000)
-    model, tokenizer, desc = _load(args)
-    prompt = _token_ids(model, tokenizer, args.prompt_tokens, args.seed)
+    tokens = args.tokens or (1_000_000 if args.tiny or args.cache_only else 20_000)
+    if args.cache_only:
+        desc = f"cache only, {args.layers} layers x {args.kv_heads} KV heads x {args.head_dim} (float32, random K/V)"
+    else:
+        model, tokenizer, desc = _load(args)
+        prompt = _token_ids(model, tokenizer, args.prompt_tokens, args.seed)
     options = _method_options(args.option).get(args.method)
     _log(args, f"[bench stream] {desc}: {args.method}, budget {args.budget}, {tokens:,} tokens")
 
@@ -362,11 +370,21 @@ def run_stream(args) -> dict:
         _log(args, f"[bench stream] {s['tokens']:>10,} tokens: {s['tokens_per_s']:8.1f} tok/s, cache "
                    f"{s['cache_bytes'] / MB:.2f} MB, RSS {s['rss_bytes'] / MB:.1f} MB{cuda}, {s['num_slots']} slots")
 
-    result = bench.bench_stream(model, prompt, tokens, budget=args.budget, interval=args.interval,
-                                method=args.method, method_options=options, temperature=args.temperature,
-                                seed=args.seed, tolerance=args.tolerance, on_sample=progress)
-    device = next(model.parameters()).device
-    payload = {"benchmark": "stream", "model": desc, "dtype": args.dtype, **bench.model_geometry(model),
+    if args.cache_only:
+        import torch
+
+        result = bench.bench_cache_stream(tokens, args.budget, args.layers, args.kv_heads, args.head_dim,
+                                          method=args.method, interval=args.interval, tolerance=args.tolerance,
+                                          seed=args.seed, on_sample=progress)
+        device = torch.device("cpu")
+        geometry = result["shape"]
+    else:
+        result = bench.bench_stream(model, prompt, tokens, budget=args.budget, interval=args.interval,
+                                    method=args.method, method_options=options, temperature=args.temperature,
+                                    seed=args.seed, tolerance=args.tolerance, on_sample=progress)
+        device = next(model.parameters()).device
+        geometry = bench.model_geometry(model)
+    payload = {"benchmark": "stream", "model": desc, "dtype": args.dtype, **geometry,
                "environment": _environment(device), **result}
     out = Path(args.out)
     _write(out, "stream", result["samples"], payload)
