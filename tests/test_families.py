@@ -22,7 +22,6 @@ import torch
 import transformers as tf
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
-import lacache.rope
 from family_reference import ReplayCache, layer_inv_freqs
 from lacache import LaCache, StreamingLLMCache
 
@@ -78,12 +77,7 @@ FAMILIES = {
 }
 EAGER_ONLY = {"gemma2"}
 
-GEMMA3_REFUSED = (
-    "Gemma3RotaryEmbedding has no `inv_freq` (it holds `sliding_attention_inv_freq` and "
-    "`full_attention_inv_freq`), so lacache.rope.find_rotary_embedding returns None and from_model raises "
-    "'has no rotary position embedding'; needs one Rotator per layer type (see test_gemma3_* below)"
-)
-XFAIL = {"gemma3": GEMMA3_REFUSED}
+XFAIL: dict[str, str] = {}
 
 
 def build(family: str, attn: str = "sdpa", layers: int = 3, seed: int = 0, **overrides):
@@ -268,7 +262,8 @@ def test_replay_reference_detects_a_wrong_rotation():
     """Negative control: rotating cached keys with the wrong frequencies must show up in the replay comparison."""
     model = build("qwen3", "sdpa")
     cache = LaCache.from_model(model, budget=20, sinks=2, chunk=2)
-    cache.rotator.inv_freq = cache.rotator.inv_freq * 1.5
+    for rotator in {id(r): r for r in cache.rotators}.values():
+        rotator.inv_freq = rotator.inv_freq * 1.5
     assert replay_error(model, cache, stream(sum(PIECES), seed=3), PIECES) > 1e-2
 
 
@@ -282,60 +277,28 @@ def test_replay_reference_detects_a_missing_sliding_window():
 
 
 # ---------------------------------------------------------------------------------- Gemma 3 detail
-@pytest.fixture
-def rotary_found_by_full_inv_freq(monkeypatch):
-    """What lacache would do if find_rotary_embedding simply took Gemma 3's *global* (full-attention) frequencies."""
-    original = lacache.rope.find_rotary_embedding
-
-    def find(model):
-        rotary = original(model)
-        if rotary is None and hasattr(model.model.rotary_emb, "full_attention_inv_freq"):
-            return type("Global", (), {"inv_freq": model.model.rotary_emb.full_attention_inv_freq})()
-        return rotary
-
-    monkeypatch.setattr(lacache.rope, "find_rotary_embedding", find)
-
-
-def test_gemma3_has_two_rope_bases_and_is_refused():
-    """Current behaviour (documents the bug; replace by the xfail-ed checks passing once per-layer rotators exist)."""
+def test_gemma3_layers_get_their_own_rope_frequencies():
+    """Gemma 3 keeps local (sliding) and global frequencies; each layer's keys turn with its own."""
     model = build("gemma3", "sdpa")
     local, full, _ = layer_inv_freqs(model)  # sliding, full, sliding
     assert not torch.allclose(local, full)  # rope_theta 10k (local) vs 1M (global)
-    assert not hasattr(model.model.rotary_emb, "inv_freq")
-    with pytest.raises(ValueError, match="has no rotary position embedding"):
-        LaCache.from_model(model, budget=20)
-    # refused even without the position shift, which needs no rotation at all
-    with pytest.raises(ValueError, match="has no rotary position embedding"):
-        StreamingLLMCache.from_model(model, budget=20, positions="original")
+    cache = LaCache.from_model(model, budget=20, sinks=2, chunk=2)
+    assert torch.equal(cache.rotators[0].inv_freq, local) and torch.equal(cache.rotators[1].inv_freq, full)
+    assert cache.rotators[0] is cache.rotators[2]  # one table per layer type
 
 
 @pytest.mark.parametrize("window", [8, 32])
-@pytest.mark.usefixtures("rotary_found_by_full_inv_freq")
-def test_gemma3_mask_and_layers_are_exact_when_both_bases_agree(window):
-    """Same rope_theta for both layer types: one Rotator is right, and sliding layers are masked correctly."""
-    theta = {"rope_type": "default", "rope_theta": 10000.0}
-    model = build(
-        "gemma3",
-        "sdpa",
-        sliding_window=window,
-        rope_parameters={"sliding_attention": theta, "full_attention": dict(theta)},
-    )
+def test_gemma3_sliding_and_global_layers_are_exact(window):
+    # The window must reach keys a compaction moved (sinks, ladder rungs): a window inside the dense
+    # recent slots sees only keys whose net re-rotation is zero, whatever the frequencies.
+    model = build("gemma3", "sdpa", sliding_window=window)
     cache = LaCache.from_model(model, budget=20, sinks=2, chunk=2)
     assert replay_error(model, cache, stream(sum(PIECES), seed=3), PIECES) <= 1e-4
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "one Rotator (global inv_freq, rope_theta 1M) re-rotates the keys of the sliding_attention layers, "
-        "whose RoPE uses the local inv_freq (rope_theta 10k): keys moved by a compaction get the wrong relative "
-        "position in those layers"
-    ),
-)
-@pytest.mark.usefixtures("rotary_found_by_full_inv_freq")
-def test_gemma3_sliding_layers_need_the_local_inv_freq():
-    # The window must reach keys a compaction moved (sinks, ladder rungs): a window inside the dense
-    # recent slots sees only keys whose net re-rotation is zero, whatever the frequencies, and hides the bug.
+def test_gemma3_one_rotator_for_every_layer_would_be_wrong():
+    """Negative control: the global frequencies on the sliding layers must show up in the replay."""
     model = build("gemma3", "sdpa", sliding_window=32)
     cache = LaCache.from_model(model, budget=20, sinks=2, chunk=2)
-    assert replay_error(model, cache, stream(sum(PIECES), seed=3), PIECES) <= 1e-4
+    cache.rotators = [cache.rotators[1]] * len(cache.rotators)
+    assert replay_error(model, cache, stream(sum(PIECES), seed=3), PIECES) > 1e-2

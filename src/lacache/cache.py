@@ -34,7 +34,7 @@ from .observe import QueryObserver
 from .policies import LadderPolicy, SlotPolicy, StreamingPolicy
 from .policies.salient import SalientLadderPolicy
 from .policies.scores import H2OPolicy, KNormPolicy, ScorePolicy, TOVAPolicy, attention_probs
-from .rope import Rotator, check_supported_model
+from .rope import Rotator, check_supported_model, layer_rotators
 
 __all__ = ["BoundedCache", "LaCache", "StreamingLLMCache", "TOVACache", "H2OCache", "KNormCache", "POSITION_MODES"]
 
@@ -167,7 +167,7 @@ class SlotLayer(CacheLayerMixin):
 
     def _rotate_range(self, first: int, end: int, delta: torch.Tensor) -> None:
         """Turn stored keys of slots ``first:end`` by ``delta`` ([B or 1, end - first]) positions."""
-        rotator = self.owner.rotator
+        rotator = self.owner.rotators[self.layer_idx]
         cos, sin = rotator.angles(delta)
         self._k[:, :, first:end] = rotator.rotate(self._k[:, :, first:end], cos, sin)
 
@@ -294,7 +294,7 @@ class BoundedCache(Cache):
         num_layers: int,
         budget: int,
         policy: SlotPolicy,
-        rotator: Rotator | None,
+        rotator: Rotator | list[Rotator] | None,
         positions: str = "shift",
         chunk: int = 0,
     ):
@@ -304,7 +304,8 @@ class BoundedCache(Cache):
         self.chunk = int(chunk)
         self.policy = policy
         self.positions = positions
-        self.rotator = rotator
+        # one per layer (models mixing sliding and global layers use different RoPE frequencies)
+        self.rotators: list[Rotator] = rotator if isinstance(rotator, list) else [rotator] * num_layers
         self.seen = 0
         self._step: _Step | None = None
         self.observer: QueryObserver | None = None  # set for caches that need attention scores
@@ -313,7 +314,7 @@ class BoundedCache(Cache):
 
     # ----------------------------------------------------------------- construction helpers
     @staticmethod
-    def _validate_common(model: nn.Module, budget, sinks, positions) -> tuple[int, Rotator]:
+    def _validate_common(model: nn.Module, budget, sinks, positions) -> tuple[int, list[Rotator]]:
         if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
             raise ValueError(f"budget={budget!r} must be a positive number of slots per layer, e.g. budget=512")
         if not isinstance(sinks, int) or sinks < 0:
@@ -322,7 +323,7 @@ class BoundedCache(Cache):
             raise ValueError(f"positions={positions!r} must be one of {POSITION_MODES}; e.g. positions='shift'")
         rotary = check_supported_model(model, positions)
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        return int(config.num_hidden_layers), Rotator.from_module(rotary)
+        return int(config.num_hidden_layers), layer_rotators(model, rotary)
 
     @staticmethod
     def _resolve_chunk(chunk, budget: int, min_target: int) -> int:
@@ -429,16 +430,17 @@ class BoundedCache(Cache):
         if any(any(o) for o in off):
             step.new_delta = torch.tensor(off, dtype=torch.long)
 
-    def _angles(self, step: _Step, device: torch.device):
-        cached = step.angles.get(device)
+    def _angles(self, step: _Step, device: torch.device, rotator: Rotator):
+        key = (device, id(rotator))  # layers of one type share a rotator, hence one table per step
+        cached = step.angles.get(key)
         if cached is None:
             positions = step.positions.to(device)
-            cos_new, sin_new = self.rotator.angles(positions)
+            cos_new, sin_new = rotator.angles(positions)
             total = step.slots_before + step.query_length
             base = positions[:, -1:] - (total - 1)
             read = base + torch.arange(total, device=device)
-            cos_read, sin_read = self.rotator.angles(read)
-            cached = step.angles[device] = (cos_new, sin_new, cos_read, sin_read)
+            cos_read, sin_read = rotator.angles(read)
+            cached = step.angles[key] = (cos_new, sin_new, cos_read, sin_read)
         return cached
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -453,20 +455,21 @@ class BoundedCache(Cache):
             layer.lazy_initialization(key_states, value_states)
 
         mode = self._rotation(key_states)
+        rotator = self.rotators[layer_idx]
         if mode == "stored":
             if layer.frame is None:
                 layer.frame = list(step.frame)
             layer._settle(step.frame)
             if step.new_delta is not None:
-                cos, sin = self.rotator.angles(step.new_delta.to(key_states.device))
-                key_states = self.rotator.rotate(key_states, cos, sin)
+                cos, sin = rotator.angles(step.new_delta.to(key_states.device))
+                key_states = rotator.rotate(key_states, cos, sin)
             keys, values = layer.append(key_states, value_states)
             visible_keys = keys
         elif mode == "read":
-            cos_new, sin_new, cos_read, sin_read = self._angles(step, key_states.device)
-            key_states = self.rotator.rotate(key_states, cos_new, sin_new, inverse=True)
+            cos_new, sin_new, cos_read, sin_read = self._angles(step, key_states.device, rotator)
+            key_states = rotator.rotate(key_states, cos_new, sin_new, inverse=True)
             keys, values = layer.append(key_states, value_states)
-            visible_keys = self.rotator.rotate(keys, cos_read, sin_read)
+            visible_keys = rotator.rotate(keys, cos_read, sin_read)
         else:
             keys, values = layer.append(key_states, value_states)
             visible_keys = keys

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["Rotator", "find_rotary_embedding", "check_supported_model"]
+__all__ = ["Rotator", "find_rotary_embedding", "check_supported_model", "layer_rotators"]
 
 # RoPE variants whose frequencies change at run time with the sequence length: the cache cannot
 # re-rotate stored keys consistently with them.
@@ -31,12 +31,50 @@ def find_rotary_embedding(model: nn.Module) -> nn.Module | None:
     """The module holding the model's ``inv_freq`` (usually ``model.model.rotary_emb``)."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", model)
     rotary = getattr(decoder, "rotary_emb", None)
-    if rotary is not None and hasattr(rotary, "inv_freq"):
+    if rotary is not None and _frequencies(rotary):
         return rotary
     for _, module in model.named_modules():
-        if hasattr(module, "inv_freq") and isinstance(getattr(module, "inv_freq"), torch.Tensor):
+        if _frequencies(module):
             return module
     return None
+
+
+def _frequencies(module) -> dict[str, torch.Tensor]:
+    """``inv_freq`` tensors a rotary module holds: ``{"": inv_freq}`` or one per layer type.
+
+    Models mixing sliding-window and global layers (Gemma 3) keep one set of frequencies per layer
+    type, named ``<layer_type>_inv_freq`` (e.g. ``sliding_attention_inv_freq``).
+    """
+    found = {}
+    for name in dir(module) if isinstance(module, nn.Module) else ():
+        if name == "inv_freq" or name.endswith("_inv_freq"):
+            value = getattr(module, name, None)
+            if isinstance(value, torch.Tensor):
+                found[name[: -len("_inv_freq")] if name != "inv_freq" else ""] = value
+    return found
+
+
+def layer_rotators(model: nn.Module, rotary: nn.Module) -> list["Rotator"]:
+    """One ``Rotator`` per decoder layer, with the frequencies that layer's attention uses.
+
+    Layers of the same type share one ``Rotator`` (and so one cos/sin table per step).
+    """
+    config = _text_config(model.config)
+    frequencies = _frequencies(rotary)
+    layer_types = getattr(config, "layer_types", None) or ["" for _ in range(int(config.num_hidden_layers))]
+    shared: dict[str, Rotator] = {}
+    rotators = []
+    for layer_type in layer_types:
+        key = layer_type if layer_type in frequencies else ""
+        if key not in frequencies:
+            raise ValueError(
+                f"model={type(model).__name__}: no rotary frequencies for layer type {layer_type!r} "
+                f"(found {sorted(frequencies)}); lacache cannot re-position this model's keys"
+            )
+        if key not in shared:
+            shared[key] = Rotator(frequencies[key].detach().to(torch.float32).clone())
+        rotators.append(shared[key])
+    return rotators
 
 
 def _rope_type(config) -> str:
