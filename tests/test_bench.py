@@ -139,7 +139,7 @@ def test_reference_rotates_all_keys_to_slot_positions():
 
 
 def test_bench_cache_update_rows(tmp_path):
-    methods = ("lacache", "ladder", "ladder-step", "streaming", "reference")
+    methods = ("lacache", "lacache-salient", "ladder-step", "streaming", "reference")
     rows = bench_cache_update([64], [6], kv_heads=2, head_dim=16, methods=methods, positions=("absolute", "slots"),
                               steps=40, ref_steps=10, warmup=4)
     assert len(rows) == 4 * 2 + 1

@@ -240,7 +240,7 @@ def _parse(argv):
 
 def test_cli_parser_defaults_and_exclusive_sources():
     args = _parse(["--data", str(FIXTURE)])
-    assert args.methods == "full,streaming,ladder,lacache,tova,h2o" and args.budget == 1024
+    assert args.methods == "full,streaming,lacache,lacache-salient,tova,h2o" and args.budget == 1024
     assert args.prefill == "chunked" and args.prefill_chunk == 512 and args.max_length is None
     assert args.out == "runs/longbench" and not args.no_chat_template
     with pytest.raises(SystemExit):

@@ -56,7 +56,7 @@ __all__ = [
 
 DECODE_METHODS = ("full", "streaming", "lacache", "tova", "h2o")
 #: cache-update microbenchmark methods: our caches, and the reference strategy re-implemented
-CACHE_METHODS = ("lacache", "ladder", "ladder-step", "streaming", "reference")
+CACHE_METHODS = ("lacache", "lacache-salient", "ladder-step", "streaming", "reference")
 #: methods that compact at every step once full: each step costs the same, so few timed steps suffice
 EVERY_STEP_METHODS = ("reference", "ladder-step")
 MB = 2**20
@@ -580,8 +580,8 @@ def _build_cache(method: str, stand_in: CacheStandIn, budget: int, track_tokens:
     layers = stand_in.config.num_hidden_layers
     if method == "lacache":
         return LaCache.from_model(stand_in, budget=budget)
-    if method == "ladder":
-        return LaCache.from_model(stand_in, budget=budget, salient=0)
+    if method == "lacache-salient":
+        return LaCache.from_model(stand_in, budget=budget, salient=0.125)
     if method == "ladder-step":  # the reference's schedule exactly: no salient pool, compaction every step
         return LaCache.from_model(stand_in, budget=budget, salient=0, chunk=0)
     if method == "streaming":

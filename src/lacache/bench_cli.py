@@ -72,7 +72,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="plot the memory columns of an earlier decode.json instead of running")
 
     stream = kinds.add_parser("stream", help="continuous generation at constant memory, sampled at intervals")
-    stream.add_argument("--method", default="lacache", help="a bounded method (lacache, streaming, ladder, ...)")
+    stream.add_argument("--method", default="lacache", help="a bounded method (lacache, lacache-salient, streaming, ...)")
     stream.add_argument("--budget", type=_positive_int, default=512)
     stream.add_argument("--tokens", type=_positive_int, default=None,
                         help="tokens to generate (default 1,000,000 with --tiny, 20,000 otherwise)")

@@ -507,7 +507,7 @@ class LaCache(BoundedCache):
         positions: str = "shift",
         layout: str = "ladder",
         chunk: int | None = None,
-        salient: int | float | None = 0.125,
+        salient: int | float | None = None,
         salient_radius: int = 0,
     ) -> "LaCache":
         """Build a cache sized for ``model``.
@@ -524,8 +524,8 @@ class LaCache(BoundedCache):
                 default ``budget // 16`` (capped so a rung still fits).
             salient: slots per layer (an int) or a fraction of the budget (a float below 1) kept for the
                 tokens with the smallest key norms among those the ladder evicts, so multi-token facts
-                survive whole in every layer (see ``policies/salient.py``); default an eighth of the
-                budget; ``0``/``None``: the plain ladder of the reference schedule.
+                survive whole in every layer (see ``policies/salient.py``; registry method
+                ``lacache-salient`` uses an eighth of the budget); ``None``/0 (default): the ladder alone.
             salient_radius: a slot's salience is the smallest key norm within this many slots of it,
                 so the pool keeps neighbours of salient tokens as well (multi-token facts).
         """

@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     tasks = evaluate.add_subparsers(dest="task", required=True)
     ppl = tasks.add_parser("ppl", help="streaming perplexity: methods x budgets, teacher-forced")
     ppl.add_argument("--model", default=None, help="hub id or local path; default: bundled SmolLM2-135M-Instruct")
-    ppl.add_argument("--methods", default="full,streaming,ladder,lacache,tova,h2o,knorm")
+    ppl.add_argument("--methods", default="full,streaming,lacache,lacache-salient,tova,h2o,knorm")
     ppl.add_argument("--budgets", default="128,256,512")
     ppl.add_argument("--tokens", type=_positive_int, default=4000, help="tokens of text to evaluate")
     ppl.add_argument("--text-file", default=None, help="plain-text file (default: the bundled Paul Graham essays)")
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pk = tasks.add_parser("passkey", help="pass-key retrieval: depth x length heatmaps under a budget")
     pk.add_argument("--model", default=None)
-    pk.add_argument("--methods", default="full,streaming,ladder,lacache,tova,h2o,knorm")
+    pk.add_argument("--methods", default="full,streaming,lacache,lacache-salient,tova,h2o,knorm")
     pk.add_argument("--lengths", default="600,1100", help="prompt lengths in tokens")
     pk.add_argument("--depths", default="0,0.25,0.5,0.75,1")
     pk.add_argument("--seeds", type=_positive_int, default=2, help="trials per cell (different keys and filler)")

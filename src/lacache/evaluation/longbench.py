@@ -365,7 +365,7 @@ def summary_table(trials: Sequence[LongBenchTrial]) -> tuple[list[str], list[lis
 
 # --- command line (wired into ``lacache eval`` by cli.py) ---------------------------------------
 
-DEFAULT_METHODS = "full,streaming,ladder,lacache,tova,h2o"
+DEFAULT_METHODS = "full,streaming,lacache,lacache-salient,tova,h2o"
 SAMPLE_FIELDS = ("method", "dataset", "id", "length", "slots", "score", "seconds", "prediction", "answers")
 
 

@@ -57,7 +57,7 @@ TASKS = ("niah_multikey", "niah_multivalue", "variable_tracking", "common_words"
 #: variable_tracking 0.67 / 0.44, common_words 0.30 / 0.03 (about chance: the model cannot count).
 #: Past ~1,000 tokens the full cache itself fails most tasks, leaving nothing for a budget to lose.
 DEFAULT_LENGTHS = (500,)
-DEFAULT_METHODS = "full,streaming,ladder,lacache,tova,h2o"
+DEFAULT_METHODS = "full,streaming,lacache,lacache-salient,tova,h2o"
 #: Greedy tokens per answer: enough for the expected answer plus a little slack, no more (decoding
 #: dominates the cost of a trial on CPU).
 TASK_NEW_TOKENS = {"niah_multikey": 12, "niah_multivalue": 40, "variable_tracking": 30, "common_words": 60}
