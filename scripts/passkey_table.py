@@ -1,4 +1,7 @@
-"""Markdown table (method x depth, correct/trials) from a passkey.csv written by `lacache eval passkey`."""
+"""Markdown table (method x depth, correct/trials) from a passkey.csv written by `lacache eval passkey`.
+
+    python scripts/passkey_table.py passkey.csv [heatmap.png "title"]
+"""
 
 import csv
 import sys
@@ -20,5 +23,17 @@ def main(path: str) -> None:
         print(f"| {m} | " + " | ".join(f"{sum(p)}/{len(p)}" for p in parts) + f" | {total[0]}/{total[1]} |")
 
 
+def plot(path: str, out: str, title: str) -> None:
+    from lacache.evaluation.passkey import PasskeyTrial, plot_heatmaps
+
+    with open(path) as fh:
+        trials = [PasskeyTrial(r["method"], int(r["length"]), float(r["depth"]), int(r["seed"]),
+                               int(r["budget"]) if r["budget"] else None, r["key"], r["answer"],
+                               r["correct"] == "True", float(r["seconds"])) for r in csv.DictReader(fh)]
+    plot_heatmaps(trials, out, title)
+
+
 if __name__ == "__main__":
     main(sys.argv[1])
+    if len(sys.argv) > 2:
+        plot(sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "Pass key")
