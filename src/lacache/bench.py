@@ -26,6 +26,7 @@ from torch import nn
 from transformers.cache_utils import Cache
 
 from .cache import BoundedCache, LaCache, StreamingLLMCache
+from .generation import cache_bytes
 from .ladder import default_span_overlap, ladder_geometry
 from .memory import current_rss_bytes
 
@@ -79,18 +80,6 @@ def model_geometry(model: nn.Module) -> dict:
         "head_dim": int(head_dim),
         "trained_context": getattr(config, "max_position_embeddings", None),
     }
-
-
-def cache_bytes(cache: Cache) -> int:
-    """Bytes the cache holds for keys and values (a bounded cache's whole buffers; a full cache's tensors)."""
-    if isinstance(cache, BoundedCache):
-        return cache.memory_bytes()
-    total = 0
-    for layer in getattr(cache, "layers", []):
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
 
 
 def _slots(cache: Cache) -> int:

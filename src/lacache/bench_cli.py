@@ -147,22 +147,9 @@ def _ints(text: str, what: str) -> list[int]:
 
 
 def _method_options(items: list[str]) -> dict[str, dict]:
-    out: dict[str, dict] = {}
-    for item in items:
-        try:
-            target, value = item.split("=", 1)
-            method, key = target.split(".", 1)
-        except ValueError:
-            raise ValueError(f"--option {item!r} must look like METHOD.KEY=VALUE, e.g. lacache.span=9") from None
-        parsed: object = None if value in ("none", "None") else value
-        for cast in (int, float):
-            try:
-                parsed = cast(value)
-                break
-            except ValueError:
-                continue
-        out.setdefault(method, {})[key] = parsed
-    return out
+    from .cli import parse_method_options
+
+    return parse_method_options(items)
 
 
 def _device(name: str):

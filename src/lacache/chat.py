@@ -146,7 +146,7 @@ def _eos_ids(model, tokenizer) -> set[int]:
 
 
 def _stats_line(session: ChatSession) -> str:
-    from .generation import _cache_bytes, _slots
+    from .generation import _slots, cache_bytes
     from .memory import current_rss_bytes, peak_rss_bytes
 
     cache = session.cache
@@ -156,7 +156,7 @@ def _stats_line(session: ChatSession) -> str:
     seen = cache.get_seq_length() if seen is None else seen
     return (
         f"[stats] {session.method}: {_slots(cache)} slots/layer{budget} | {seen} tokens seen | "
-        f"cache {_cache_bytes(cache) / 2**20:.2f} MiB | RSS {rss / 2**20:.1f} MiB "
+        f"cache {cache_bytes(cache) / 2**20:.2f} MiB | RSS {rss / 2**20:.1f} MiB "
         f"(peak {max(rss, peak_rss_bytes()) / 2**20:.1f} MiB) | {sum(m['role'] == 'user' for m in session.messages)} turns"
     )
 
@@ -166,7 +166,7 @@ def run_cli(args, model=None, tokenizer=None) -> list[TurnRecord]:
     import torch
 
     from .cli import DTYPES
-    from .generation import _slots, stream_tokens
+    from .generation import IncrementalText, _slots, stream_tokens
 
     if model is None or tokenizer is None:
         from .models import load_model
@@ -207,8 +207,7 @@ def run_cli(args, model=None, tokenizer=None) -> list[TurnRecord]:
             continue
         ids = session.new_turn_ids(text)
         generated: list[int] = []
-        pending: list[int] = []
-        printed = ""
+        text_out = IncrementalText(tokenizer)
         for token_id in stream_tokens(
             model,
             torch.tensor([ids]),
@@ -222,16 +221,8 @@ def run_cli(args, model=None, tokenizer=None) -> list[TurnRecord]:
             generated.append(token_id)
             if token_id in eos:
                 continue
-            # decode a growing window so multi-byte characters and merges print correctly
-            pending.append(token_id)
-            shown = tokenizer.decode(pending, skip_special_tokens=True)
-            if shown.endswith("\ufffd"):
-                continue
-            out.write(shown[len(printed):])
+            out.write(text_out.feed(token_id))
             out.flush()
-            printed = shown
-            if len(pending) > 64:
-                pending, printed = [], ""
         out.write("\n")
         out.flush()
         turn_seed += 1  # a different sample per turn, reproducible from --seed

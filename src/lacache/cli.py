@@ -224,7 +224,7 @@ def _mb(num_bytes: int) -> str:
 def run_generate(args) -> dict:
     import torch
 
-    from .generation import StreamStats, stream_tokens
+    from .generation import IncrementalText, StreamStats, stream_tokens
     from .models import load_model
 
     torch.manual_seed(args.seed)
@@ -238,8 +238,7 @@ def run_generate(args) -> dict:
     if not args.quiet:
         print(args.prompt, file=sys.stderr)
         print("---", file=sys.stderr)
-    pending: list[int] = []
-    printed = ""
+    text_out = IncrementalText(tokenizer, skip_special_tokens=False)
     for token_id in stream_tokens(
         model,
         input_ids,
@@ -253,16 +252,8 @@ def run_generate(args) -> dict:
     ):
         if args.quiet:
             continue
-        # Decode a growing window so multi-byte characters and merges print correctly.
-        pending.append(token_id)
-        text = tokenizer.decode(pending, skip_special_tokens=False)
-        if text.endswith("\ufffd"):
-            continue
-        out.write(text[len(printed) :])
+        out.write(text_out.feed(token_id))
         out.flush()
-        printed = text
-        if len(pending) > 64:
-            pending, printed = [], ""
     if not args.quiet:
         out.write("\n")
     report = {

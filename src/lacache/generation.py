@@ -47,7 +47,8 @@ def next_positions(cache: Cache, q: int, device) -> torch.Tensor:
     return torch.arange(start, start + q, device=device)[None]
 
 
-def _cache_bytes(cache: Cache) -> int:
+def cache_bytes(cache: Cache) -> int:
+    """Bytes the cache holds for keys and values (a bounded cache's whole buffers; a full cache's tensors)."""
     if isinstance(cache, BoundedCache):
         return cache.memory_bytes()
     total = 0
@@ -56,6 +57,31 @@ def _cache_bytes(cache: Cache) -> int:
             if isinstance(t, torch.Tensor):
                 total += t.numel() * t.element_size()
     return total
+
+
+class IncrementalText:
+    """Turns a stream of token ids into printable text pieces.
+
+    Decodes a growing window so multi-byte characters and merges print correctly, holding back a
+    piece that ends in a partial character; the window restarts every 64 tokens to stay cheap.
+    """
+
+    def __init__(self, tokenizer, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.pending: list[int] = []
+        self.printed = ""
+
+    def feed(self, token_id: int) -> str:
+        self.pending.append(token_id)
+        text = self.tokenizer.decode(self.pending, skip_special_tokens=self.skip_special_tokens)
+        if text.endswith("\ufffd"):
+            return ""
+        piece = text[len(self.printed) :]
+        self.printed = text
+        if len(self.pending) > 64:
+            self.pending, self.printed = [], ""
+        return piece
 
 
 def _slots(cache: Cache) -> int:
@@ -138,10 +164,10 @@ def stream_tokens(
         out = model(input_ids=token.view(1, 1), position_ids=next_positions(cache, 1, device), cache=cache)
         logits = out.logits[:, -1]
         if produced % sample_every == 0:
-            stats.samples.append((produced, _cache_bytes(cache), current_rss_bytes()))
+            stats.samples.append((produced, cache_bytes(cache), current_rss_bytes()))
     stats.decode_seconds = time.perf_counter() - started
     stats.cache_slots = _slots(cache)
-    stats.cache_bytes = _cache_bytes(cache)
+    stats.cache_bytes = cache_bytes(cache)
     stats.peak_rss_bytes = peak_rss_bytes()
 
 
