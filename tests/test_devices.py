@@ -32,3 +32,23 @@ def test_every_layer_keeps_its_slots_on_its_own_device(build):
     assert cache.num_slots <= 32
     for layer, device in enumerate(DEVICES):
         assert cache.layers[layer].keys.device == device and cache.layers[layer].values.device == device
+
+
+def test_beam_search_reorders_rows_consistently():
+    """Beams reorder and repeat rows (reorder_cache, batch_repeat_interleave): with a budget above
+    the length LaCache must give DynamicCache's beams exactly, and under eviction it must still run."""
+    from transformers import DynamicCache
+
+    from conftest import tiny_llama
+
+    model = tiny_llama("eager")
+    ids = torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(5))
+    kwargs = dict(max_new_tokens=20, num_beams=3, do_sample=False, early_stopping=False)
+    expected = model.generate(ids, cache=DynamicCache(config=model.config), **kwargs)
+    got = model.generate(ids, cache=LaCache.from_model(model, budget=64, sinks=2), **kwargs)
+    assert torch.equal(got, expected)
+    cache = LaCache.from_model(model, budget=16, sinks=2)
+    out = model.generate(ids, cache=cache, **kwargs)
+    assert out.shape == (1, 32) and cache.num_slots <= 16
+    frames = cache.layers[0].frame  # one per beam, all at the same positions
+    assert len(frames) == 3 and len(set(frames)) == 1
