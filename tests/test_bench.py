@@ -216,5 +216,8 @@ def test_cache_only_stream_is_flat_and_matches_the_formula():
     result = bench_cache_stream(tokens=600, budget=64, layers=2, kv_heads=2, head_dim=16, interval=100)
     assert [s["tokens"] for s in result["samples"]] == [100, 200, 300, 400, 500, 600]
     assert result["verdict"]["flat"] and result["verdict"]["cache_bytes_ratio"] == 1.0
+    # the reference is the reading right after the first compaction was applied, one token past the overflow
+    assert result["filled"]["tokens"] == 65 and result["reference"]["tokens"] == 66
+    assert result["verdict"]["filled_tokens"] == 65 and "rss_bytes_ratio_vs_filled" in result["verdict"]
     assert all(s["num_slots"] <= 64 for s in result["samples"])
     assert result["final"]["cache_bytes"] == kv_bytes(2, 2, 16, 4, 64 + 64) == result["expected_cache_bytes"]

@@ -190,3 +190,23 @@ def test_plan_rejects_target_without_room_for_a_rung():
     g = ladder_geometry(4, 2, 0)
     with pytest.raises(ValueError, match="target"):
         ladder_plan(g, 40, 2, 6, 2, 4)
+
+
+@pytest.mark.parametrize("layers,budget,chunk", [(4, 64, 8), (30, 256, 16), (6, 40, 1)])
+def test_ladder_policy_plans_the_whole_cycle_at_the_first_compaction(layers, budget, chunk):
+    """After the first steady compaction no plan is built; every memoised plan is the one ladder_plan gives."""
+    from lacache.policies.ladder import LadderPolicy
+
+    span, overlap = default_span_overlap(layers)
+    geometry = ladder_geometry(layers, span, overlap)
+    policy = LadderPolicy(geometry, sinks=4, window=budget // 4)
+    n, target = budget + 1, budget - chunk
+    policy.plan(n, target)
+    planned = len(policy._plans)
+    cursor = policy.cursor
+    for _ in range(500):
+        expected = ladder_plan(geometry, n, cursor, target, 4, budget // 4)
+        got = policy.plan(n, target)
+        assert np.array_equal(got.index, expected.index) and got.cursor == expected.cursor
+        cursor = got.cursor
+    assert len(policy._plans) == planned

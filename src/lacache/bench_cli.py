@@ -393,10 +393,15 @@ def run_stream(args) -> dict:
                                                             ("RSS", "rss_bytes_ratio"),
                                                             ("CUDA allocated", "cuda_allocated_bytes_ratio"))
                  if key in v]
-        print(f"verdict: memory after {v['final_tokens']:,} tokens vs after the first full cache ({ref['tokens']:,} "
-              f"tokens): {', '.join(parts)} -> {'FLAT' if v['flat'] else 'NOT FLAT'} "
+        filled = [f"{name} x{v[key]:.4f}" for name, key in (("cache bytes", "cache_bytes_ratio_vs_filled"),
+                                                             ("RSS", "rss_bytes_ratio_vs_filled"),
+                                                             ("CUDA allocated", "cuda_allocated_bytes_ratio_vs_filled"))
+                  if key in v]
+        print(f"verdict: memory after {v['final_tokens']:,} tokens vs once the first compaction was applied "
+              f"({ref['tokens']:,} tokens): {', '.join(parts)} -> {'FLAT' if v['flat'] else 'NOT FLAT'} "
               f"(tolerance {100 * v['tolerance']:g}%); cache {result['final']['cache_bytes']:,} B, expected "
               f"kv_bytes(budget + headroom) = {result['expected_cache_bytes']:,} B")
+        print(f"         vs the first overflow, before any compaction ({v['filled_tokens']:,} tokens): {', '.join(filled)}")
     _log(args, f"[bench] wrote {out / 'stream.csv'}, {out / 'stream.json'}, {out / 'stream.png'}")
     return payload
 
