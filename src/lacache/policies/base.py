@@ -28,5 +28,11 @@ class SlotPolicy(ABC):
     def reset(self) -> None:
         """Forget per-stream state (a new sequence starts)."""
 
+    def fork(self) -> "SlotPolicy":
+        """An independent copy carrying this stream's state (beam search repeating a sequence)."""
+        import copy
+
+        return copy.deepcopy(self)
+
     def describe(self) -> dict:
         return {"policy": type(self).__name__, "sinks": self.sinks}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 from ..ladder import CompactionPlan, LadderGeometry, ladder_plan
 from .base import SlotPolicy
 
@@ -50,6 +52,10 @@ class LadderPolicy(SlotPolicy):
 
     def reset(self) -> None:
         self.cursor = self.sinks
+
+    def fork(self) -> "SlotPolicy":
+        """A copy with this stream's cursor; the memoised plans are pure, so both share them."""
+        return copy.copy(self)
 
     def describe(self) -> dict:
         g = self.geometry

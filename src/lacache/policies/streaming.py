@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 from ..ladder import CompactionPlan, window_plan
 from .base import SlotPolicy
 
@@ -21,3 +23,7 @@ class StreamingPolicy(SlotPolicy):
             if n <= 2 * target + 64 and len(self._plans) < 4096:  # one-off prefill plans are not kept
                 self._plans[key] = plan
         return plan
+
+    def fork(self) -> "SlotPolicy":
+        """A copy for another sequence; the memoised plans are pure, so both share them."""
+        return copy.copy(self)
