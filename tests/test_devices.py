@@ -52,3 +52,25 @@ def test_beam_search_reorders_rows_consistently():
     assert out.shape == (1, 32) and cache.num_slots <= 16
     frames = cache.layers[0].frame  # one per beam, all at the same positions
     assert len(frames) == 3 and len(set(frames)) == 1
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float16, 0.05), (torch.bfloat16, 0.3)])
+def test_half_precision_caches_keep_their_dtype_and_track_float32(dtype, tolerance):
+    """fp16/bf16: storage in the model's dtype, rotation on read (each key rounded once), memory by the
+    formula with 2-byte elements, and logits under eviction close to the same cache in float32."""
+    from conftest import tiny_llama
+
+    ids = torch.randint(0, 96, (1, 40), generator=torch.Generator().manual_seed(9))
+    kwargs = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, output_logits=True,
+                  return_dict_in_generate=True)
+    fp32 = tiny_llama("sdpa")
+    half = tiny_llama("sdpa", dtype=dtype)
+    c32, c16 = LaCache.from_model(fp32, budget=32, sinks=2), LaCache.from_model(half, budget=32, sinks=2)
+    want = fp32.generate(ids, cache=c32, **kwargs)
+    got = half.generate(ids, cache=c16, **kwargs)
+    assert c16.rotation == "read" and c32.rotation == "stored"
+    assert all(layer.keys.dtype == dtype and layer.values.dtype == dtype for layer in c16.layers)
+    assert c16.memory_bytes() == 2 * 4 * 2 * 16 * 2 * (32 + 64)  # layers, kv heads, head_dim, 2 bytes
+    assert c16.num_slots <= 32 and c16.seen == c32.seen
+    first = (got.logits[0].float() - want.logits[0]).abs().max().item()
+    assert first <= tolerance, first

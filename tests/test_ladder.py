@@ -210,3 +210,21 @@ def test_ladder_policy_plans_the_whole_cycle_at_the_first_compaction(layers, bud
         assert np.array_equal(got.index, expected.index) and got.cursor == expected.cursor
         cursor = got.cursor
     assert len(policy._plans) == planned
+
+
+def test_ladder_policy_memo_stays_under_its_byte_cap_and_stays_correct():
+    """80 layers x 4,096 slots: each plan is 2.6 MB, so only part of the cycle is memoised."""
+    from lacache.policies import ladder as ladder_policy
+
+    layers, budget, chunk = 80, 4096, 256
+    geometry = ladder_geometry(layers, *default_span_overlap(layers))
+    policy = ladder_policy.LadderPolicy(geometry, sinks=4, window=budget // 4)
+    n, target = budget + 1, budget - chunk
+    cursor = policy.cursor
+    for _ in range(60):
+        expected = ladder_plan(geometry, n, cursor, target, 4, budget // 4)
+        got = policy.plan(n, target)
+        assert np.array_equal(got.index, expected.index) and got.cursor == expected.cursor
+        cursor = got.cursor
+    held = sum(plan.index.nbytes for plan in policy._plans.values())
+    assert 0 < held <= ladder_policy._MEMO_BYTES and held == policy._memo_bytes

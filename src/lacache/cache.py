@@ -422,7 +422,8 @@ class BoundedCache(Cache):
     # ----------------------------------------------------------------- left-padded batches
     def _spawn(self) -> "BoundedCache":
         """A fresh single-row cache with this cache's settings (a sequence of a padded batch)."""
-        return BoundedCache(num_layers=len(self.layers), budget=self.budget, policy=copy.deepcopy(self.policy),
+        # the policy is fresh (a stream's first forward); fork() shares memoised plans between rows
+        return BoundedCache(num_layers=len(self.layers), budget=self.budget, policy=self.policy.fork(),
                             rotator=self.rotators, positions=self.positions, chunk=self.chunk)
 
     def _twin(self) -> "BoundedCache":

@@ -7,7 +7,11 @@ import copy
 from ..ladder import CompactionPlan, LadderGeometry, ladder_plan
 from .base import SlotPolicy
 
-_MEMO_LIMIT = 4096  # plans kept per policy; a steady stream visits a few dozen
+# Memoised plans per policy: a steady stream visits a few dozen, each an int64 [layers, slots] index
+# (30 layers x 512 slots: 123 KB). Past the byte cap (e.g. 80 layers x 4,096 slots, 2.6 MB a plan)
+# plans are rebuilt instead, a few ms once per compaction (every `chunk` tokens).
+_MEMO_LIMIT = 4096
+_MEMO_BYTES = 32 * 2**20
 
 
 class LadderPolicy(SlotPolicy):
@@ -26,6 +30,7 @@ class LadderPolicy(SlotPolicy):
         self.cursor = sinks
         self._plans: dict[tuple[int, int, int], CompactionPlan] = {}
         self._cycles: set[tuple[int, int]] = set()
+        self._memo_bytes = 0
 
     def min_target(self) -> int:
         return self.sinks + self.window + self.geometry.rung - 1
@@ -35,8 +40,7 @@ class LadderPolicy(SlotPolicy):
         plan = self._plans.get(key)
         if plan is None:
             plan = ladder_plan(self.geometry, n, self.cursor, target, self.sinks, self.window)
-            if n <= 2 * target + 64 and len(self._plans) < _MEMO_LIMIT:  # one-off prefill plans are not kept
-                self._plans[key] = plan
+            if n <= 2 * target + 64 and self._keep(key, plan):  # one-off prefill plans are not kept
                 if (n, target) not in self._cycles:
                     self._cycles.add((n, target))
                     self._plan_cycle(n, plan.cursor, target)
@@ -45,10 +49,19 @@ class LadderPolicy(SlotPolicy):
 
     def _plan_cycle(self, n: int, cursor: int, target: int) -> None:
         """Memoise the plans of every cursor a stream of ``n -> target`` compactions visits from ``cursor``."""
-        while (n, cursor, target) not in self._plans and len(self._plans) < _MEMO_LIMIT:
+        while (n, cursor, target) not in self._plans:
             plan = ladder_plan(self.geometry, n, cursor, target, self.sinks, self.window)
-            self._plans[(n, cursor, target)] = plan
+            if not self._keep((n, cursor, target), plan):
+                return
             cursor = plan.cursor
+
+    def _keep(self, key: tuple[int, int, int], plan: CompactionPlan) -> bool:
+        size = plan.index.nbytes
+        if len(self._plans) >= _MEMO_LIMIT or self._memo_bytes + size > _MEMO_BYTES:
+            return False
+        self._plans[key] = plan
+        self._memo_bytes += size
+        return True
 
     def reset(self) -> None:
         self.cursor = self.sinks
