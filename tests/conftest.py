@@ -38,3 +38,15 @@ def tiny_llama(attn: str = "sdpa", layers: int = 4, seed: int = 0, dtype=torch.f
 @pytest.fixture(params=["sdpa", "eager"])
 def attn(request):
     return request.param
+
+
+def generate_like_full_cache(model, ids, cache, max_new_tokens: int = 24) -> tuple[bool, float]:
+    """Greedy generate with ``cache`` and with a DynamicCache: (same tokens?, worst |logit diff|)."""
+    from transformers import DynamicCache
+
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        full = model.generate(ids, cache=DynamicCache(config=model.config), **kwargs)
+        ours = model.generate(ids, cache=cache, **kwargs)
+    worst = max((a - b).abs().max().item() for a, b in zip(full.logits, ours.logits))
+    return torch.equal(full.sequences, ours.sequences), worst

@@ -192,23 +192,28 @@ def test_plan_rejects_target_without_room_for_a_rung():
         ladder_plan(g, 40, 2, 6, 2, 4)
 
 
-@pytest.mark.parametrize("layers,budget,chunk", [(4, 64, 8), (30, 256, 16), (6, 40, 1)])
-def test_ladder_policy_plans_the_whole_cycle_at_the_first_compaction(layers, budget, chunk):
-    """After the first steady compaction no plan is built; every memoised plan is the one ladder_plan gives."""
+def _steady_policy_plans(layers: int, budget: int, chunk: int, steps: int, warm: bool):
+    """Drive a LadderPolicy through ``steps`` steady compactions, checking each plan against ladder_plan."""
     from lacache.policies.ladder import LadderPolicy
 
-    span, overlap = default_span_overlap(layers)
-    geometry = ladder_geometry(layers, span, overlap)
+    geometry = ladder_geometry(layers, *default_span_overlap(layers))
     policy = LadderPolicy(geometry, sinks=4, window=budget // 4)
     n, target = budget + 1, budget - chunk
-    policy.plan(n, target)
-    planned = len(policy._plans)
-    cursor = policy.cursor
-    for _ in range(500):
+    if warm:
+        policy.plan(n, target)
+    planned, cursor = len(policy._plans), policy.cursor
+    for _ in range(steps):
         expected = ladder_plan(geometry, n, cursor, target, 4, budget // 4)
         got = policy.plan(n, target)
         assert np.array_equal(got.index, expected.index) and got.cursor == expected.cursor
         cursor = got.cursor
+    return policy, planned
+
+
+@pytest.mark.parametrize("layers,budget,chunk", [(4, 64, 8), (30, 256, 16), (6, 40, 1)])
+def test_ladder_policy_plans_the_whole_cycle_at_the_first_compaction(layers, budget, chunk):
+    """After the first steady compaction no plan is built; every memoised plan is the one ladder_plan gives."""
+    policy, planned = _steady_policy_plans(layers, budget, chunk, steps=500, warm=True)
     assert len(policy._plans) == planned
 
 
@@ -216,15 +221,6 @@ def test_ladder_policy_memo_stays_under_its_byte_cap_and_stays_correct():
     """80 layers x 4,096 slots: each plan is 2.6 MB, so only part of the cycle is memoised."""
     from lacache.policies import ladder as ladder_policy
 
-    layers, budget, chunk = 80, 4096, 256
-    geometry = ladder_geometry(layers, *default_span_overlap(layers))
-    policy = ladder_policy.LadderPolicy(geometry, sinks=4, window=budget // 4)
-    n, target = budget + 1, budget - chunk
-    cursor = policy.cursor
-    for _ in range(60):
-        expected = ladder_plan(geometry, n, cursor, target, 4, budget // 4)
-        got = policy.plan(n, target)
-        assert np.array_equal(got.index, expected.index) and got.cursor == expected.cursor
-        cursor = got.cursor
+    policy, _ = _steady_policy_plans(80, 4096, 256, steps=60, warm=False)
     held = sum(plan.index.nbytes for plan in policy._plans.values())
     assert 0 < held <= ladder_policy._MEMO_BYTES and held == policy._memo_bytes

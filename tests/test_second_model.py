@@ -3,9 +3,8 @@
 import importlib.util
 
 import pytest
-import torch
-from transformers import DynamicCache
 
+from conftest import generate_like_full_cache
 from lacache import LaCache, load_model
 from lacache.models import SECOND_GGUF_PACKAGE, SECOND_MODEL_NAME
 from test_families import kept_sets, replay_error
@@ -35,12 +34,8 @@ def test_it_is_gemma3_with_sliding_and_global_layers(gemma):
 def test_large_budget_generates_exactly_like_the_full_cache(gemma):
     model, tokenizer = gemma
     ids = tokenizer("The history of the lighthouse begins", return_tensors="pt")["input_ids"]
-    kwargs = dict(max_new_tokens=12, do_sample=False, output_logits=True, return_dict_in_generate=True)
-    with torch.no_grad():
-        full = model.generate(ids, cache=DynamicCache(config=model.config), **kwargs)
-        ours = model.generate(ids, cache=LaCache.from_model(model, budget=128), **kwargs)
-    assert torch.equal(full.sequences, ours.sequences)
-    assert max((a - b).abs().max().item() for a, b in zip(full.logits, ours.logits)) <= 1e-4
+    same, worst = generate_like_full_cache(model, ids, LaCache.from_model(model, budget=128), max_new_tokens=12)
+    assert same and worst <= 1e-4, worst
 
 
 def test_eviction_matches_the_replay_reference(gemma):
