@@ -142,5 +142,25 @@ def test_first_real_and_layout_mask():
         first_real([[1], [0]], [True, True])  # padding after real tokens, in a later forward
     mask = layout_mask([3, 1, 0], torch.tensor([[1, 1], [0, 1], [1, 1]]))
     assert mask.tolist() == [[True, True, True, True, True],
-                             [True, False, False, False, True],
+                             [False, False, True, False, True],
                              [False, False, False, True, True]]
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma3"])
+def test_padded_batches_with_sliding_window_layers_equal_rows_alone(family):
+    """A sliding window counts columns back from the query, so each row's slots must end right
+    before the new tokens (right-aligned), as they sit alone."""
+    from test_families import build
+
+    model = build(family, "eager", sliding_window=6)
+    model.generation_config.eos_token_id = None
+    prompts, ids, mask = _batch()
+    prompts = [p % 90 + 3 for p in prompts]
+    ids = torch.where(mask.bool(), ids % 90 + 3, ids)
+    make = lambda: LaCache.from_model(model, budget=24, sinks=2)  # noqa: E731
+    out = model.generate(ids, attention_mask=mask, cache=make(), **GREEDY)
+    for b, prompt in enumerate(prompts):
+        alone = model.generate(prompt[None], cache=make(), **GREEDY)
+        assert torch.equal(out.sequences[b, ids.shape[1]:], alone.sequences[0, len(prompt):]), f"row {b}"
+        worst = max((got[b] - want[0]).abs().max().item() for got, want in zip(out.logits, alone.logits))
+        assert worst <= 1e-4, f"row {b}: logits differ by {worst}"

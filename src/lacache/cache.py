@@ -499,9 +499,11 @@ class BoundedCache(Cache):
                 row.observer.start = start
             keys, values = row.update(key_states[b : b + 1, :, start:], value_states[b : b + 1, :, start:],
                                       layer_idx, position_ids=pos)
+            # right-aligned: the row's slots end where the new tokens begin, as they do alone, so
+            # masks that count columns back from the query (sliding windows) see what they see alone
             held = keys.shape[-2] - (q - start)
-            out_k[b, :, :held] = keys[0, :, :held]
-            out_v[b, :, :held] = values[0, :, :held]
+            out_k[b, :, width - held : width] = keys[0, :, :held]
+            out_v[b, :, width - held : width] = values[0, :, :held]
             out_k[b, :, width + start :] = keys[0, :, held:]
             out_v[b, :, width + start :] = values[0, :, held:]
         return out_k, out_v

@@ -6,8 +6,10 @@ padded layout as one block is wrong (a ladder applied to pad slots moves real to
 the mask then hides, and the padding mask transformers builds from the 2D ``attention_mask``
 assumes every row still holds its pads at the front). So a bounded cache that sees padding keeps
 one single-row cache per sequence, holding only that sequence's real tokens, and hands attention
-a *layout*: row ``b``'s held slots first, then unused columns, then this forward's new tokens at
-columns shared by every row (so causality among them is the plain causal mask).
+a *layout*: a left-padded batch of the rows' caches (unused columns, then row ``b``'s held slots),
+then this forward's new tokens at columns shared by every row. Causality among the new tokens is
+the plain causal mask, and each row's slots end right before its new tokens, as they do alone, so
+masks that count columns back from the query (sliding windows) see what they see alone.
 
 transformers derives the padding part of the mask from the 2D ``attention_mask``, which describes
 the original padded sequences, not this layout. A forward pre-hook on the decoder replaces it with
@@ -47,12 +49,12 @@ def first_real(new_valid: Sequence[Sequence[int]], started: Sequence[bool]) -> l
 
 
 def layout_mask(held: Sequence[int], new_mask: torch.Tensor) -> torch.Tensor:
-    """The 2D mask of the layout attention sees: row ``b``'s ``held[b]`` slots, unused columns up to
-    ``max(held)``, then the new tokens' own mask columns ``new_mask`` ([B, q])."""
+    """The 2D mask of the layout attention sees: ``max(held) - held[b]`` unused columns, row ``b``'s
+    ``held[b]`` slots, then the new tokens' own mask columns ``new_mask`` ([B, q])."""
     width = max(held) if held else 0
     device = new_mask.device
     columns = torch.arange(width, device=device)[None, :]
-    kept = columns < torch.tensor(list(held), device=device)[:, None]
+    kept = columns >= width - torch.tensor(list(held), device=device)[:, None]
     return torch.cat([kept, new_mask.to(torch.bool)], dim=1)
 
 
