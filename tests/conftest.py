@@ -50,3 +50,17 @@ def generate_like_full_cache(model, ids, cache, max_new_tokens: int = 24) -> tup
         ours = model.generate(ids, cache=cache, **kwargs)
     worst = max((a - b).abs().max().item() for a, b in zip(full.logits, ours.logits))
     return torch.equal(full.sequences, ours.sequences), worst
+
+
+def bundled_tokenizer_and_tiny_model(layers: int = 4):
+    """The bundled model's tokenizer (chat template included) and a tiny random Llama over its vocabulary;
+    skips the test if the bundled model package is missing."""
+    from transformers import AutoTokenizer
+
+    from lacache.models import default_model_dir
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+    return tokenizer, tiny_llama(layers=layers, vocab_size=len(tokenizer))

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import tiny_llama
+from conftest import bundled_tokenizer_and_tiny_model
 from lacache import chat, generation
 
 STATS = re.compile(r"\[stats\] (\w+): (\d+) slots/layer(?: \(budget (\d+)\))? \| (\d+) tokens seen \| cache ([\d.]+) MiB")
@@ -15,16 +15,9 @@ STATS = re.compile(r"\[stats\] (\w+): (\d+) slots/layer(?: \(budget (\d+)\))? \|
 
 @pytest.fixture(scope="module")
 def tok_and_model():
-    from transformers import AutoTokenizer
-
-    from lacache.models import default_model_dir
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
-    except FileNotFoundError as err:  # the bundled model package is missing
-        pytest.skip(str(err))
+    tokenizer, model = bundled_tokenizer_and_tiny_model()
     assert tokenizer.chat_template
-    return tokenizer, tiny_llama(layers=4, vocab_size=len(tokenizer))
+    return tokenizer, model
 
 
 def _run(monkeypatch, capsys, lines, tok_and_model, *argv):

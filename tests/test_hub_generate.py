@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import lacache
-from conftest import tiny_llama
+from conftest import bundled_tokenizer_and_tiny_model, tiny_llama
 from lacache import LaCache, StreamingLLMCache
 
 
@@ -16,6 +16,20 @@ def model():
 @pytest.fixture(scope="module")
 def prompt():
     return torch.randint(0, 96, (1, 40), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture
+def built(monkeypatch):
+    """Every cache lacache.generate builds during the test, in order."""
+    caches = []
+    real = lacache.hub_generate.make_cache
+
+    def spy(*args, **kwargs):
+        caches.append(real(*args, **kwargs))
+        return caches[-1]
+
+    monkeypatch.setattr(lacache.hub_generate, "make_cache", spy)
+    return caches
 
 
 def _custom(model, ids, **kw):
@@ -42,15 +56,7 @@ def test_bounded_cache_changes_the_output(model, prompt):
     assert not torch.equal(_custom(model, prompt, lacache_budget=32), full)
 
 
-def test_fresh_cache_per_call(model, prompt, monkeypatch):
-    built = []
-    real = lacache.hub_generate.make_cache
-
-    def spy(*args, **kwargs):
-        built.append(real(*args, **kwargs))
-        return built[-1]
-
-    monkeypatch.setattr(lacache.hub_generate, "make_cache", spy)
+def test_fresh_cache_per_call(model, prompt, built):
     first = _custom(model, prompt, lacache_budget=32)
     second = _custom(model, prompt, lacache_budget=32)
     assert torch.equal(first, second)
@@ -125,30 +131,16 @@ def test_hub_folder_contract(model, prompt, tmp_path):
 
 @pytest.fixture(scope="module")
 def chat_pipe():
-    from transformers import AutoTokenizer, pipeline
+    from transformers import pipeline
 
-    from lacache.models import default_model_dir
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
-    except FileNotFoundError as err:  # the bundled model package is missing
-        pytest.skip(str(err))
-    tiny = tiny_llama(layers=4, vocab_size=len(tokenizer))
+    tokenizer, tiny = bundled_tokenizer_and_tiny_model()
     tiny.generation_config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
     tiny.generation_config.eos_token_id = None  # random weights: never stop early, so budgets matter
     return pipeline("text-generation", model=tiny, tokenizer=tokenizer), tiny, tokenizer
 
 
-def test_pipeline_fresh_cache_per_prompt(chat_pipe, monkeypatch):
+def test_pipeline_fresh_cache_per_prompt(chat_pipe, built):
     pipe, tiny, tokenizer = chat_pipe
-    built = []
-    real = lacache.hub_generate.make_cache
-
-    def spy(*args, **kwargs):
-        built.append(real(*args, **kwargs))
-        return built[-1]
-
-    monkeypatch.setattr(lacache.hub_generate, "make_cache", spy)
     settings = dict(custom_generate=lacache.generate, lacache_budget=64, max_new_tokens=80, do_sample=False)
     first, second = "The lighthouse keeper " * 12, "A map of the islands"
     alone = pipe(second, **settings)[0]["generated_text"]
@@ -162,12 +154,9 @@ def test_pipeline_fresh_cache_per_prompt(chat_pipe, monkeypatch):
     assert tokenizer.decode(out[0], skip_special_tokens=True) == alone
 
 
-def test_pipeline_batches_left_padded_prompts_exactly(chat_pipe, monkeypatch):
+def test_pipeline_batches_left_padded_prompts_exactly(chat_pipe, built):
     """batch_size=2 pads the shorter prompt; each output must equal that prompt run alone."""
     pipe, tiny, tokenizer = chat_pipe
-    built = []
-    real = lacache.hub_generate.make_cache
-    monkeypatch.setattr(lacache.hub_generate, "make_cache", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
     settings = dict(custom_generate=lacache.generate, lacache_budget=64, max_new_tokens=80, do_sample=False)
     prompts = ["The lighthouse keeper " * 12, "A map of the islands"]  # the first evicts first
     alone = [pipe(p, **settings)[0]["generated_text"] for p in prompts]

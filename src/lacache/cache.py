@@ -327,10 +327,10 @@ class BoundedCache(Cache):
         #: "stored" | "read" | "none"; chosen from the key dtype at the first update (see _rotation)
         self.rotation: str | None = None
         # left-padded batches (lacache.padding): one single-row cache per sequence, and this
-        # forward's (layout width, query length, first real token of each row)
+        # forward's (layout width, first real token of each row)
         self._rows: list[BoundedCache] | None = None
-        self._padded_step: tuple[int, int, list[int]] | None = None
-        self._padded_active: tuple[int, int, list[int]] | None = None
+        self._padded_step: tuple[int, list[int]] | None = None
+        self._padded_active: tuple[int, list[int]] | None = None
 
     # ----------------------------------------------------------------- construction helpers
     @staticmethod
@@ -421,15 +421,13 @@ class BoundedCache(Cache):
 
     # ----------------------------------------------------------------- left-padded batches
     def _spawn(self) -> "BoundedCache":
-        """A fresh single-row cache with this cache's settings (a sequence of a padded batch)."""
-        # the policy is fresh (a stream's first forward); fork() shares memoised plans between rows
+        """A single-row cache with this cache's settings and a fork of its policy (memoised plans shared)."""
         return BoundedCache(num_layers=len(self.layers), budget=self.budget, policy=self.policy.fork(),
                             rotator=self.rotators, positions=self.positions, chunk=self.chunk)
 
     def _twin(self) -> "BoundedCache":
         """An independent copy of this single-row cache (beam search repeating a sequence)."""
-        twin = BoundedCache(num_layers=len(self.layers), budget=self.budget, policy=self.policy.fork(),
-                            rotator=self.rotators, positions=self.positions, chunk=self.chunk)
+        twin = self._spawn()
         twin.seen, twin.rotation, twin.observer = self.seen, self.rotation, copy.copy(self.observer)
         for mine, theirs in zip(self.layers, twin.layers):
             mine._settle()
@@ -468,7 +466,7 @@ class BoundedCache(Cache):
         new_mask = mask[:, -q:]
         starts = first_real(new_mask.tolist(), [row.seen > 0 for row in self._rows])
         held = [row.num_slots for row in self._rows]
-        self._padded_step = (max(held), q, starts)
+        self._padded_step = (max(held), starts)
         return layout_mask(held, new_mask)
 
     def _padded_update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, attn_kwargs):
@@ -480,7 +478,8 @@ class BoundedCache(Cache):
                 )
             self._padded_active, self._padded_step = self._padded_step, None
             self.seen += int(key_states.shape[-2])
-        width, q, starts = self._padded_active
+        width, starts = self._padded_active
+        q = int(key_states.shape[-2])
         if layer_idx == len(self.layers) - 1:
             self._padded_active = None
         positions = attn_kwargs.get("position_ids")

@@ -235,15 +235,10 @@ def run_cli(args, model=None, tokenizer=None) -> list[TurnRecord]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run_cli(args)
-    except ValueError as err:
-        print(f"lacache chat: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    """``python -m lacache.chat ...``: the same as ``lacache chat ...``."""
+    from .cli import main as cli_main
+
+    return cli_main(["chat", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
