@@ -64,3 +64,26 @@ def bundled_tokenizer_and_tiny_model(layers: int = 4):
     except FileNotFoundError as err:
         pytest.skip(str(err))
     return tokenizer, tiny_llama(layers=layers, vocab_size=len(tokenizer))
+
+
+# The retention-policy contract takes a LayerView; these two drive a policy the way the cache does,
+# from hand-made keys / attention, so tests of the selection rules read as "observe, then select".
+_LAST_SEEN: dict = {}
+
+
+def policy_observe(policy, layer: int, keys=None, probs=None, q: int = 1) -> None:
+    """Show ``policy`` one forward pass of ``layer`` (stored ``keys`` and/or attention ``probs``)."""
+    from lacache.policies import LayerView
+
+    n = (keys if keys is not None else probs).shape[-2 if keys is not None else -1]
+    _LAST_SEEN[id(policy), layer] = (keys, probs, q, n)
+    if policy.observes_every_step:
+        policy.observe(LayerView(layer, n, q, 0, keys, None if probs is None else (lambda: probs)))
+
+
+def policy_select(policy, layer: int, target: int, step: int = 0):
+    """The ``[B, m]`` slots ``policy`` keeps of what ``policy_observe`` last showed it for ``layer``."""
+    from lacache.policies import LayerView
+
+    keys, probs, q, n = _LAST_SEEN[id(policy), layer]
+    return policy.retain(LayerView(layer, n, q, step, keys, None if probs is None else (lambda: probs)), target).index

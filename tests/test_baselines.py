@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from conftest import tiny_llama
+from conftest import policy_observe, policy_select, tiny_llama
 from lacache import H2OCache, KNormCache, TOVACache, make_cache
-from lacache.observe import QueryObserver
-from lacache.policies.scores import H2OPolicy, KNormPolicy, TOVAPolicy, attention_probs, keep_top
+from lacache.observe import QueryObserver, attention_probs
+from lacache.policies.scores import H2OPolicy, KNormPolicy, TOVAPolicy, keep_top
 from reference import ReferenceStream
 
 
@@ -21,16 +21,16 @@ def test_keep_top_forces_sinks_and_window_and_sorts():
 def test_tova_keeps_what_the_newest_query_attends_to():
     policy = TOVAPolicy(num_layers=1, sinks=0, window=1)
     probs = torch.tensor([[[0.9, 0.0, 0.0, 0.1, 0.0], [0.05, 0.4, 0.05, 0.3, 0.2]]])  # [B=1, q=2, n=5]
-    policy.observe(0, keys=None, probs=probs, q=2)
-    assert policy.select(0, target=3).tolist() == [[1, 3, 4]]  # last query's top-2 + the newest slot
+    policy_observe(policy, 0, keys=None, probs=probs, q=2)
+    assert policy_select(policy, 0, target=3).tolist() == [[1, 3, 4]]  # last query's top-2 + the newest slot
 
 
 def test_h2o_accumulates_attention_over_queries_and_steps():
     policy = H2OPolicy(num_layers=1, sinks=0, window=1)
-    policy.observe(0, None, torch.tensor([[[1.0, 0.0, 0.0], [0.1, 0.8, 0.1]]]), q=2)
-    policy.observe(0, None, torch.tensor([[[0.0, 0.1, 0.2, 0.7]]]), q=1)
+    policy_observe(policy, 0, None, torch.tensor([[[1.0, 0.0, 0.0], [0.1, 0.8, 0.1]]]), q=2)
+    policy_observe(policy, 0, None, torch.tensor([[[0.0, 0.1, 0.2, 0.7]]]), q=1)
     assert torch.allclose(policy.state[0], torch.tensor([[1.1, 0.9, 0.3, 0.7]]))
-    assert policy.select(0, target=2).tolist() == [[0, 3]]
+    assert policy_select(policy, 0, target=2).tolist() == [[0, 3]]
     assert torch.allclose(policy.state[0], torch.tensor([[1.1, 0.7]]))  # scores follow the kept slots
 
 
@@ -39,8 +39,8 @@ def test_knorm_keeps_smallest_norm_keys():
     norms = torch.tensor([5.0, 4.0, 1.0, 3.0, 0.5, 9.0])
     keys = torch.zeros(1, 2, 6, 4)
     keys[..., 0] = norms  # both heads
-    policy.observe(0, keys, None, q=6)
-    assert policy.select(0, target=4).tolist() == [[0, 2, 4, 5]]  # sink, smallest (4: 0.5, 2: 1.0), newest
+    policy_observe(policy, 0, keys, None, q=6)
+    assert policy_select(policy, 0, target=4).tolist() == [[0, 2, 4, 5]]  # sink, smallest (4: 0.5, 2: 1.0), newest
 
 
 def test_attention_probs_matches_manual_softmax_with_gqa():

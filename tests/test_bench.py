@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import tiny_llama
-from lacache import LaCache, StreamingLLMCache, bench_cli
+from lacache import LaCache, StreamingLLMCache
 from lacache.bench import (
     CacheStandIn,
     ReferenceLadderCache,
@@ -28,6 +28,7 @@ from lacache.bench import (
     plot_stream,
 )
 from lacache.cache import SlotLayer
+from lacache.cli import bench as bench_cli
 from lacache.generation import stream_generate
 
 PNG = b"\x89PNG"

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import bundled_tokenizer_and_tiny_model
-from lacache import chat, generation
+from lacache import generation
+from lacache.cli import chat
 
 STATS = re.compile(r"\[stats\] (\w+): (\d+) slots/layer(?: \(budget (\d+)\))? \| (\d+) tokens seen \| cache ([\d.]+) MiB")
 

@@ -11,6 +11,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from conftest import tiny_llama
+from lacache.cli import eval_longbench as lb_cli
 from lacache.evaluation import longbench as lb
 from lacache.evaluation import metrics as m
 from lacache.models import default_model_dir
@@ -234,7 +235,7 @@ def test_budget_fraction_and_unbounded_budget_matches_full(tokenizer, tiny):
 
 def _parse(argv):
     parser = argparse.ArgumentParser()
-    lb.add_parser(parser.add_subparsers(dest="task"))
+    lb_cli.add_parser(parser.add_subparsers(dest="task"))
     return parser.parse_args(["longbench", *argv])
 
 
@@ -255,7 +256,7 @@ def test_run_cli_on_fixture_with_injected_tiny_model(tokenizer, tiny, tmp_path, 
     monkeypatch.setattr(lacache.models, "load_model", lambda *a, **k: (tiny, tokenizer))
     args = _parse(["--data", str(FIXTURE), "--datasets", "trec, lcc", "--limit", "1", "--methods", "full,lacache",
                    "--budget", "40", "--option", "lacache.sinks=2", "--max-length", "90", "--out", str(tmp_path)])
-    trials = lb.run_cli(args)
+    trials = lb_cli.run_cli(args)
     assert [(t.dataset, t.method) for t in trials] == [("trec", "full"), ("trec", "lacache"),
                                                        ("lcc", "full"), ("lcc", "lacache")]
     assert all(t.length <= 92 for t in trials)
@@ -274,6 +275,6 @@ def test_run_cli_rejects_unknown_method_before_loading(monkeypatch):
 
     monkeypatch.setattr(lacache.models, "load_model", lambda *a, **k: pytest.fail("model loaded"))
     with pytest.raises(ValueError, match="not known"):
-        lb.run_cli(_parse(["--data", str(FIXTURE), "--methods", "full,bogus"]))
+        lb_cli.run_cli(_parse(["--data", str(FIXTURE), "--methods", "full,bogus"]))
     with pytest.raises(ValueError, match="not supported"):
-        lb.run_cli(_parse(["--data", str(FIXTURE), "--datasets", "vcsum", "--methods", "full"]))
+        lb_cli.run_cli(_parse(["--data", str(FIXTURE), "--datasets", "vcsum", "--methods", "full"]))

@@ -10,6 +10,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from conftest import tiny_llama
+from lacache.cli import eval_ruler as ruler_cli
 from lacache.evaluation import ruler
 from lacache.evaluation.ruler import (
     TASK_NEW_TOKENS,
@@ -241,7 +242,7 @@ def test_end_to_end_on_tiny_model(tokenizer, tmp_path):
 
 def _cli_args(argv):
     parser = argparse.ArgumentParser()
-    ruler.add_parser(parser.add_subparsers(dest="task"))
+    ruler_cli.add_parser(parser.add_subparsers(dest="task"))
     return parser.parse_args(["ruler", *argv])
 
 
@@ -257,7 +258,7 @@ def test_cli_runs_writes_files_and_rejects_unknown_names(tokenizer, tmp_path, ca
     out = tmp_path / "ruler"
     args = _cli_args(["--methods", "full,lacache", "--tasks", "niah_multikey,variable_tracking",
                       "--lengths", str(LENGTH), "--seeds", "1", "--option", "lacache.sinks=2", "--out", str(out)])
-    trials = ruler.run_cli(args, model=model, tokenizer=tokenizer)
+    trials = ruler_cli.run_cli(args, model=model, tokenizer=tokenizer)
     assert len(trials) == 2 * 2
     assert "niah_multikey" in capsys.readouterr().out
     with open(out / "ruler.csv") as fh:
@@ -268,6 +269,6 @@ def test_cli_runs_writes_files_and_rejects_unknown_names(tokenizer, tmp_path, ca
     assert payload["trials"][1]["options"] == {"sinks": 2}
     assert (out / "ruler.png").stat().st_size > 5_000
     with pytest.raises(ValueError, match="methods"):
-        ruler.run_cli(_cli_args(["--methods", "full,nope"]), model=model, tokenizer=tokenizer)
+        ruler_cli.run_cli(_cli_args(["--methods", "full,nope"]), model=model, tokenizer=tokenizer)
     with pytest.raises(ValueError, match="tasks"):
-        ruler.run_cli(_cli_args(["--tasks", "qa"]), model=model, tokenizer=tokenizer)
+        ruler_cli.run_cli(_cli_args(["--tasks", "qa"]), model=model, tokenizer=tokenizer)

@@ -7,13 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lacache.ladder import (
-    default_span_overlap,
-    identity_plan,
-    ladder_geometry,
-    ladder_plan,
-    window_plan,
-)
+from lacache.ladder import default_span_overlap, ladder_geometry
+from lacache.policies.ladder import ladder_plan
+from lacache.policies.plan import identity_plan
+from lacache.policies.streaming import window_plan
 
 
 def valid_geometries(max_layers=40):

@@ -5,7 +5,7 @@ import torch
 
 from conftest import tiny_llama
 from lacache import H2OCache, KNormCache, LaCache, StreamingLLMCache, TOVACache
-from lacache.padding import first_real, layout_mask
+from lacache.cache.padded import first_real, layout_mask
 
 LENGTHS = (30, 22, 9)  # budget 24: row 0 evicts during the prompt, row 1 a few tokens in, row 2 much later
 NEW = 40

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from conftest import tiny_llama
+from conftest import policy_observe, policy_select, tiny_llama
 from lacache import LaCache
-from lacache.ladder import ladder_geometry, ladder_plan
+from lacache.ladder import ladder_geometry
+from lacache.policies.ladder import ladder_plan
 from lacache.policies.salient import SalientLadderPolicy
 from test_cache import kept_sets, run_against_reference
 
@@ -34,8 +35,8 @@ def test_pool_keeps_lowest_norm_evicted_slots_and_ladder_runs_on_the_rest():
     norms[[7, 13, 30]] = torch.tensor([0.1, 0.2, 0.3])  # salient tokens somewhere in the body
     expected_ladder = ladder_plan(geometry, n, 2, target - 3, 2, 4)
     for layer in range(4):
-        policy.observe(layer, _keys(norms), None, 1)
-        kept = policy.select(layer, target)[0].tolist()
+        policy_observe(policy, layer, _keys(norms), None, 1)
+        kept = policy_select(policy, layer, target)[0].tolist()
         ladder = expected_ladder.rows_for(layer).tolist()
         assert len(kept) == target
         assert set(ladder) <= set(kept)  # the ladder is untouched
@@ -51,15 +52,15 @@ def test_pool_members_compete_with_newly_evicted_slots():
     policy = SalientLadderPolicy(geometry, sinks=1, window=2, pool=2)
     norms = torch.full((20,), 5.0)
     norms[3], norms[6] = 1.0, 4.0
-    policy.observe(0, _keys(norms), None, 1)
-    first = policy.select(0, 12)[0]
+    policy_observe(policy, 0, _keys(norms), None, 1)
+    first = policy_select(policy, 0, 12, step=1)[0]
     pool = first[policy.state[0][0]].tolist()
     assert 3 in pool or 3 in first.tolist()
     # new slots arrive; one has a smaller norm than a pool member and must displace it
     stored = norms[first]
     arrived = torch.tensor([0.5, 5.0, 5.0, 5.0, 5.0, 5.0])
-    policy.observe(0, _keys(torch.cat([stored, arrived])), None, 6)
-    second = policy.select(0, 12)[0]
+    policy_observe(policy, 0, _keys(torch.cat([stored, arrived])), None, 6)
+    second = policy_select(policy, 0, 12, step=2)[0]
     new_pool_norms = torch.cat([stored, arrived])[second[policy.state[0][0]]]
     assert len(second) <= 12 and new_pool_norms.max() <= 4.0
 

@@ -3,7 +3,7 @@
 from .cache import BoundedCache, H2OCache, KNormCache, LaCache, StreamingLLMCache, TOVACache
 from .hub_generate import generate
 from .ladder import default_span_overlap, ladder_geometry
-from .registry import METHODS, make_cache
+from .registry import make_cache
 
 __all__ = [
     "BoundedCache",
@@ -26,6 +26,10 @@ __version__ = "0.1.0"
 
 def __getattr__(name):
     # Heavy or optional pieces load on first use, so `import lacache` stays quick.
+    if name == "METHODS":  # read live: methods can be registered after import
+        from . import registry
+
+        return registry.METHODS
     if name == "load_model":
         from .models import load_model
 

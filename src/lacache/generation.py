@@ -19,7 +19,7 @@ from transformers.cache_utils import Cache
 from .cache import BoundedCache
 from .memory import current_rss_bytes, peak_rss_bytes
 
-__all__ = ["StreamStats", "stream_tokens", "stream_generate"]
+__all__ = ["StreamStats", "stream_tokens", "stream_generate", "cache_slots", "cache_bytes", "next_positions"]
 
 
 @dataclass
@@ -84,10 +84,11 @@ class IncrementalText:
         return piece
 
 
-def _slots(cache: Cache) -> int:
+def cache_slots(cache: Cache) -> int:
+    """Slots per layer a cache holds now (a full cache holds every token seen)."""
     if isinstance(cache, BoundedCache):
         return cache.num_slots
-    return cache.get_seq_length()
+    return int(cache.get_seq_length())
 
 
 def _choose(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
@@ -166,7 +167,7 @@ def stream_tokens(
         if produced % sample_every == 0:
             stats.samples.append((produced, cache_bytes(cache), current_rss_bytes()))
     stats.decode_seconds = time.perf_counter() - started
-    stats.cache_slots = _slots(cache)
+    stats.cache_slots = cache_slots(cache)
     stats.cache_bytes = cache_bytes(cache)
     stats.peak_rss_bytes = peak_rss_bytes()
 

@@ -130,7 +130,7 @@ def generate(model, *args, lacache_method: str = "lacache", lacache_budget: int 
 
     Args:
         model: the causal LM (transformers passes it as the first argument).
-        lacache_method: a name from ``lacache.METHODS`` (``lacache``, ``streaming``, ``ladder``, ``tova``,
+        lacache_method: a name from ``lacache.METHODS`` (``lacache``, ``streaming``, ``lacache-salient``, ``tova``,
             ``h2o``, ``knorm`` or ``full``).
         lacache_budget: slots per layer (ignored by ``full``).
         lacache_options: dict of extra options for the method's ``from_model`` (e.g. ``{"sinks": 64}``).

@@ -1,10 +1,12 @@
-"""Pure slot arithmetic for ladder-shaped KV caches.
+"""Pure slot arithmetic for ladder-shaped KV caches: the ladder's geometry and one compaction.
 
-Everything here works on slot *indices* only: which slots each layer keeps when the cache
-is compacted. No tensors and no transformers, so the rules can be checked exhaustively and
-reused by every cache and by the evaluation code.
+Everything here works on slot *indices* only: which slots each layer keeps when the cache is
+compacted. No tensors and no transformers, so the rules can be checked exhaustively (the property
+tests in ``tests/test_ladder.py``) and reused by every storage backend. The plan objects built
+from these indices, and the policies that keep state between compactions, live in
+``lacache.policies``; the vocabulary is explained in ``docs/method.md`` §1.
 
-Vocabulary (SPEC §2.1-2.2):
+Vocabulary:
 
 * ``L`` layers, each holding the same number of slots ``n``;
 * ``S`` sink slots at the front and a recent window of ``W`` slots at the back are never compacted;
@@ -18,19 +20,16 @@ Vocabulary (SPEC §2.1-2.2):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from functools import cached_property
+from dataclasses import dataclass
 
 import numpy as np
 
 __all__ = [
     "LadderGeometry",
-    "CompactionPlan",
     "default_span_overlap",
     "ladder_geometry",
-    "ladder_plan",
-    "window_plan",
-    "identity_plan",
+    "ladder_compaction",
+    "check_room",
     "LAYOUTS",
 ]
 
@@ -98,8 +97,10 @@ def _working_span_overlap(num_layers: int) -> str:
 
 
 def ladder_geometry(num_layers: int, span: int, overlap: int, layout: str = "ladder") -> LadderGeometry:
-    """Validate ``span``/``overlap`` for ``num_layers`` layers and derive the ladder (SPEC §2.1).
+    """Validate ``span``/``overlap`` for ``num_layers`` layers and derive the ladder.
 
+    The rung width is ``B = 1 + ceil((L - span) / (span - overlap))`` and each layer keeps
+    ``A = min(ceil(span / (span - overlap)), B)`` slots of a rung (docs/method.md §1, "Geometry").
     ``layout="ladder"`` staggers offsets with period ``B - A + 1`` (the reference pattern);
     ``layout="band"`` gives each offset to a contiguous band of layers (an ablation).
     """
@@ -130,52 +131,8 @@ def ladder_geometry(num_layers: int, span: int, overlap: int, layout: str = "lad
     return LadderGeometry(num_layers, span, overlap, rung, keep, layout, offsets)
 
 
-@dataclass(frozen=True)
-class CompactionPlan:
-    """Which current slots survive a compaction, per layer, in slot order.
-
-    ``index`` has shape ``[rows, m]`` with ``rows`` either the number of layers (each layer its own
-    choice) or 1 (every layer keeps the same slots). ``cursor`` is the ladder cursor after the plan.
-    ``passes_started`` lists, for each pass begun inside this plan, the slot where it began (property
-    tests use it to check that every pass starts at the oldest non-sink slot).
-    """
-
-    index: np.ndarray
-    cursor: int
-    passes_started: tuple[int, ...] = ()
-    _tensors: dict = field(default_factory=dict, compare=False, repr=False)
-
-    @property
-    def kept(self) -> int:
-        return int(self.index.shape[1])
-
-    @cached_property
-    def stable_prefix(self) -> int:
-        """Leading slots that stay where they are in every layer (sinks and history before the cursor)."""
-        moved = self.index != np.arange(self.index.shape[1])
-        columns = np.flatnonzero(moved.any(axis=0))
-        return int(columns[0]) if columns.size else int(self.index.shape[1])
-
-    def rows_for(self, layer: int) -> np.ndarray:
-        return self.index[layer if self.index.shape[0] > 1 else 0]
-
-    def tensor(self, device):  # -> torch.Tensor, kept lazy so this module needs no torch
-        """The index as a LongTensor on ``device``, built once per device and reused."""
-        key = str(device)
-        t = self._tensors.get(key)
-        if t is None:
-            import torch
-
-            t = torch.as_tensor(self.index, dtype=torch.long).to(device)
-            self._tensors[key] = t
-        return t
-
-
-def identity_plan(n: int, cursor: int) -> CompactionPlan:
-    return CompactionPlan(np.arange(n, dtype=np.int64)[None, :], cursor)
-
-
-def _check_room(n_target: int, sinks: int, window: int, rung: int) -> None:
+def check_room(n_target: int, sinks: int, window: int, rung: int) -> None:
+    """Refuse a target that leaves no room for one rung between the sinks and the recent window."""
     if n_target - sinks - window < rung - 1:
         raise ValueError(
             f"target of {n_target} slots leaves no room for a rung of {rung} between {sinks} sinks and a "
@@ -183,19 +140,22 @@ def _check_room(n_target: int, sinks: int, window: int, rung: int) -> None:
         )
 
 
-def ladder_plan(
+def ladder_compaction(
     geometry: LadderGeometry, n: int, cursor: int, target: int, sinks: int, window: int
-) -> CompactionPlan:
-    """Compact ``n`` slots down to at most ``target`` by laddering rungs from ``cursor`` (SPEC §2.2).
+) -> tuple[np.ndarray, int, tuple[int, ...]]:
+    """Compact ``n`` slots down to at most ``target`` by laddering rungs from ``cursor``.
 
-    Rungs are taken in batches (as many as are needed and fit before the recent window) and each
-    batch is one vectorised step, so a prompt many times the budget costs a few passes, not one
-    Python iteration per rung. The result composes every step into one index per layer.
+    Returns ``(index, cursor, passes_started)``: ``index[l]`` lists the slots layer ``l`` keeps, in
+    slot order (``[1, n]`` when nothing needs compacting), ``cursor`` is where the next compaction
+    starts, and ``passes_started`` the slot where each pass begun here started (always the first
+    non-sink slot). Rungs are taken in batches (as many as are needed and fit before the recent
+    window) and each batch is one vectorised step, so a prompt many times the budget costs a few
+    passes, not one Python iteration per rung.
     """
     if n <= target:
-        return identity_plan(n, cursor)
+        return np.arange(n, dtype=np.int64)[None, :], cursor, ()
     big_b, small_a = geometry.rung, geometry.keep
-    _check_room(target, sinks, window, big_b)
+    check_room(target, sinks, window, big_b)
     num_layers = geometry.num_layers
     offsets = np.asarray(geometry.offsets, dtype=np.int64)
     within = (offsets[:, None] + np.arange(small_a, dtype=np.int64)[None, :])  # [L, A]
@@ -222,15 +182,4 @@ def ladder_plan(
         index = np.take_along_axis(index, keep, axis=1)
         m -= r * (big_b - small_a)
         c += r * small_a
-    return CompactionPlan(np.ascontiguousarray(index), c, tuple(starts))
-
-
-def window_plan(n: int, target: int, sinks: int) -> CompactionPlan:
-    """StreamingLLM: keep the ``sinks`` first slots and the most recent ``target - sinks``."""
-    if n <= target:
-        return identity_plan(n, sinks)
-    if target <= sinks:
-        raise ValueError(f"target={target} must exceed sinks={sinks}")
-    recent = target - sinks
-    index = np.concatenate([np.arange(sinks), np.arange(n - recent, n)]).astype(np.int64)
-    return CompactionPlan(index[None, :], sinks)
+    return np.ascontiguousarray(index), c, tuple(starts)

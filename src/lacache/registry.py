@@ -1,44 +1,114 @@
-"""One entry point for every cache method, so evaluations and users can compare them by name."""
+"""The one place that defines a cache method: its name, builder, defaults and what it needs.
+
+Every command, evaluation and benchmark reads this table, so a method added here (with its policy
+file under ``policies/``) appears in ``make_cache``, ``lacache generate|chat|eval|bench``,
+``custom_generate`` and the default method lists without touching anything else.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from transformers import DynamicCache
 
 from .cache import H2OCache, KNormCache, LaCache, StreamingLLMCache, TOVACache
 
-__all__ = ["METHODS", "make_cache"]
+__all__ = ["Method", "METHODS", "SUITES", "method_spec", "default_methods", "check_methods", "make_cache", "register"]
 
-def _salient_ladder(model, budget: int, **kwargs):
-    """LaCache with a salient pool of an eighth of the budget: retrieves, at some perplexity cost."""
-    kwargs.setdefault("salient", 0.125)
-    return LaCache.from_model(model, budget=budget, **kwargs)
+#: the runs whose default method list a method can be part of
+SUITES = ("ppl", "passkey", "ruler", "longbench", "decode")
+_ALL = frozenset(SUITES)
 
 
-_BUILDERS: dict[str, Callable] = {
-    "streaming": StreamingLLMCache.from_model,
-    "lacache": LaCache.from_model,
-    "lacache-salient": _salient_ladder,
-    "tova": TOVACache.from_model,
-    "h2o": H2OCache.from_model,
-    "knorm": KNormCache.from_model,
-}
-METHODS = ("full", *_BUILDERS)
+def _full_cache(model, budget=None, **options):
+    if options:
+        raise ValueError(f"method='full' takes no options; got {sorted(options)}")
+    return DynamicCache(config=model.config)
+
+
+@dataclass(frozen=True)
+class Method:
+    """One cache method as the rest of lacache sees it."""
+
+    name: str
+    #: ``build(model, budget=..., **options)`` -> a transformers ``Cache``
+    build: Callable
+    summary: str
+    #: options this method name sets unless the caller gives them (a variant of another method)
+    defaults: Mapping[str, object] = field(default_factory=dict)
+    #: whether the cache must observe each new query's attention (hooks, extra cost per step)
+    needs_attention: bool = False
+    #: False only for the full cache, which takes no budget
+    bounded: bool = True
+    #: default method lists (see ``SUITES``) this method is part of
+    suites: frozenset = _ALL
+
+    def make(self, model, budget: int | None = None, **options):
+        """A fresh cache of this method for ``model`` (``budget`` slots per layer if bounded)."""
+        if not self.bounded:
+            return self.build(model, **options)
+        if budget is None:
+            raise ValueError(f"method={self.name!r} needs a budget (slots per layer), e.g. budget=512")
+        return self.build(model, budget=budget, **{**self.defaults, **options})
+
+
+_SPECS = (
+    Method("full", _full_cache, "every token (transformers' DynamicCache): the unbounded reference", bounded=False),
+    Method("streaming", StreamingLLMCache.from_model, "StreamingLLM: sinks + the most recent tokens"),
+    Method("lacache", LaCache.from_model, "LaCache: the ladder with iterative compaction"),
+    Method("lacache-salient", LaCache.from_model,
+           "the ladder plus a pool of the lowest-key-norm evicted tokens (an eighth of the budget)",
+           defaults=MappingProxyType({"salient": 0.125}), suites=_ALL - {"decode"}),
+    Method("tova", TOVACache.from_model, "TOVA: the slots the newest query attends to most", needs_attention=True),
+    Method("h2o", H2OCache.from_model, "H2O: heavy hitters by accumulated attention + a recent window",
+           needs_attention=True),
+    Method("knorm", KNormCache.from_model, "key-norm: the smallest key norms + sinks + a recent window",
+           suites=frozenset({"ppl", "passkey"})),
+)
+_BY_NAME: dict[str, Method] = {spec.name: spec for spec in _SPECS}
+METHODS: tuple[str, ...] = tuple(_BY_NAME)
+
+
+def register(spec: Method) -> None:
+    """Add a method from outside the package (a plugin, a notebook experiment); names are unique."""
+    global METHODS
+    if spec.name in _BY_NAME:
+        raise ValueError(f"method {spec.name!r} is already registered; pick another name")
+    _BY_NAME[spec.name] = spec
+    METHODS = tuple(_BY_NAME)
+
+
+def method_spec(name: str) -> Method:
+    """The registry entry for ``name``; a ``ValueError`` listing the known names otherwise."""
+    spec = _BY_NAME.get(name)
+    if spec is None:
+        raise ValueError(f"method={name!r} is not one of {METHODS}; e.g. method='lacache'")
+    return spec
+
+
+def default_methods(suite: str) -> tuple[str, ...]:
+    """The methods a run of ``suite`` (one of ``SUITES``) compares when none are named."""
+    if suite not in SUITES:
+        raise ValueError(f"suite={suite!r} is not one of {SUITES}")
+    return tuple(spec.name for spec in _BY_NAME.values() if suite in spec.suites)
+
+
+def check_methods(names: Iterable[str], what: str = "methods") -> list[str]:
+    """``names`` as a list, or one ``ValueError`` naming the unknown ones (``what`` names the setting)."""
+    names = list(names)
+    unknown = [n for n in names if n not in _BY_NAME]
+    if unknown or not names:
+        raise ValueError(f"--{what} {','.join(unknown) or '(empty)'} not known; choose from {','.join(METHODS)}")
+    return names
 
 
 def make_cache(method: str, model, budget: int | None = None, **kwargs):
     """A fresh cache for ``model``: ``full`` (unbounded ``DynamicCache``) or a bounded method.
 
-    Extra keyword arguments go to the method's ``from_model`` (e.g. ``span=9, overlap=7`` for
-    lacache, ``window=64`` for h2o).
+    Extra keyword arguments go to the method's builder (e.g. ``span=9, overlap=7`` for lacache,
+    ``window=64`` for h2o); a variant's own defaults (``lacache-salient``: ``salient=0.125``) apply
+    unless given.
     """
-    if method == "full":
-        if kwargs:
-            raise ValueError(f"method='full' takes no options; got {sorted(kwargs)}")
-        return DynamicCache(config=model.config)
-    if method not in _BUILDERS:
-        raise ValueError(f"method={method!r} is not one of {METHODS}; e.g. method='lacache'")
-    if budget is None:
-        raise ValueError(f"method={method!r} needs a budget (slots per layer), e.g. budget=512")
-    return _BUILDERS[method](model, budget=budget, **kwargs)
+    return method_spec(method).make(model, budget, **kwargs)

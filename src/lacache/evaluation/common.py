@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from ..generation import stream_tokens
 from ..registry import make_cache
 
-__all__ = ["PREFILLS", "resolve_budget", "greedy_answer"]
+__all__ = ["PREFILLS", "resolve_budget", "fresh_cache", "greedy_answer"]
 
 PREFILLS = ("full", "chunked")
 
@@ -17,6 +20,21 @@ def resolve_budget(budget: float, prompt_tokens: int) -> int:
     if budget <= 0:
         raise ValueError(f"budget={budget} must be > 0: a fraction of the prompt (e.g. 0.5) or slots (e.g. 512)")
     return max(1, int(budget * prompt_tokens)) if budget < 1 else int(budget)
+
+
+@contextmanager
+def fresh_cache(method: str, model, slots: int | None, options: dict | None = None) -> Iterator:
+    """A new cache of ``method`` for one run, closed however the run ends.
+
+    Closing matters for score-based caches: they hook the model's attention, and a hook left behind
+    would keep observing (and slowing) every later run. ``slots`` is ignored for ``method="full"``.
+    """
+    cache = make_cache(method, model, None if method == "full" else slots, **(options or {}))
+    try:
+        yield cache
+    finally:
+        if hasattr(cache, "close"):
+            cache.close()
 
 
 def greedy_answer(
@@ -39,15 +57,11 @@ def greedy_answer(
     """
     if prefill not in PREFILLS:
         raise ValueError(f"prefill={prefill!r} must be one of {PREFILLS}")
-    cache = make_cache(method, model, None if method == "full" else slots, **(options or {}))
     chunk = input_ids.shape[1] if prefill == "full" else prefill_chunk
     ids: list[int] = []
-    try:
+    with fresh_cache(method, model, slots, options) as cache:
         for token in stream_tokens(model, input_ids, cache, new_tokens, prefill_chunk=chunk):
             if stop_ids and token in stop_ids:
                 break
             ids.append(token)
-    finally:
-        if hasattr(cache, "close"):
-            cache.close()
     return ids

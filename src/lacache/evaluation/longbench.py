@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import json
 import sys
-import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from .common import PREFILLS, greedy_answer, resolve_budget
+from .common import greedy_answer
+from .harness import Answer, check_prefill, run_trials
 from .metrics import dataset_score, score_sample
 
 __all__ = [
@@ -33,7 +33,6 @@ __all__ = [
     "RAW_DATASETS",
     "LongBenchRecord",
     "LongBenchTrial",
-    "add_parser",
     "base_name",
     "check_dataset",
     "encode_prompt",
@@ -41,10 +40,10 @@ __all__ = [
     "format_prompt",
     "load_folder",
     "load_hub",
-    "run_cli",
     "run_longbench",
     "summarize",
     "summary_table",
+    "trial_dicts",
     "truncate_middle",
     "uses_chat_template",
 ]
@@ -316,31 +315,36 @@ def run_longbench(
     ``budget`` below 1 is a fraction of each prompt; 1 or more is slots per layer ("full" ignores
     it). ``max_new_tokens`` caps the official per-dataset answer length (for quick runs only).
     """
-    if prefill not in PREFILLS:
-        raise ValueError(f"prefill={prefill!r} must be one of {PREFILLS}")
+    check_prefill(prefill)
     records = list(records)
     for record in records:
         check_dataset(record.dataset)
-    method_options = method_options or {}
-    stop_ids = _stop_ids(model, tokenizer)
-    trials = []
-    for number, record in enumerate(records, 1):
-        ids = encode_prompt(tokenizer, record, use_chat_template, max_length)
-        new_tokens = MAX_NEW_TOKENS[base_name(record.dataset)]
-        new_tokens = min(new_tokens, max_new_tokens) if max_new_tokens else new_tokens
-        for method in methods:
-            slots = None if method == "full" else resolve_budget(budget, ids.shape[1])
-            started = time.perf_counter()
-            answer = greedy_answer(model, ids, method, slots, dict(method_options.get(method, {})), prefill,
-                                   prefill_chunk, new_tokens, stop_ids)
-            prediction = tokenizer.decode(answer, skip_special_tokens=True)
-            score = 100 * score_sample(record.dataset, prediction, record.answers, record.all_classes)
-            trials.append(LongBenchTrial(method, record.dataset, record.id, ids.shape[1], slots, prediction,
-                                         record.answers, round(score, 4), round(time.perf_counter() - started, 2)))
-            if progress:
-                print(f"[lacache] {number}/{len(records)} {record.dataset} {method}: {ids.shape[1]} tokens, "
-                      f"score {score:.1f}", file=sys.stderr)
-    return trials
+
+    def prompts() -> Iterator[tuple[int, LongBenchRecord, torch.Tensor]]:
+        for number, record in enumerate(records, 1):
+            yield number, record, encode_prompt(tokenizer, record, use_chat_template, max_length)
+
+    def answer_tokens(item: tuple[int, LongBenchRecord, torch.Tensor]) -> int:
+        new_tokens = MAX_NEW_TOKENS[base_name(item[1].dataset)]
+        return min(new_tokens, max_new_tokens) if max_new_tokens else new_tokens
+
+    def score(item: tuple[int, LongBenchRecord, torch.Tensor], prediction: str) -> float:
+        record = item[1]
+        return 100 * score_sample(record.dataset, prediction, record.answers, record.all_classes)
+
+    def trial(item: tuple[int, LongBenchRecord, torch.Tensor], run: Answer) -> LongBenchTrial:
+        number, record, _ = item
+        if progress:
+            print(f"[lacache] {number}/{len(records)} {record.dataset} {run.method}: {run.tokens} tokens, "
+                  f"score {run.score:.1f}", file=sys.stderr)
+        return LongBenchTrial(run.method, record.dataset, record.id, run.tokens, run.slots, run.text, record.answers,
+                              round(run.score, 4), run.seconds)
+
+    return run_trials(
+        model, tokenizer, prompts(), methods, budget, input_ids=lambda item: item[2], score=score,
+        make_trial=trial, new_tokens=answer_tokens, stop_ids=_stop_ids(model, tokenizer), prefill=prefill,
+        prefill_chunk=prefill_chunk, method_options=method_options, answer=greedy_answer,
+    )
 
 
 def summarize(trials: Sequence[LongBenchTrial]) -> dict[str, dict[str, float]]:
@@ -363,101 +367,6 @@ def summary_table(trials: Sequence[LongBenchTrial]) -> tuple[list[str], list[lis
     return headers, [[m, *[s.get(d) for d in datasets], s["average"]] for m, s in summary.items()]
 
 
-# --- command line (wired into ``lacache eval`` by cli.py) ---------------------------------------
-
-DEFAULT_METHODS = "full,streaming,lacache,lacache-salient,tova,h2o"
-SAMPLE_FIELDS = ("method", "dataset", "id", "length", "slots", "score", "seconds", "prediction", "answers")
-
-
-def add_parser(tasks_subparsers):
-    """Add ``longbench`` to ``lacache eval``'s subcommands; returns the new parser."""
-    from ..cli import DTYPES, _positive_int
-
-    lb = tasks_subparsers.add_parser(
-        "longbench", help="LongBench (English) from official-layout JSONL files: scores per method x dataset")
-    source = lb.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data", default=None, metavar="DIR",
-                        help="folder of official <dataset>.jsonl files (the unpacked data.zip)")
-    source.add_argument("--dataset", default=None, metavar="HUB_ID",
-                        help="hub dataset through `datasets` (needs internet), e.g. THUDM/LongBench")
-    lb.add_argument("--datasets", default=None,
-                    help=f"comma-separated names (default: every file in --data, or all of: {','.join(PROMPTS)})")
-    lb.add_argument("--limit", type=_positive_int, default=None, help="samples per dataset (default: all)")
-    lb.add_argument("--model", default=None, help="hub id or local path; default: bundled SmolLM2-135M-Instruct")
-    lb.add_argument("--methods", default=DEFAULT_METHODS)
-    lb.add_argument("--budget", type=float, default=1024, help="< 1: fraction of each prompt; >= 1: slots per layer")
-    lb.add_argument("--prefill", choices=list(PREFILLS), default="chunked")
-    lb.add_argument("--prefill-chunk", type=_positive_int, default=512)
-    lb.add_argument("--max-length", type=_positive_int, default=None,
-                    help="middle-truncate prompts to N tokens like the official code (default: read everything)")
-    lb.add_argument("--no-chat-template", action="store_true", help="feed every prompt as raw text")
-    lb.add_argument("--option", action="append", default=[], metavar="METHOD.KEY=VALUE")
-    lb.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    lb.add_argument("--out", default="runs/longbench", help="folder for longbench.csv and longbench.json")
-    return lb
-
-
-def _cli_methods(text: str) -> list[str]:
-    from ..registry import METHODS
-
-    methods = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise ValueError(f"--methods {','.join(unknown)} not known; choose from {','.join(METHODS)}")
-    return methods
-
-
-def _cli_records(args) -> list[LongBenchRecord]:
-    from ..cli import _split
-
-    names = [n.strip() for n in _split(args.datasets, str)] if args.datasets else None
-    if args.data:
-        return load_folder(args.data, names, args.limit)
-    return load_hub(args.dataset, names, args.limit)
-
-
-def _truncation_note(max_length: int | None) -> str:
-    if max_length is None:
-        return "whole contexts (no truncation)"
-    return f"prompts middle-truncated to {max_length} tokens"
-
-
-def _write_outputs(out: Path, trials: Sequence[LongBenchTrial], settings: dict) -> None:
-    from .report import write_csv, write_json
-
-    out.mkdir(parents=True, exist_ok=True)
-    rows = [[json.dumps(t.answers, ensure_ascii=False) if f == "answers" else getattr(t, f) for f in SAMPLE_FIELDS]
-            for t in trials]
-    write_csv(out / "longbench.csv", SAMPLE_FIELDS, rows)
-    write_json(out / "longbench.json", {**settings, "summary": summarize(trials),
-                                        "samples": [asdict(t) for t in trials]})
-
-
-def run_cli(args) -> list[LongBenchTrial]:
-    """``lacache eval longbench``: load, run, print the score table, write CSV and JSON."""
-    from ..cli import DTYPES, parse_method_options
-    from ..models import load_model
-    from .report import format_table
-
-    methods = _cli_methods(args.methods)
-    options = parse_method_options(args.option)
-    records = _cli_records(args)
-    if not records:
-        raise ValueError("no LongBench records to evaluate")
-    model, tokenizer = load_model(args.model, dtype=getattr(torch, DTYPES[args.dtype]))
-    trials = run_longbench(model, tokenizer, methods, records, args.budget, prefill=args.prefill,
-                           prefill_chunk=args.prefill_chunk, method_options=options,
-                           use_chat_template=not args.no_chat_template, max_length=args.max_length, progress=True)
-    print(f"LongBench scores (0-100), budget {args.budget:g}, {args.prefill} prefill, "
-          f"{_truncation_note(args.max_length)}, {len(records)} samples")
-    print(format_table(*summary_table(trials)))
-    settings = {
-        "model": args.model or "SmolLM2-135M-Instruct (bundled)", "source": args.data or args.dataset,
-        "budget": args.budget, "prefill": args.prefill, "prefill_chunk": args.prefill_chunk,
-        "max_length": args.max_length, "truncation": _truncation_note(args.max_length),
-        "chat_template": not args.no_chat_template, "options": options,
-    }
-    out = Path(args.out)
-    _write_outputs(out, trials, settings)
-    print(f"[lacache] wrote {out / 'longbench.csv'}, {out / 'longbench.json'}", file=sys.stderr)
-    return trials
+def trial_dicts(trials: Sequence[LongBenchTrial]) -> list[dict]:
+    """The trials as JSON-ready dicts (every field, in order)."""
+    return [asdict(t) for t in trials]

@@ -10,13 +10,13 @@ in chunks that are compacted as they come ("chunked": memory bounded by budget +
 from __future__ import annotations
 
 import random
-import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .common import PREFILLS, greedy_answer, resolve_budget
+from .common import greedy_answer
+from .harness import Answer, check_prefill, run_trials
 
 __all__ = ["PasskeyPrompt", "build_passkey_prompt", "run_passkey", "PasskeyTrial", "FILLERS"]
 
@@ -109,26 +109,24 @@ def run_passkey(
 
     ``budget`` below 1 is a fraction of each prompt's length; 1 or more is a number of slots.
     """
-    if prefill not in PREFILLS:
-        raise ValueError(f"prefill={prefill!r} must be one of {PREFILLS}")
-    method_options = method_options or {}
-    trials = []
-    for length in lengths:
-        slots = resolve_budget(budget, length)
-        for depth in depths:
-            for seed in seeds:
-                prompt = build_passkey_prompt(tokenizer, length, depth, filler=filler, seed=seed)
-                for method in methods:
-                    options = dict(method_options.get(method, {}))
-                    started = time.perf_counter()
-                    ids = greedy_answer(model, prompt.input_ids, method, slots, options, prefill, prefill_chunk,
-                                        new_tokens)
-                    answer = tokenizer.decode(ids, skip_special_tokens=True)
-                    trials.append(
-                        PasskeyTrial(method, length, depth, seed, None if method == "full" else slots, prompt.key,
-                                     answer, prompt.key in answer, round(time.perf_counter() - started, 2), options)
-                    )
-    return trials
+    check_prefill(prefill)
+
+    def prompts() -> Iterator[tuple[int, int, PasskeyPrompt]]:
+        for length in lengths:
+            for depth in depths:
+                for seed in seeds:
+                    yield length, seed, build_passkey_prompt(tokenizer, length, depth, filler=filler, seed=seed)
+
+    def trial(item: tuple[int, int, PasskeyPrompt], run: Answer) -> PasskeyTrial:
+        length, seed, prompt = item
+        return PasskeyTrial(run.method, length, prompt.depth, seed, run.slots, prompt.key, run.text, run.score,
+                            run.seconds, run.options)
+
+    return run_trials(
+        model, tokenizer, prompts(), methods, budget, input_ids=lambda item: item[2].input_ids,
+        score=lambda item, answer: item[2].key in answer, make_trial=trial, new_tokens=new_tokens,
+        prefill=prefill, prefill_chunk=prefill_chunk, method_options=method_options, answer=greedy_answer,
+    )
 
 
 def accuracy_grid(trials: Sequence[PasskeyTrial], method: str) -> tuple[list[float], list[int], list[list[float]]]:

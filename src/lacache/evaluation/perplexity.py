@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from ..generation import next_positions
-from ..registry import make_cache
+from .common import fresh_cache
+from .harness import method_budgets, method_options_for
 
 __all__ = ["PPLResult", "streaming_nll", "evaluate_ppl_grid", "window_ppl"]
 
@@ -91,13 +92,7 @@ def evaluate_ppl_grid(
     progress: bool = True,
 ) -> list[PPLResult]:
     """Streaming perplexity for every method x budget (``full`` once, it has no budget)."""
-    method_options = method_options or {}
-    runs: list[tuple[str, int | None]] = []
-    for method in methods:
-        if method == "full":
-            runs.append(("full", None))
-        else:
-            runs.extend((method, b) for b in budgets)
+    runs = method_budgets(methods, budgets)
     tokens = int(input_ids.numel())
     results = []
     bar = None
@@ -106,16 +101,14 @@ def evaluate_ppl_grid(
 
         bar = tqdm(total=len(runs) * (tokens - 1), unit="tok", desc="ppl")
     for method, budget in runs:
-        options = dict(method_options.get(method, {}))
-        cache = make_cache(method, model, budget, **options)
-        if bar is not None:
-            bar.set_postfix_str(f"{method} budget={budget}")
-        started = time.perf_counter()
-        nll = streaming_nll(model, input_ids, cache, step=step, on_progress=bar.update if bar else None)
-        seconds = time.perf_counter() - started
-        describe = cache.describe() if hasattr(cache, "describe") else {"cache": type(cache).__name__}
-        if hasattr(cache, "close"):
-            cache.close()
+        options = method_options_for(method_options, method)
+        with fresh_cache(method, model, budget, options) as cache:
+            if bar is not None:
+                bar.set_postfix_str(f"{method} budget={budget}")
+            started = time.perf_counter()
+            nll = streaming_nll(model, input_ids, cache, step=step, on_progress=bar.update if bar else None)
+            seconds = time.perf_counter() - started
+            describe = cache.describe() if hasattr(cache, "describe") else {"cache": type(cache).__name__}
         results.append(
             PPLResult(
                 method=method,

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-__all__ = ["format_table", "write_csv", "write_json", "plot_ppl_by_position", "ppl_table_rows"]
+__all__ = ["format_table", "write_csv", "write_json", "write_run", "plot_ppl_by_position", "ppl_table_rows"]
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
@@ -40,6 +41,39 @@ def write_csv(path: Path, headers: Sequence[str], rows: Sequence[Sequence]) -> N
 def write_json(path: Path, payload) -> None:
     with open(path, "w") as fh:
         json.dump(payload, fh, indent=2)
+
+
+def write_run(
+    out_dir: str | Path,
+    name: str,
+    *,
+    csv_headers: Sequence[str],
+    csv_rows: Sequence[Sequence],
+    payload: object,
+    plot: Callable[[Path], None] | None = None,
+    table: tuple[str, Sequence[str], Sequence[Sequence]] | None = None,
+) -> list[Path]:
+    """Everything an evaluation run leaves behind, the same way for every evaluation.
+
+    Prints ``table`` (title, headers, rows) on stdout, then writes ``<out_dir>/<name>.csv`` (one
+    row per trial), ``<name>.json`` (``payload``) and, when ``plot`` is given, ``<name>.png``
+    (``plot(path)`` draws it); the folder is created if needed. Returns the written paths, which
+    it also names on stderr so a run's log says where its results went.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if table is not None:
+        title, headers, rows = table
+        print(title)
+        print(format_table(headers, rows))
+    paths = [out / f"{name}.csv", out / f"{name}.json"]
+    write_csv(paths[0], csv_headers, csv_rows)
+    write_json(paths[1], payload)
+    if plot is not None:
+        paths.append(out / f"{name}.png")
+        plot(paths[-1])
+    print(f"[lacache] wrote {', '.join(map(str, paths))}", file=sys.stderr)
+    return paths
 
 
 def ppl_table_rows(results) -> tuple[list[str], list[list]]:

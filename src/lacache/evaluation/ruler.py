@@ -12,23 +12,31 @@ The ideas follow RULER (Hsieh et al., 2024); the wording, vocabulary and generat
 and sized for a small model: the defaults were calibrated so the bundled SmolLM2-135M-Instruct with
 a full cache scores clearly above chance at the default lengths on the needle tasks; common words
 stays near chance for a model this small (numbers at ``DEFAULT_LENGTHS``).
+
+The prompt generators live in :mod:`.ruler_prompts` (re-exported here); this module answers, scores
+and summarizes them through the shared loop of :mod:`.harness`.
 """
 
 from __future__ import annotations
 
 import functools
-import itertools
-import math
-import random
-import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
-import torch
-
-from .common import PREFILLS, greedy_answer, resolve_budget
-from .passkey import FILLERS, filler_ids
+from .common import greedy_answer
+from .harness import Answer, check_prefill, run_trials
+from .ruler_prompts import (  # noqa: F401 (WORDS, _prune_words, _render_list: re-exported for tests)
+    TASKS,
+    WORDS,
+    RulerPrompt,
+    _prune_words,
+    _render_list,
+    build_common_words,
+    build_niah_multikey,
+    build_niah_multivalue,
+    build_ruler_prompt,
+    build_variable_tracking,
+)
 
 __all__ = [
     "DEFAULT_LENGTHS",
@@ -36,7 +44,6 @@ __all__ = [
     "TASK_NEW_TOKENS",
     "RulerPrompt",
     "RulerTrial",
-    "add_parser",
     "build_common_words",
     "build_niah_multikey",
     "build_niah_multivalue",
@@ -44,351 +51,23 @@ __all__ = [
     "build_variable_tracking",
     "mean_scores",
     "plot_scores",
-    "run_cli",
     "run_ruler",
+    "stop_ids_for",
     "string_match_all",
     "summary_table",
     "trial_dicts",
 ]
 
-TASKS = ("niah_multikey", "niah_multivalue", "variable_tracking", "common_words")
 #: Calibrated on SmolLM2-135M-Instruct, fp32, full cache, grass filler, seeds 0-2 (mean score at 500 / 1000
 #: tokens): niah_multikey 0.67 / 0.67 (chance ~0.25: one of 4 numbers), niah_multivalue 0.83 / 0.25,
 #: variable_tracking 0.67 / 0.44, common_words 0.30 / 0.03 (about chance: the model cannot count).
 #: Past ~1,000 tokens the full cache itself fails most tasks, leaving nothing for a budget to lose.
 DEFAULT_LENGTHS = (500,)
-DEFAULT_METHODS = "full,streaming,lacache,lacache-salient,tova,h2o"
 #: Greedy tokens per answer: enough for the expected answer plus a little slack, no more (decoding
 #: dominates the cost of a trial on CPU).
 TASK_NEW_TOKENS = {"niah_multikey": 12, "niah_multivalue": 40, "variable_tracking": 30, "common_words": 60}
 #: Tasks whose answer is one line; stopping at a newline keeps later rambling from being scored.
 STOP_AT_NEWLINE = frozenset({"niah_multikey"})
-
-# A fixed vocabulary of plain nouns for keys and list words: local, reproducible, and pruned so that
-# no word contains another (substring scoring would otherwise credit "ant" inside "giant").
-_WORD_TEXT = """
-apple river stone cloud tiger candle mirror garden rocket violin forest button pillow copper desert
-engine feather ginger hammer island jacket kettle ladder magnet needle orange pepper quartz rabbit
-saddle tomato umbrella velvet walnut yogurt zebra anchor basket cactus dragon falcon guitar helmet
-igloo jungle lantern marble nectar oyster parrot puzzle raven silver turtle valley window badger
-bottle canyon dolphin eagle fabric glacier harbor insect jelly koala lemon meadow noodle ocean pencil
-quiver ribbon salmon tunnel uniform vessel wagon yacht blanket cherry donkey flute goblet hazel iris
-jasmine kayak lobster mango nutmeg olive pebble quilt radish spider thistle urchin vortex willow acorn
-bamboo cobalt dagger elbow fossil gravel hornet ivory jigsaw kernel lizard mustard nickel orchid
-raisin shovel trumpet walrus beacon carrot cobra dinosaur falafel gazelle hedgehog iceberg juniper
-kiwi leopard mammoth nomad otter panda quokka rhino squirrel tulip unicorn viking wombat bagel comet
-daisy emerald fjord gorilla husky jaguar kitten llama moose narwhal octopus pelican quail robin
-sparrow toucan vulture weasel bison camel duck elk ferret goose hippo ibis jackal lynx mole newt
-owl puma seal swan tapir viper wolf yak biscuit cookie donut muffin pretzel waffle crayon easel
-folder glove hanger ink jar kite lamp mitten napkin paddle rake scarf thimble vase whistle zipper
-barrel cradle drum fiddle gong harp lute oboe piano banjo cello tuba bugle sitar
-"""
-
-
-def _prune_words(words: Sequence[str]) -> tuple[str, ...]:
-    unique = list(dict.fromkeys(words))
-    return tuple(w for w in unique if not any(o != w and o in w for o in unique))
-
-
-WORDS = _prune_words(_WORD_TEXT.split())
-
-NIAH_INSTRUCTION = (
-    "Some special magic numbers are hidden inside the following text. Find them and memorize them. "
-    "I will quiz you about them.\n"
-)
-NIAH_NEEDLE = " One of the special magic numbers for {key} is: {value}."
-MULTIKEY_QUESTION = "\nWhat is the special magic number for {key}? The special magic number for {key} is"
-MULTIVALUE_QUESTION = (
-    "\nWhat are all the special magic numbers for {key}? The special magic numbers for {key} are"
-)
-VT_INSTRUCTION = "Memorize and track the chains of variable assignments hidden in the following text.\n"
-VT_NEEDLE = " VAR {name} = {value}."
-VT_QUESTION = (
-    "\nQuestion: Which {count} variables are assigned the value {value} in the text above? "
-    "Answer: The variables assigned the value {value} are: VAR"
-)
-CWE_INSTRUCTION = (
-    "Below is a numbered list of words. Some words appear many times and others only once or twice. "
-    "Memorize the ones that appear most often.\n"
-)
-CWE_ENTRY = "{index}. {word}\n"
-CWE_QUESTION = (
-    "Question: What are the {count} most common words in the list above? "
-    "Answer: The {count} words that appear most often in the list are:"
-)
-
-
-@dataclass
-class RulerPrompt:
-    """One generated prompt and what a correct answer must contain."""
-
-    task: str
-    input_ids: torch.Tensor  # [1, length]
-    references: list[str]
-    #: [start, end) token spans of every needle (for common_words: of each common word's entries)
-    needle_spans: list[tuple[int, int]]
-    query: str  # the key, value or count the question asks about
-
-
-def _rng(task: str, seed: int) -> random.Random:
-    """Per-task streams, so one seed does not give every task the same keys and numbers."""
-    return random.Random(f"{task}:{seed}")
-
-
-def _tokens(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def _sentence_ends(tokenizer, ids: Sequence[int]) -> list[int]:
-    """Cut points after a sentence end, so needles do not split words of the haystack."""
-    pieces = tokenizer.batch_decode([[t] for t in ids])
-    cuts = [0] + [i + 1 for i, p in enumerate(pieces) if p.rstrip().endswith((".", "!", "?"))]
-    return sorted(set(cuts) | {len(ids)})
-
-
-def _spread_depths(rng: random.Random, count: int) -> list[float]:
-    """One random depth per equal slice of the haystack: random, yet never all bunched together."""
-    return [(i + rng.random()) / count for i in range(count)]
-
-
-def _insert_needles(
-    tokenizer, head: list[int], filler: list[int], needles: list[list[int]], tail: list[int], rng: random.Random
-) -> tuple[list[int], list[tuple[int, int]]]:
-    """``head + filler-with-needles + tail``, needles in the given order at spread, sentence-aligned depths."""
-    cuts = _sentence_ends(tokenizer, filler)
-    targets = [round(d * len(filler)) for d in _spread_depths(rng, len(needles))]
-    points = sorted(min(cuts, key=lambda c, t=t: (abs(c - t), c)) for t in targets)
-    ids, spans, previous = list(head), [], 0
-    for point, needle in zip(points, needles):
-        ids += filler[previous:point]
-        spans.append((len(ids), len(ids) + len(needle)))
-        ids += needle
-        previous = point
-    ids += filler[previous:] + tail
-    return ids, spans
-
-
-def _haystack_text(tokenizer, filler: str, length: int, rng: random.Random) -> tuple[list[int], str]:
-    """Filler ids (more than needed; prompts take a prefix) and their text, to keep needles out of it."""
-    ids = filler_ids(tokenizer, filler, length, rng)
-    return ids, tokenizer.decode(ids)
-
-
-def _fresh(rng: random.Random, draw: Callable[[random.Random], str], avoid: str, taken: set[str]) -> str:
-    """A draw that occurs nowhere in ``avoid`` and overlaps no earlier draw, so counts stay exact."""
-    for _ in range(1000):
-        item = draw(rng)
-        if item not in avoid and not any(item in t or t in item for t in taken):
-            taken.add(item)
-            return item
-    raise ValueError("could not draw a key or value absent from the haystack; use another filler or seed")
-
-
-def _word_key(rng: random.Random) -> str:
-    first, second = rng.sample(WORDS, 2)
-    return f"{first}-{second}"
-
-
-def _number(digits: int) -> Callable[[random.Random], str]:
-    return lambda rng: str(rng.randrange(10 ** (digits - 1), 10**digits))
-
-
-def _variable(rng: random.Random) -> str:
-    return "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5))
-
-
-def _layout(tokenizer, length: int, head: str, needles: list[str], tail: str, filler: list[int],
-            rng: random.Random) -> tuple[list[int], list[tuple[int, int]]]:
-    head_ids, tail_ids = _tokens(tokenizer, head), _tokens(tokenizer, tail)
-    needle_ids = [_tokens(tokenizer, n) for n in needles]
-    room = length - len(head_ids) - len(tail_ids) - sum(map(len, needle_ids))
-    if room < 0:
-        raise ValueError(f"length={length} is too short for the instruction, needles and question ({length - room})")
-    return _insert_needles(tokenizer, head_ids, filler[:room], needle_ids, tail_ids, rng)
-
-
-def build_niah_multikey(
-    tokenizer, length: int, seed: int = 0, filler: str = "grass", keys: int = 4
-) -> RulerPrompt:
-    """``keys`` magic-number needles with different keys; the question asks for one of them.
-
-    The other needles are distractors of the same form, so a method must keep the right one, not
-    just any number-shaped span.
-    """
-    if keys < 1:
-        raise ValueError(f"keys={keys} must be at least 1")
-    rng = _rng("niah_multikey", seed)
-    haystack, avoid = _haystack_text(tokenizer, filler, length, rng)
-    taken: set[str] = set()
-    pairs = [(_fresh(rng, _word_key, avoid, taken), _fresh(rng, _number(7), avoid, taken)) for _ in range(keys)]
-    rng.shuffle(pairs)
-    key, value = pairs[rng.randrange(keys)]
-    needles = [NIAH_NEEDLE.format(key=k, value=v) for k, v in pairs]
-    ids, spans = _layout(tokenizer, length, NIAH_INSTRUCTION, needles, MULTIKEY_QUESTION.format(key=key),
-                         haystack, rng)
-    return RulerPrompt("niah_multikey", torch.tensor([ids]), [value], spans, key)
-
-
-def build_niah_multivalue(
-    tokenizer, length: int, seed: int = 0, filler: str = "grass", values: int = 4
-) -> RulerPrompt:
-    """One key with ``values`` numbers at different depths; all of them are asked for."""
-    if values < 1:
-        raise ValueError(f"values={values} must be at least 1")
-    rng = _rng("niah_multivalue", seed)
-    haystack, avoid = _haystack_text(tokenizer, filler, length, rng)
-    taken: set[str] = set()
-    key = _fresh(rng, _word_key, avoid, taken)
-    numbers = [_fresh(rng, _number(7), avoid, taken) for _ in range(values)]
-    needles = [NIAH_NEEDLE.format(key=key, value=v) for v in numbers]
-    ids, spans = _layout(tokenizer, length, NIAH_INSTRUCTION, needles, MULTIVALUE_QUESTION.format(key=key),
-                         haystack, rng)
-    return RulerPrompt("niah_multivalue", torch.tensor([ids]), numbers, spans, key)
-
-
-def _interleave(rng: random.Random, chains: list[list[str]]) -> list[str]:
-    """Mix the chains' statements randomly while keeping each chain's own order (define, then copy)."""
-    order = [c for c, chain in enumerate(chains) for _ in chain]
-    rng.shuffle(order)
-    cursors = [iter(chain) for chain in chains]
-    return [next(cursors[c]) for c in order]
-
-
-def build_variable_tracking(
-    tokenizer, length: int, seed: int = 0, filler: str = "grass", chains: int = 1, hops: int = 2
-) -> RulerPrompt:
-    """``chains`` assignment chains ``VAR A = 12345. ... VAR B = A. ...`` of ``hops`` copies each.
-
-    The question names the first chain's value; the answer is every variable of that chain, so each
-    hop's statement has to survive, in order. Further chains (other values) are distractors.
-    """
-    if chains < 1 or hops < 0:
-        raise ValueError(f"chains={chains} must be >= 1 and hops={hops} >= 0")
-    rng = _rng("variable_tracking", seed)
-    haystack, avoid = _haystack_text(tokenizer, filler, length, rng)
-    taken: set[str] = set()
-    names, statements, values = [], [], []
-    for _ in range(chains):
-        chain = [_fresh(rng, _variable, avoid, taken) for _ in range(hops + 1)]
-        value = _fresh(rng, _number(5), avoid, taken)
-        names.append(chain)
-        values.append(value)
-        statements.append([VT_NEEDLE.format(name=chain[0], value=value)]
-                          + [VT_NEEDLE.format(name=b, value=a) for a, b in itertools.pairwise(chain)])
-    tail = VT_QUESTION.format(value=values[0], count=hops + 1)
-    ids, spans = _layout(tokenizer, length, VT_INSTRUCTION, _interleave(rng, statements), tail, haystack, rng)
-    return RulerPrompt("variable_tracking", torch.tensor([ids]), names[0], spans, values[0])
-
-
-def _cwe_words(rng: random.Random, common: int, common_freq: int, rare_freq: int,
-               entries: int) -> tuple[list[str], list[str]]:
-    """(common words, shuffled list): each common word ``common_freq`` times, rare words filling ``entries``."""
-    pool = list(WORDS)
-    rng.shuffle(pool)
-    tops, rest = pool[:common], pool[common:]
-    rare_slots = max(0, entries - common * common_freq)
-    freq = max(rare_freq, math.ceil(rare_slots / max(1, len(rest))))
-    if freq >= common_freq:
-        raise ValueError(
-            f"{entries} list entries need rare words {freq} times each, not fewer than the common words' "
-            f"{common_freq}: raise common_freq or shorten the prompt"
-        )
-    rare = rest[: math.ceil(rare_slots / freq)]
-    words = tops * common_freq + (rare * freq)[:rare_slots]
-    rng.shuffle(words)
-    return tops, words
-
-
-def _render_list(tokenizer, words: Sequence[str]) -> list[list[int]]:
-    texts = [CWE_ENTRY.format(index=i + 1, word=w) for i, w in enumerate(words)]
-    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-
-
-def _entries_for(tokenizer, room: int) -> int:
-    """How many entries fill ``room`` tokens, slightly over so that trimming, not padding, fits the list."""
-    guess = max(1, room // 4)
-    for _ in range(2):  # entry size grows with the number of digits of its index
-        sample = _render_list(tokenizer, [WORDS[i % len(WORDS)] for i in range(guess)])
-        guess = max(1, round(room * len(sample) / sum(map(len, sample))))
-    return guess + 2 + guess // 50
-
-
-def _fit_list(tokenizer, words: list[str], keep: set[str], room: int) -> tuple[list[str], list[list[int]]]:
-    """Drop rare entries from the end until the rendered list fits ``room`` tokens.
-
-    Only rare words are dropped, so the common words keep their exact counts and stay the top ones;
-    what is left over is less than one entry.
-    """
-    entries = _render_list(tokenizer, words)
-    while (total := sum(map(len, entries))) > room:
-        drop = max(1, int((total - room) / (total / len(entries))))
-        indices = [i for i in range(len(words) - 1, -1, -1) if words[i] not in keep][:drop]
-        if not indices:
-            raise ValueError(f"{room} tokens cannot hold the common words' entries; lengthen the prompt")
-        gone = set(indices)
-        words = [w for i, w in enumerate(words) if i not in gone]
-        entries = _render_list(tokenizer, words)
-    return words, entries
-
-
-def build_common_words(
-    tokenizer,
-    length: int,
-    seed: int = 0,
-    filler: str = "grass",
-    common: int = 10,
-    common_freq: int | None = None,
-    rare_freq: int = 1,
-    common_share: float = 0.5,
-) -> RulerPrompt:
-    """A numbered word list whose ``common`` words each occur ``common_freq`` times; name those words.
-
-    No needle holds the answer: it is a count over the whole list, which eviction can only blur.
-    ``common_freq`` defaults to what gives the common words ``common_share`` of the list. The list
-    is the haystack (``filler`` is ignored); the few tokens left over (less than one entry) pad it
-    with newlines so the length is exact.
-    """
-    del filler  # the list is the haystack
-    if common < 1 or rare_freq < 1 or not 0 < common_share < 1:
-        raise ValueError(f"common={common}, rare_freq={rare_freq} must be >= 1 and common_share in (0, 1)")
-    rng = _rng("common_words", seed)
-    head, tail = _tokens(tokenizer, CWE_INSTRUCTION), _tokens(tokenizer, CWE_QUESTION.format(count=common))
-    room = length - len(head) - len(tail)
-    if room <= 0:
-        raise ValueError(f"length={length} is too short for the instruction and question ({len(head) + len(tail)})")
-    entries = _entries_for(tokenizer, room)
-    if common_freq is None:
-        common_freq = max(rare_freq + 1, round(entries * common_share / common))
-    tops, words = _cwe_words(rng, common, common_freq, rare_freq, entries)
-    words, rendered = _fit_list(tokenizer, words, set(tops), room)
-    newline = _tokens(tokenizer, "\n")
-    ids, spans = list(head), []
-    for word, entry in zip(words, rendered):
-        if word in tops:
-            spans.append((len(ids), len(ids) + len(entry)))
-        ids += entry
-    ids += newline * ((length - len(ids) - len(tail)) // len(newline)) + tail
-    if len(ids) != length:  # only if a newline took more than one token
-        raise ValueError(f"could not pad the word list to exactly {length} tokens")
-    return RulerPrompt("common_words", torch.tensor([ids]), tops, spans, str(common))
-
-
-_BUILDERS: dict[str, Callable[..., RulerPrompt]] = {
-    "niah_multikey": build_niah_multikey,
-    "niah_multivalue": build_niah_multivalue,
-    "variable_tracking": build_variable_tracking,
-    "common_words": build_common_words,
-}
-
-
-def build_ruler_prompt(tokenizer, task: str, length: int, seed: int = 0, filler: str = "grass",
-                       **options) -> RulerPrompt:
-    """A prompt of exactly ``length`` tokens for ``task``; ``options`` go to that task's builder."""
-    if task not in _BUILDERS:
-        raise ValueError(f"task={task!r} must be one of {TASKS}")
-    if filler not in FILLERS:
-        raise ValueError(f"filler={filler!r} must be one of {FILLERS}")
-    return _BUILDERS[task](tokenizer, length, seed=seed, filler=filler, **options)
 
 
 def string_match_all(answer: str, references: Sequence[str]) -> float:
@@ -447,32 +126,31 @@ def run_ruler(
     ``budget`` below 1 is a fraction of each prompt's length; 1 or more is a number of slots. All
     methods see the same prompt for a given (task, length, seed), so their scores pair up.
     """
-    if prefill not in PREFILLS:
-        raise ValueError(f"prefill={prefill!r} must be one of {PREFILLS}")
+    check_prefill(prefill)
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"tasks {unknown} not known; choose from {TASKS}")
-    method_options, task_options = method_options or {}, task_options or {}
+    task_options = task_options or {}
     tokens = {**TASK_NEW_TOKENS, **(new_tokens or {})}
-    trials = []
-    for length in lengths:
-        slots = resolve_budget(budget, length)
-        for task in tasks:
-            stops = stop_ids_for(tokenizer, task)
-            for seed in seeds:
-                prompt = build_ruler_prompt(tokenizer, task, length, seed, filler, **task_options.get(task, {}))
-                for method in methods:
-                    options = dict(method_options.get(method, {}))
-                    started = time.perf_counter()
-                    ids = greedy_answer(model, prompt.input_ids, method, slots, options, prefill, prefill_chunk,
-                                        tokens[task], stops)
-                    answer = tokenizer.decode(ids, skip_special_tokens=True)
-                    score = string_match_all(answer, prompt.references)
-                    trials.append(RulerTrial(
-                        method, task, length, seed, None if method == "full" else slots, prompt.references, answer,
-                        score, score == 1.0, round(time.perf_counter() - started, 2), prompt.needle_spans, options,
-                    ))
-    return trials
+
+    def prompts() -> Iterator[tuple[int, int, RulerPrompt]]:
+        for length in lengths:
+            for task in tasks:
+                for seed in seeds:
+                    yield length, seed, build_ruler_prompt(tokenizer, task, length, seed, filler,
+                                                           **task_options.get(task, {}))
+
+    def trial(item: tuple[int, int, RulerPrompt], run: Answer) -> RulerTrial:
+        length, seed, prompt = item
+        return RulerTrial(run.method, prompt.task, length, seed, run.slots, prompt.references, run.text, run.score,
+                          run.score == 1.0, run.seconds, prompt.needle_spans, run.options)
+
+    return run_trials(
+        model, tokenizer, prompts(), methods, budget, input_ids=lambda item: item[2].input_ids,
+        score=lambda item, answer: string_match_all(answer, item[2].references), make_trial=trial,
+        new_tokens=lambda item: tokens[item[2].task], stop_ids=lambda item: stop_ids_for(tokenizer, item[2].task),
+        prefill=prefill, prefill_chunk=prefill_chunk, method_options=method_options, answer=greedy_answer,
+    )
 
 
 def mean_scores(trials: Sequence[RulerTrial]) -> dict[tuple[str, str, int], float]:
@@ -532,71 +210,3 @@ def plot_scores(trials: Sequence[RulerTrial], path, title: str) -> None:
 def trial_dicts(trials: Sequence[RulerTrial]) -> list[dict]:
     return [asdict(t) for t in trials]
 
-
-def add_parser(tasks_subparsers):
-    """Register ``ruler`` under ``lacache eval``; returns the new parser."""
-    from ..cli import DTYPES, _positive_int
-
-    parser = tasks_subparsers.add_parser(
-        "ruler", help="RULER-style synthetic tasks (multi-key/value needles, variable tracking, common words)"
-    )
-    parser.add_argument("--model", default=None, help="hub id or local path; default: bundled SmolLM2-135M-Instruct")
-    parser.add_argument("--methods", default=DEFAULT_METHODS)
-    parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {','.join(TASKS)}")
-    parser.add_argument("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)), help="prompt lengths in tokens")
-    parser.add_argument("--seeds", type=_positive_int, default=3, help="prompts per task and length")
-    parser.add_argument("--budget", type=float, default=0.5, help="< 1: fraction of the prompt; >= 1: slots per layer")
-    parser.add_argument("--filler", choices=list(FILLERS), default="grass")
-    parser.add_argument("--prefill", choices=list(PREFILLS), default="full")
-    parser.add_argument("--prefill-chunk", type=_positive_int, default=128)
-    parser.add_argument("--option", action="append", default=[], metavar="METHOD.KEY=VALUE")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--out", default="runs/ruler", help="folder for ruler.csv, ruler.json, ruler.png")
-    return parser
-
-
-def _names(text: str, known: Sequence[str], what: str) -> list[str]:
-    names = [x.strip() for x in text.split(",") if x.strip()]
-    unknown = [x for x in names if x not in known]
-    if unknown or not names:
-        raise ValueError(f"--{what} {','.join(unknown) or '(empty)'} not known; choose from {','.join(known)}")
-    return names
-
-
-def run_cli(args, model=None, tokenizer=None) -> list[RulerTrial]:
-    """``lacache eval ruler``: run, print a table, write ruler.csv/json/png into ``--out``.
-
-    ``model`` and ``tokenizer`` may be passed in (tests, notebooks) instead of loading ``--model``.
-    """
-    from pathlib import Path
-
-    from ..cli import DTYPES, _split, parse_method_options
-    from ..registry import METHODS
-    from .report import format_table, write_csv, write_json
-
-    methods = _names(args.methods, METHODS, "methods")
-    tasks = _names(args.tasks, TASKS, "tasks")
-    lengths = _split(args.lengths, int)
-    options = parse_method_options(args.option)
-    if model is None or tokenizer is None:
-        from ..models import load_model
-
-        model, tokenizer = load_model(args.model, dtype=getattr(torch, DTYPES[args.dtype]))
-    trials = run_ruler(model, tokenizer, methods, tasks, lengths, list(range(args.seeds)), args.budget,
-                       filler=args.filler, prefill=args.prefill, prefill_chunk=args.prefill_chunk,
-                       method_options=options)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    headers, rows = summary_table(trials)
-    print(f"RULER-style tasks, budget {args.budget}, {args.prefill} prefill, {args.filler} filler, "
-          f"{args.seeds} seeds per task and length (mean string-match score)")
-    print(format_table(headers, rows))
-    fields = ["method", "task", "length", "seed", "budget", "score", "correct", "seconds"]
-    write_csv(out / "ruler.csv", [*fields, "references", "answer"],
-              [[*(getattr(t, f) for f in fields), " ".join(t.references), t.answer] for t in trials])
-    write_json(out / "ruler.json", {"budget": args.budget, "prefill": args.prefill, "filler": args.filler,
-                                    "model": args.model or "SmolLM2-135M-Instruct (bundled)",
-                                    "trials": trial_dicts(trials)})
-    plot_scores(trials, out / "ruler.png", f"RULER-style tasks, budget {args.budget}, {args.prefill} prefill")
-    print(f"[lacache] wrote {out / 'ruler.csv'}, {out / 'ruler.json'}, {out / 'ruler.png'}", file=sys.stderr)
-    return trials

@@ -1,7 +1,27 @@
-"""What a bounded cache keeps: each policy turns (slots now, slots allowed) into a compaction plan."""
+"""Which slots survive: one small module per retention rule, all answering ``RetentionPolicy.retain``."""
 
-from .base import SlotPolicy
-from .ladder import LadderPolicy
-from .streaming import StreamingPolicy
+from .base import IndexPolicy, LayerView, RetentionPolicy
+from .ladder import LadderPolicy, ladder_plan
+from .plan import CompactionPlan, RowPlan, identity_plan
+from .salient import SalientLadderPolicy
+from .scores import H2OPolicy, KNormPolicy, ScorePolicy, TOVAPolicy, keep_top
+from .streaming import StreamingPolicy, window_plan
 
-__all__ = ["SlotPolicy", "LadderPolicy", "StreamingPolicy"]
+__all__ = [
+    "RetentionPolicy",
+    "IndexPolicy",
+    "LayerView",
+    "CompactionPlan",
+    "RowPlan",
+    "identity_plan",
+    "LadderPolicy",
+    "ladder_plan",
+    "StreamingPolicy",
+    "window_plan",
+    "SalientLadderPolicy",
+    "ScorePolicy",
+    "TOVAPolicy",
+    "H2OPolicy",
+    "KNormPolicy",
+    "keep_top",
+]

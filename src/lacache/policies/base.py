@@ -1,25 +1,81 @@
-"""The contract between a bounded cache and the rule that decides which slots survive."""
+"""The contract between a bounded cache and the rule that decides which slots survive.
+
+Every retention rule answers one question: *given this layer's view of the cache, which slots
+survive a compaction down to ``target``?* It returns a plan (``policies.plan``). The view offers
+the slot count at once and, lazily, what content-aware rules need: the stored keys and the new
+queries' attention over them. Storage never asks what kind of policy it holds; it only reads the
+two class flags below to know whether to build a view on steps that do not compact.
+"""
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from ..ladder import CompactionPlan
+if TYPE_CHECKING:
+    import torch
+
+    from .plan import CompactionPlan, RowPlan
+
+__all__ = ["LayerView", "RetentionPolicy", "IndexPolicy"]
 
 
-class SlotPolicy(ABC):
-    """Decides, when the cache is over budget, which slots each layer keeps.
+class LayerView:
+    """One layer at one forward pass, as a retention policy may look at it.
 
-    Policies that only look at slot indices (ladder, window) are pure and memoise their plans, so
-    a long stream reuses a handful of index tensors instead of building new ones per token.
+    ``num_slots`` counts the layer's slots including this forward's new tokens (the newest last);
+    ``step`` numbers the forward passes of the stream, so a rule that plans every layer at once
+    knows when a new pass began. ``keys()`` are the stored keys ``[B, H, n, D]`` (their norms do not
+    depend on the position shift); ``attention()`` is the head-averaged attention of the new
+    queries over all slots ``[B, q, n]``, computed on first use and only for caches that observe
+    queries.
     """
+
+    __slots__ = ("layer_idx", "num_slots", "query_length", "step", "_keys", "_attention", "_attention_fn")
+
+    def __init__(self, layer_idx: int, num_slots: int, query_length: int, step: int,
+                 keys: "torch.Tensor | None" = None, attention: "Callable[[], torch.Tensor] | None" = None):
+        self.layer_idx = layer_idx
+        self.num_slots = num_slots
+        self.query_length = query_length
+        self.step = step
+        self._keys = keys
+        self._attention_fn = attention
+        self._attention = None
+
+    def keys(self) -> "torch.Tensor":
+        if self._keys is None:
+            raise RuntimeError("this view carries no keys")
+        return self._keys
+
+    def attention(self) -> "torch.Tensor":
+        if self._attention is None:
+            if self._attention_fn is None:
+                raise RuntimeError(
+                    "this cache does not observe queries: a policy that reads attention must set needs_attention"
+                )
+            self._attention = self._attention_fn()
+        return self._attention
+
+
+class RetentionPolicy(ABC):
+    """Decides, when the cache is over budget, which slots each layer keeps."""
 
     #: slots at the front that are never evicted
     sinks: int = 0
+    #: the cache must observe each new query (hooks on the attention modules) to offer ``view.attention()``
+    needs_attention: bool = False
+    #: ``observe`` must see every forward pass, not only the ones that compact
+    observes_every_step: bool = False
 
     @abstractmethod
-    def plan(self, n: int, target: int) -> CompactionPlan:
-        """Plan the compaction of ``n`` slots down to at most ``target`` (and advance any state)."""
+    def retain(self, view: LayerView, target: int) -> "CompactionPlan | RowPlan":
+        """The slots of ``view``'s layer that survive a compaction to at most ``target`` (advancing any state)."""
+
+    def observe(self, view: LayerView) -> None:
+        """Record what this forward pass shows (scores that accumulate); called before ``retain``."""
 
     def min_target(self) -> int:
         """The smallest ``target`` this policy can compact to."""
@@ -28,11 +84,37 @@ class SlotPolicy(ABC):
     def reset(self) -> None:
         """Forget per-stream state (a new sequence starts)."""
 
-    def fork(self) -> "SlotPolicy":
-        """An independent copy carrying this stream's state (beam search repeating a sequence)."""
-        import copy
-
+    def fork(self) -> "RetentionPolicy":
+        """An independent copy carrying this stream's state (a padded batch's rows, beams)."""
         return copy.deepcopy(self)
 
     def describe(self) -> dict:
         return {"policy": type(self).__name__, "sinks": self.sinks}
+
+
+class IndexPolicy(RetentionPolicy):
+    """A rule that looks at slot indices only: one plan per forward pass serves every layer.
+
+    Subclasses implement ``plan(n, target)``; ``retain`` calls it once per forward pass (at the
+    first layer that asks) and hands the same plan to every layer, which takes its own row.
+    """
+
+    _planned_step: int | None = None
+    _step_plan: "CompactionPlan | None" = None
+
+    @abstractmethod
+    def plan(self, n: int, target: int) -> "CompactionPlan":
+        """Plan the compaction of ``n`` slots down to at most ``target`` (and advance any state)."""
+
+    def retain(self, view: LayerView, target: int) -> "CompactionPlan":
+        if self._planned_step != view.step or self._step_plan is None:
+            self._step_plan = self.plan(view.num_slots, target)
+            self._planned_step = view.step
+        return self._step_plan
+
+    def reset(self) -> None:
+        self._planned_step = self._step_plan = None
+
+    def fork(self) -> "IndexPolicy":
+        """A copy with this stream's state; memoised plans are pure, so both share them."""
+        return copy.copy(self)

@@ -1,11 +1,12 @@
-"""LaCache: ladder-shaped retention with iterative compaction (SPEC §2.1-2.2)."""
+"""LaCache: ladder-shaped retention with iterative compaction (docs/method.md §1, "Compaction plan")."""
 
 from __future__ import annotations
 
-import copy
+from ..ladder import LadderGeometry, ladder_compaction
+from .base import IndexPolicy
+from .plan import CompactionPlan
 
-from ..ladder import CompactionPlan, LadderGeometry, ladder_plan
-from .base import SlotPolicy
+__all__ = ["LadderPolicy", "ladder_plan"]
 
 # Memoised plans per policy: a steady stream visits a few dozen, each an int64 [layers, slots] index
 # (30 layers x 512 slots: 123 KB). Past the byte cap (e.g. 80 layers x 4,096 slots, 2.6 MB a plan)
@@ -14,7 +15,14 @@ _MEMO_LIMIT = 4096
 _MEMO_BYTES = 32 * 2**20
 
 
-class LadderPolicy(SlotPolicy):
+def ladder_plan(
+    geometry: LadderGeometry, n: int, cursor: int, target: int, sinks: int, window: int
+) -> CompactionPlan:
+    """The plan that compacts ``n`` slots to at most ``target`` by laddering rungs from ``cursor``."""
+    return CompactionPlan(*ladder_compaction(geometry, n, cursor, target, sinks, window))
+
+
+class LadderPolicy(IndexPolicy):
     """Keeps a cursor across calls; plans depend only on (slots, cursor, target) and are memoised.
 
     In a steady stream the cache cycles through a bounded set of (slots, cursor) states. The first
@@ -64,11 +72,8 @@ class LadderPolicy(SlotPolicy):
         return True
 
     def reset(self) -> None:
+        super().reset()
         self.cursor = self.sinks
-
-    def fork(self) -> "SlotPolicy":
-        """A copy with this stream's cursor; the memoised plans are pure, so both share them."""
-        return copy.copy(self)
 
     def describe(self) -> dict:
         g = self.geometry

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
-import copy
+import numpy as np
 
-from ..ladder import CompactionPlan, window_plan
-from .base import SlotPolicy
+from .base import IndexPolicy
+from .plan import CompactionPlan, identity_plan
+
+__all__ = ["StreamingPolicy", "window_plan"]
 
 
-class StreamingPolicy(SlotPolicy):
+def window_plan(n: int, target: int, sinks: int) -> CompactionPlan:
+    """Keep the ``sinks`` first slots and the most recent ``target - sinks``."""
+    if n <= target:
+        return identity_plan(n, sinks)
+    if target <= sinks:
+        raise ValueError(f"target={target} must exceed sinks={sinks}")
+    recent = target - sinks
+    index = np.concatenate([np.arange(sinks), np.arange(n - recent, n)]).astype(np.int64)
+    return CompactionPlan(index[None, :], sinks)
+
+
+class StreamingPolicy(IndexPolicy):
     def __init__(self, sinks: int):
         if sinks < 0:
             raise ValueError(f"sinks={sinks} must be >= 0; e.g. sinks=4")
@@ -23,7 +36,3 @@ class StreamingPolicy(SlotPolicy):
             if n <= 2 * target + 64 and len(self._plans) < 4096:  # one-off prefill plans are not kept
                 self._plans[key] = plan
         return plan
-
-    def fork(self) -> "SlotPolicy":
-        """A copy for another sequence; the memoised plans are pure, so both share them."""
-        return copy.copy(self)

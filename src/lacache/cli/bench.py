@@ -15,28 +15,34 @@ import os
 import sys
 from pathlib import Path
 
+from .common import (
+    add_dtype_argument,
+    add_methods_argument,
+    add_model_argument,
+    add_option_argument,
+    method_list,
+    names,
+    parse_method_options,
+    positive_int,
+    torch_dtype,
+)
+
 __all__ = ["add_parser", "run_cli", "BENCHMARKS"]
 
+#: the ``lacache bench`` sub-commands
 BENCHMARKS = ("decode", "memory", "stream", "cache", "prefill", "all")
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16"}
 DEFAULT_OUT = "runs/bench"
 MB = 2**20
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be a positive integer")
-    return value
-
-
 def _common(parser: argparse.ArgumentParser, model: bool = True) -> None:
+    """Flags every benchmark shares (model choice unless ``model=False``, dtype, device, seed, output)."""
     if model:
-        parser.add_argument("--model", default=None, help="hub id or local path; default: bundled SmolLM2-135M-Instruct")
+        add_model_argument(parser)
         parser.add_argument("--tiny", action="store_true", help="a random tiny Llama built in-process instead of --model")
-        parser.add_argument("--tiny-layers", type=_positive_int, default=4, help="layers of the --tiny model")
-        parser.add_argument("--tiny-hidden", type=_positive_int, default=64, help="hidden size of the --tiny model")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+        parser.add_argument("--tiny-layers", type=positive_int, default=4, help="layers of the --tiny model")
+        parser.add_argument("--tiny-hidden", type=positive_int, default=64, help="hidden size of the --tiny model")
+    add_dtype_argument(parser)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ...; auto: cuda when available")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
@@ -44,19 +50,19 @@ def _common(parser: argparse.ArgumentParser, model: bool = True) -> None:
 
 
 def _decode_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--methods", default="full,streaming,lacache,tova,h2o")
-    parser.add_argument("--budget", type=_positive_int, default=512, help="slots per layer of the bounded caches")
-    parser.add_argument("--tokens", type=_positive_int, default=8192, help="tokens to generate per method")
-    parser.add_argument("--window", type=_positive_int, default=256, help="decode steps per ms/token reading")
-    parser.add_argument("--prompt-tokens", type=_positive_int, default=64,
+    """Flags of ``decode`` and ``memory`` (one run serves both); the method list defaults to the registry's."""
+    add_methods_argument(parser, "decode")
+    parser.add_argument("--budget", type=positive_int, default=512, help="slots per layer of the bounded caches")
+    parser.add_argument("--tokens", type=positive_int, default=8192, help="tokens to generate per method")
+    parser.add_argument("--window", type=positive_int, default=256, help="decode steps per ms/token reading")
+    parser.add_argument("--prompt-tokens", type=positive_int, default=64,
                         help="prompt length (a prefix of the bundled essays; random ids with --tiny)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    parser.add_argument("--option", action="append", default=[], metavar="METHOD.KEY=VALUE",
-                        help="method option, repeatable, e.g. lacache.span=9 h2o.window=64")
+    add_option_argument(parser)
     _common(parser)
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``bench`` (with its sub-benchmarks) on the top-level sub-parsers; return its parser."""
     bench = subparsers.add_parser(
         "bench", help="performance benchmarks: decode speed, memory, constant-memory stream, cache updates, prefill"
@@ -73,19 +79,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
     stream = kinds.add_parser("stream", help="continuous generation at constant memory, sampled at intervals")
     stream.add_argument("--method", default="lacache", help="a bounded method (lacache, lacache-salient, streaming, ...)")
-    stream.add_argument("--budget", type=_positive_int, default=512)
-    stream.add_argument("--tokens", type=_positive_int, default=None,
+    stream.add_argument("--budget", type=positive_int, default=512)
+    stream.add_argument("--tokens", type=positive_int, default=None,
                         help="tokens to generate (default 1,000,000 with --tiny, 20,000 otherwise)")
-    stream.add_argument("--interval", type=_positive_int, default=None, help="tokens between samples (default tokens/50)")
-    stream.add_argument("--prompt-tokens", type=_positive_int, default=64)
+    stream.add_argument("--interval", type=positive_int, default=None, help="tokens between samples (default tokens/50)")
+    stream.add_argument("--prompt-tokens", type=positive_int, default=64)
     stream.add_argument("--temperature", type=float, default=0.0)
     stream.add_argument("--tolerance", type=float, default=0.01, help="allowed relative memory change (0.01 = 1%%)")
-    stream.add_argument("--option", action="append", default=[], metavar="METHOD.KEY=VALUE")
+    add_option_argument(stream)
     stream.add_argument("--cache-only", action="store_true",
                         help="drive the cache alone with random K/V (no model): a million steps in minutes")
-    stream.add_argument("--layers", type=_positive_int, default=30, help="with --cache-only")
-    stream.add_argument("--kv-heads", type=_positive_int, default=3, help="with --cache-only")
-    stream.add_argument("--head-dim", type=_positive_int, default=64, help="with --cache-only")
+    stream.add_argument("--layers", type=positive_int, default=30, help="with --cache-only")
+    stream.add_argument("--kv-heads", type=positive_int, default=3, help="with --cache-only")
+    stream.add_argument("--head-dim", type=positive_int, default=64, help="with --cache-only")
     _common(stream)
 
     cache = kinds.add_parser("cache", help="time per token inside cache.update (synthetic K/V, no model) vs the "
@@ -95,12 +101,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                             "streaming, reference")
     cache.add_argument("--budgets", default="256,1024,4096")
     cache.add_argument("--layers", default="30,80")
-    cache.add_argument("--kv-heads", type=_positive_int, default=8)
-    cache.add_argument("--head-dim", type=_positive_int, default=128)
+    cache.add_argument("--kv-heads", type=positive_int, default=8)
+    cache.add_argument("--head-dim", type=positive_int, default=128)
     cache.add_argument("--positions", default="absolute",
                        help="absolute (as generate() passes them), slots (lacache's own loop), or both: absolute,slots")
-    cache.add_argument("--steps", type=_positive_int, default=None, help="timed steps (default max(512, 2 x budget))")
-    cache.add_argument("--ref-steps", type=_positive_int, default=32,
+    cache.add_argument("--steps", type=positive_int, default=None, help="timed steps (default max(512, 2 x budget))")
+    cache.add_argument("--ref-steps", type=positive_int, default=32,
                        help="timed steps for reference and ladder-step (they compact at every step, so each step "
                             "costs the same and few are enough)")
     cache.add_argument("--warmup", type=int, default=32, help="untimed steps after filling the cache")
@@ -108,19 +114,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
     prefill = kinds.add_parser("prefill", help="chunked prefill of a long prompt vs the computed full-cache size")
     prefill.add_argument("--method", default="lacache")
-    prefill.add_argument("--budget", type=_positive_int, default=512)
-    prefill.add_argument("--tokens", type=_positive_int, default=32768, help="prompt length")
-    prefill.add_argument("--prefill-chunk", type=_positive_int, default=512)
+    prefill.add_argument("--budget", type=positive_int, default=512)
+    prefill.add_argument("--tokens", type=positive_int, default=32768, help="prompt length")
+    prefill.add_argument("--prefill-chunk", type=positive_int, default=512)
     prefill.add_argument("--random", action="store_true", help="random token ids instead of the bundled essays")
     prefill.add_argument("--compare-full", action="store_true",
                          help="also run a full cache the same way (only when the prompt fits the trained context)")
-    prefill.add_argument("--option", action="append", default=[], metavar="METHOD.KEY=VALUE")
+    add_option_argument(prefill)
     _common(prefill)
 
     quick = kinds.add_parser("all", help="a quick version of every benchmark (small sizes; minutes on a CPU)")
-    quick.add_argument("--model", default=None)
+    add_model_argument(quick)
     quick.add_argument("--tiny", action="store_true", help="use a random tiny Llama for decode/stream/prefill")
-    quick.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    add_dtype_argument(quick)
     quick.add_argument("--device", default="auto")
     quick.add_argument("--out", default=f"{DEFAULT_OUT}/quick")
     quick.add_argument("--quiet", action="store_true")
@@ -128,14 +134,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 # --------------------------------------------------------------------------- helpers
-def _names(text: str, known, what: str) -> list[str]:
-    names = [x.strip() for x in text.split(",") if x.strip()]
-    unknown = [x for x in names if x not in known]
-    if unknown or not names:
-        raise ValueError(f"--{what} {','.join(unknown) or '(empty)'} not known; choose from {','.join(known)}")
-    return names
-
-
 def _ints(text: str, what: str) -> list[int]:
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
@@ -144,12 +142,6 @@ def _ints(text: str, what: str) -> list[int]:
     if not values or min(values) < 1:
         raise ValueError(f"--{what} {text!r} must list positive integers, e.g. 256,1024")
     return values
-
-
-def _method_options(items: list[str]) -> dict[str, dict]:
-    from .cli import parse_method_options
-
-    return parse_method_options(items)
 
 
 def _device(name: str):
@@ -163,26 +155,20 @@ def _device(name: str):
     return device
 
 
-def _dtype(name: str):
-    import torch
-
-    return getattr(torch, DTYPES[name])
-
-
 def _load(args):
     """(model, tokenizer or None, description) on the requested device."""
-    from . import bench
+    from .. import bench
 
     device = _device(args.device)
-    dtype = _dtype(args.dtype)
+    dtype = torch_dtype(args.dtype)
     if getattr(args, "tiny", False):
         model = bench.tiny_model(layers=args.tiny_layers, hidden=args.tiny_hidden, seed=args.seed, dtype=dtype)
         desc = f"random tiny Llama ({args.tiny_layers} layers, hidden {args.tiny_hidden})"
         return model.to(device), None, desc
-    from .models import load_model
+    from ..models import load_model, model_label
 
     model, tokenizer = load_model(args.model, dtype=dtype, device=device)
-    return model, tokenizer, args.model or "SmolLM2-135M-Instruct (bundled)"
+    return model, tokenizer, model_label(args.model)
 
 
 def _token_ids(model, tokenizer, n: int, seed: int, random_ids: bool = False):
@@ -190,7 +176,7 @@ def _token_ids(model, tokenizer, n: int, seed: int, random_ids: bool = False):
     import torch
 
     if tokenizer is not None and not random_ids:
-        from .texts import ESSAY_SEPARATOR, load_essays
+        from ..texts import ESSAY_SEPARATOR, load_essays
 
         chars = 8 * n + 64
         ids = None
@@ -220,7 +206,7 @@ def _mb(x) -> float | None:
 
 
 def _write(out: Path, name: str, rows: list[dict], payload: dict) -> None:
-    from .evaluation.report import write_csv, write_json
+    from ..evaluation.report import write_csv, write_json
 
     out.mkdir(parents=True, exist_ok=True)
     headers = list(dict.fromkeys(k for r in rows for k in r))
@@ -230,7 +216,7 @@ def _write(out: Path, name: str, rows: list[dict], payload: dict) -> None:
 
 def _table(rows: list[dict], columns: list[tuple[str, str, object]]) -> str:
     """Rows as a text table; ``columns`` are (header, key, transform or None)."""
-    from .evaluation.report import format_table
+    from ..evaluation.report import format_table
 
     body = []
     for r in rows:
@@ -270,7 +256,7 @@ MEMORY_KEYS = ["method", "budget", "last", "context", "cache_slots", "cache_byte
 
 
 def _write_memory(out: Path, payload: dict) -> None:
-    from .bench import plot_memory
+    from ..bench import plot_memory
 
     rows = [{k: r.get(k) for k in MEMORY_KEYS} for r in payload["rows"]]
     _write(out, "memory", rows, {**payload, "rows": rows})
@@ -278,12 +264,12 @@ def _write_memory(out: Path, payload: dict) -> None:
                 title=f"Memory while decoding (budget {payload['budget']}, {payload['model']})")
 
 
-def run_decode(args, write_memory: bool = True) -> dict:
-    from . import bench
-    from .registry import METHODS
+def run_decode(args: argparse.Namespace, write_memory: bool = True) -> dict:
+    """``bench decode``: one decode run per method; also writes ``memory.*`` since the same run measured it."""
+    from .. import bench
 
-    methods = _names(args.methods, METHODS, "methods")
-    options = _method_options(args.option)
+    methods = method_list(args.methods)
+    options = parse_method_options(args.option)
     model, tokenizer, desc = _load(args)
     prompt = _token_ids(model, tokenizer, args.prompt_tokens, args.seed)
     geometry = bench.model_geometry(model)
@@ -321,7 +307,8 @@ def run_decode(args, write_memory: bool = True) -> dict:
     return payload
 
 
-def run_memory(args) -> dict:
+def run_memory(args: argparse.Namespace) -> dict:
+    """``bench memory``: the decode run's memory columns, re-plotted from ``--from`` without re-running if given."""
     if args.from_json is None:
         return run_decode(args, write_memory=True)
     with open(args.from_json) as fh:
@@ -338,8 +325,9 @@ def run_memory(args) -> dict:
     return payload
 
 
-def run_stream(args) -> dict:
-    from . import bench
+def run_stream(args: argparse.Namespace) -> dict:
+    """``bench stream``: a long stream (or ``--cache-only`` updates) and the flat-memory verdict."""
+    from .. import bench
 
     if args.method == "full":
         raise ValueError("--method full has no bound; the stream benchmark needs a bounded cache, e.g. lacache")
@@ -349,7 +337,7 @@ def run_stream(args) -> dict:
     else:
         model, tokenizer, desc = _load(args)
         prompt = _token_ids(model, tokenizer, args.prompt_tokens, args.seed)
-    options = _method_options(args.option).get(args.method)
+    options = parse_method_options(args.option).get(args.method)
     _log(args, f"[bench stream] {desc}: {args.method}, budget {args.budget}, {tokens:,} tokens")
 
     def progress(s):
@@ -406,14 +394,15 @@ def run_stream(args) -> dict:
     return payload
 
 
-def run_cache(args) -> dict:
-    from . import bench
+def run_cache(args: argparse.Namespace) -> dict:
+    """``bench cache``: time inside ``cache.update`` per token against the reference strategy (no model)."""
+    from .. import bench
 
-    methods = _names(args.methods, bench.CACHE_METHODS, "methods")
-    positions = _names(args.positions, ("absolute", "slots"), "positions")
+    methods = names(args.methods, bench.CACHE_METHODS, "methods")
+    positions = names(args.positions, ("absolute", "slots"), "positions")
     budgets, layers = _ints(args.budgets, "budgets"), _ints(args.layers, "layers")
     device = _device(args.device)
-    dtype = _dtype(args.dtype)
+    dtype = torch_dtype(args.dtype)
     _log(args, f"[bench cache] budgets {budgets}, layers {layers}, {args.kv_heads} KV heads x {args.head_dim}, "
                f"{args.dtype} on {device}; methods {', '.join(methods)}")
 
@@ -444,12 +433,13 @@ def run_cache(args) -> dict:
     return payload
 
 
-def run_prefill(args) -> dict:
-    from . import bench
+def run_prefill(args: argparse.Namespace) -> dict:
+    """``bench prefill``: chunked prefill of a long prompt against the computed full-cache size."""
+    from .. import bench
 
     model, tokenizer, desc = _load(args)
     ids = _token_ids(model, tokenizer, args.tokens, args.seed, random_ids=args.random)
-    options = _method_options(args.option)
+    options = parse_method_options(args.option)
     text = "random ids" if args.random or tokenizer is None else "bundled essays"
     _log(args, f"[bench prefill] {desc}: {args.method}, budget {args.budget}, {ids.shape[1]:,} tokens of {text} "
                f"in chunks of {args.prefill_chunk}")
@@ -490,7 +480,7 @@ def run_prefill(args) -> dict:
     return payload
 
 
-def run_all(args) -> dict:
+def run_all(args: argparse.Namespace) -> dict:
     """Quick versions of every benchmark, each into ``<out>``."""
     parser = argparse.ArgumentParser(prog="lacache")
     add_parser(parser.add_subparsers(dest="command"))
@@ -512,7 +502,7 @@ def run_all(args) -> dict:
     return results
 
 
-def run_cli(args) -> dict:
+def run_cli(args: argparse.Namespace) -> dict:
     """Run the benchmark named by ``args.benchmark``; raises ``ValueError`` for bad options."""
     runners = {"decode": lambda a: run_decode(a, write_memory=True), "memory": run_memory, "stream": run_stream,
                "cache": run_cache, "prefill": run_prefill, "all": run_all}

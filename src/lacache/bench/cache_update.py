@@ -1,0 +1,171 @@
+"""Time per token spent inside ``cache.update``, on synthetic keys/values, against the reference strategy.
+
+No model runs here, so the figure is the cache's own cost (update, compaction, rotation) for a
+given shape, measured the same way for our caches, StreamingLLM and :class:`ReferenceLadderCache`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ..registry import make_cache
+from .memory import _sync
+from .reference import ReferenceLadderCache
+from .standins import CacheStandIn
+
+__all__ = ["CACHE_METHODS", "EVERY_STEP_METHODS", "bench_cache_update", "cache_summary"]
+
+#: cache-update microbenchmark methods: our caches, and the reference strategy re-implemented
+#: (``ladder-step`` and ``reference`` are benchmark variants, not registry methods)
+CACHE_METHODS = ("lacache", "lacache-salient", "ladder-step", "streaming", "reference")
+#: methods that compact at every step once full: each step costs the same, so few timed steps suffice
+EVERY_STEP_METHODS = ("reference", "ladder-step")
+
+
+def _build_cache(method: str, stand_in: CacheStandIn, budget: int, track_tokens: bool = False):
+    """A fresh cache for a microbenchmark method; registry methods are built by the registry, as everywhere else."""
+    if method in ("lacache", "lacache-salient", "streaming"):  # lacache-salient: the registry's salient=0.125
+        return make_cache(method, stand_in, budget)
+    if method == "ladder-step":  # the reference's schedule exactly: no salient pool, compaction every step
+        return make_cache("lacache", stand_in, budget, salient=0, chunk=0)
+    if method == "reference":
+        return ReferenceLadderCache(stand_in.rotary_emb, stand_in.config.num_hidden_layers, budget,
+                                    track_tokens=track_tokens)
+    raise ValueError(f"method={method!r} is not one of {CACHE_METHODS}")
+
+
+def _time_updates(cache, method: str, layers: int, budget: int, steps: int, warmup: int, positions: str,
+                  kv_heads: int, head_dim: int, dtype, device, seed: int) -> float:
+    """Seconds per token of ``steps`` one-token updates of every layer, after filling the cache."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    pool = 8
+    new_k = torch.randn(pool, 1, kv_heads, 1, head_dim, generator=gen).to(device=device, dtype=dtype)
+    new_v = torch.randn(pool, 1, kv_heads, 1, head_dim, generator=gen).to(device=device, dtype=dtype)
+    fill_k = torch.randn(1, kv_heads, budget, head_dim, generator=gen).to(device=device, dtype=dtype)
+    fill_v = torch.randn(1, kv_heads, budget, head_dim, generator=gen).to(device=device, dtype=dtype)
+    reference = method == "reference"
+    if reference:
+        for layer in range(layers):
+            cache.update(fill_k, fill_v, layer)
+        cache.end_step()
+    else:
+        pos = torch.arange(budget, device=device)[None]
+        for layer in range(layers):
+            cache.update(fill_k, fill_v, layer, position_ids=pos)
+    seen = budget
+
+    def step(i: int) -> None:
+        nonlocal seen
+        k, v = new_k[i % pool], new_v[i % pool]
+        if reference:
+            for layer in range(layers):
+                cache.update(k, v, layer)
+            cache.end_step()
+        else:
+            p = seen if positions == "absolute" else cache.num_slots
+            pos = torch.tensor([[p]], device=device)
+            for layer in range(layers):
+                cache.update(k, v, layer, position_ids=pos)
+        seen += 1
+
+    for i in range(warmup):
+        step(i)
+    _sync(device)
+    began = time.perf_counter()
+    for i in range(steps):
+        step(warmup + i)
+    _sync(device)
+    return (time.perf_counter() - began) / steps
+
+
+def bench_cache_update(
+    budgets: Sequence[int] = (256, 1024, 4096),
+    layers: Sequence[int] = (30, 80),
+    kv_heads: int = 8,
+    head_dim: int = 128,
+    methods: Sequence[str] = ("lacache", "reference", "streaming"),
+    positions: Sequence[str] = ("absolute",),
+    steps: int | None = None,
+    ref_steps: int | None = 32,
+    warmup: int = 32,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    on_row: Callable[[dict], None] | None = None,
+) -> list[dict]:
+    """Time per token spent inside ``cache.update`` for every layer (update, compaction, rotation).
+
+    Synthetic random keys/values (batch 1, one new token per step) after filling the cache to its
+    budget and ``warmup`` more steps; timed over ``steps`` steps (default ``max(512, 2 * budget)``,
+    covering many compactions: ours compact every ``budget // 16`` tokens). ``positions``: ``absolute``
+    passes the absolute position of each new token as ``generate()`` does; ``slots`` the slot position
+    (lacache's own loop). The reference strategy takes no positions (it always rotates to slots
+    ``0..n-1``). Methods that compact at every step once full (``reference``, ``ladder-step``) cost the
+    same at every step, so they are timed over ``ref_steps`` steps (default 32; ``None``: as ``steps``)
+    after at most 4 warm-up steps. One row per (layers, budget, method, positions).
+    """
+    for method in methods:
+        if method not in CACHE_METHODS:
+            raise ValueError(f"method={method!r} is not one of {CACHE_METHODS}")
+    for mode in positions:
+        if mode not in ("absolute", "slots"):
+            raise ValueError(f"positions={mode!r} must be 'absolute' or 'slots'")
+    device = torch.device(device)
+    rows = []
+    for num_layers in layers:
+        stand_in = CacheStandIn(num_layers, kv_heads, head_dim).to(device)
+        for budget in budgets:
+            n_steps = max(512, 2 * budget) if steps is None else int(steps)
+            for method in methods:
+                modes = ["slots 0..n-1"] if method == "reference" else list(positions)
+                for mode in modes:
+                    cache = _build_cache(method, stand_in, budget)
+                    count, warm = n_steps, warmup
+                    if method in EVERY_STEP_METHODS:
+                        count = n_steps if ref_steps is None else min(n_steps, int(ref_steps))
+                        warm = min(warmup, 4)
+                    seconds = _time_updates(cache, method, num_layers, budget, count, warm, mode, kv_heads,
+                                            head_dim, dtype, device, seed)
+                    row = {
+                        "layers": num_layers,
+                        "budget": budget,
+                        "method": method,
+                        "positions": mode,
+                        "steps": count,
+                        "ms_per_token": 1000 * seconds,
+                        "us_per_layer": 1e6 * seconds / num_layers,
+                        "cache_slots": cache.num_slots,
+                        "cache_bytes": cache.memory_bytes(),
+                        "kv_heads": kv_heads,
+                        "head_dim": head_dim,
+                        "dtype": str(dtype).replace("torch.", ""),
+                        "device": str(device),
+                    }
+                    rows.append(row)
+                    if on_row is not None:
+                        on_row(row)
+                    del cache  # no reference cycles: freed here
+    return rows
+
+
+def cache_summary(rows: Sequence[dict]) -> list[dict]:
+    """One row per (layers, budget, positions): ms/token per method and the reference / lacache ratio."""
+    out = []
+    keys = dict.fromkeys((r["layers"], r["budget"]) for r in rows)
+    for num_layers, budget in keys:
+        mine = [r for r in rows if r["layers"] == num_layers and r["budget"] == budget]
+        ref = next((r["ms_per_token"] for r in mine if r["method"] == "reference"), None)
+        modes = list(dict.fromkeys(r["positions"] for r in mine if r["method"] != "reference")) or ["slots 0..n-1"]
+        for mode in modes:
+            row = {"layers": num_layers, "budget": budget, "positions": mode}
+            for method in dict.fromkeys(r["method"] for r in mine):
+                hit = [r for r in mine if r["method"] == method and (method == "reference" or r["positions"] == mode)]
+                row[f"{method}_ms"] = hit[0]["ms_per_token"] if hit else None
+            ours = row.get("lacache_ms")
+            row["reference_over_lacache"] = ref / ours if ref is not None and ours else None
+            out.append(row)
+    return out
+

@@ -1,0 +1,263 @@
+"""The cache classes users build: ``LaCache``, ``StreamingLLMCache``, ``TOVACache``, ``H2OCache``, ``KNormCache``.
+
+Each ``from_model`` validates its settings against the model (one ``ValueError`` that names the
+parameter and a value that works), builds its retention policy and hands both to
+``build_bounded_cache``, which does what every method shares: RoPE support, chunk sizing, the
+query observer for policies that read attention, and the padding hook.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from ..ladder import default_span_overlap, ladder_geometry
+from ..observe import QueryObserver
+from ..policies import (
+    H2OPolicy,
+    KNormPolicy,
+    LadderPolicy,
+    RetentionPolicy,
+    SalientLadderPolicy,
+    ScorePolicy,
+    StreamingPolicy,
+    TOVAPolicy,
+)
+from ..rope import Rotator, check_supported_model, layer_rotators
+from .bounded import POSITION_MODES, BoundedCache
+from .padded import watch_padding
+
+__all__ = ["LaCache", "StreamingLLMCache", "TOVACache", "H2OCache", "KNormCache", "build_bounded_cache",
+           "validate_common", "resolve_chunk"]
+
+
+def validate_common(model: nn.Module, budget, sinks, positions) -> tuple[int, list[Rotator]]:
+    """Check the settings every bounded cache shares; return the model's layer count and rotators."""
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
+        raise ValueError(f"budget={budget!r} must be a positive number of slots per layer, e.g. budget=512")
+    if not isinstance(sinks, int) or sinks < 0:
+        raise ValueError(f"sinks={sinks!r} must be a non-negative integer, e.g. sinks=4")
+    if positions not in POSITION_MODES:
+        raise ValueError(f"positions={positions!r} must be one of {POSITION_MODES}; e.g. positions='shift'")
+    rotary = check_supported_model(model, positions)
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return int(config.num_hidden_layers), layer_rotators(model, rotary)
+
+
+def resolve_chunk(chunk, budget: int, min_target: int) -> int:
+    """Slots freed below the budget per compaction: ``budget // 16`` by default, within what the policy allows."""
+    room = budget - min_target
+    if chunk is None:
+        return max(0, min(budget // 16, room))
+    if not isinstance(chunk, int) or chunk < 0 or chunk > room:
+        raise ValueError(
+            f"chunk={chunk!r} must be between 0 and {max(room, 0)} for budget={budget} (it is how many slots "
+            f"below the budget a compaction frees, to amortise it); e.g. chunk={max(0, min(budget // 16, room))}"
+        )
+    return chunk
+
+
+def build_bounded_cache(
+    cls: type[BoundedCache],
+    model: nn.Module,
+    budget: int,
+    make_policy: Callable[[int], RetentionPolicy],
+    *,
+    sinks: int,
+    positions: str = "shift",
+    chunk: int | None = None,
+    chunk_by_default: bool = True,
+) -> BoundedCache:
+    """A bounded cache of class ``cls`` for ``model`` whose policy is ``make_policy(num_layers)``.
+
+    This is all a new method needs besides its policy: ``chunk=None`` means ``budget // 16`` when
+    ``chunk_by_default`` (index-only rules amortise compaction) and 0 otherwise (score rules evict
+    to exactly the budget every step).
+    """
+    num_layers, rotators = validate_common(model, budget, sinks, positions)
+    policy = make_policy(num_layers)
+    if chunk is None and not chunk_by_default:
+        chunk = 0
+    else:
+        chunk = resolve_chunk(chunk, budget, policy.min_target())
+    cache = cls(num_layers=num_layers, budget=budget, policy=policy, rotator=rotators, positions=positions,
+                chunk=chunk)
+    if policy.needs_attention:
+        cache.observer = QueryObserver(model)
+    watch_padding(model, cache)
+    return cache
+
+
+class LaCache(BoundedCache):
+    """Ladder-shaped KV cache: fixed slots per layer, staggered retention, iterative compaction.
+
+    ``LaCache.from_model(model, budget=512)`` is all most users need; see ``from_model`` for knobs.
+    """
+
+    @classmethod
+    def from_model(
+        cls,
+        model: nn.Module,
+        budget: int,
+        span: int | None = None,
+        overlap: int | None = None,
+        sinks: int = 4,
+        window: int | None = None,
+        positions: str = "shift",
+        layout: str = "ladder",
+        chunk: int | None = None,
+        salient: int | float | None = None,
+        salient_radius: int = 0,
+    ) -> "LaCache":
+        """Build a cache sized for ``model``.
+
+        Args:
+            budget: slots per layer (per sequence); memory never grows beyond it.
+            span, overlap: ladder shape (docs/method.md §1, "Geometry"); default by depth, see
+                ``default_span_overlap``.
+            sinks: leading slots never compacted (attention sinks; raise it to keep a task prompt).
+            window: most recent slots never compacted; default ``max(rung, budget // 4)``.
+            positions: ``"shift"`` positions keys by slot (generation past the trained context);
+                ``"original"`` keeps each key at its original position.
+            layout: ``"ladder"`` (reference stagger) or ``"band"`` (contiguous layer bands).
+            chunk: extra slots freed per compaction so it happens every ``chunk`` tokens, not every one;
+                default ``budget // 16`` (capped so a rung still fits).
+            salient: slots per layer (an int) or a fraction of the budget (a float below 1) kept for the
+                tokens with the smallest key norms among those the ladder evicts, so multi-token facts
+                survive whole in every layer (see ``policies/salient.py``; registry method
+                ``lacache-salient`` uses an eighth of the budget); ``None``/0 (default): the ladder alone.
+            salient_radius: a slot's salience is the smallest key norm within this many slots of it,
+                so the pool keeps neighbours of salient tokens as well (multi-token facts).
+        """
+
+        def make_policy(num_layers: int) -> RetentionPolicy:
+            nonlocal span, overlap, window
+            if span is None and overlap is None:
+                span, overlap = default_span_overlap(num_layers)
+            elif span is None or overlap is None:
+                default = default_span_overlap(num_layers)
+                raise ValueError(
+                    f"span={span!r}, overlap={overlap!r}: give both or neither; for {num_layers} layers the "
+                    f"default is span={default[0]}, overlap={default[1]}"
+                )
+            geometry = ladder_geometry(num_layers, span, overlap, layout)
+            if window is None:
+                window = max(geometry.rung, budget // 4)
+            if not isinstance(window, int) or window < 1:
+                raise ValueError(
+                    f"window={window!r} must be a positive integer (the newest tokens must stay dense), "
+                    f"e.g. window={max(geometry.rung, budget // 4)}"
+                )
+            pool = cls._salient_slots(salient, budget)
+            if budget - sinks - window - pool < geometry.rung:
+                need = sinks + window + pool + geometry.rung
+                raise ValueError(
+                    f"budget={budget} is too small for sinks={sinks} + window={window} + salient={pool} + one rung "
+                    f"of {geometry.rung} slots: use budget >= {need}, or fewer sinks / a smaller window"
+                )
+            if pool:
+                return SalientLadderPolicy(geometry, sinks, window, pool, salient_radius)
+            return LadderPolicy(geometry, sinks, window)
+
+        return build_bounded_cache(cls, model, budget, make_policy, sinks=sinks, positions=positions, chunk=chunk)
+
+    @staticmethod
+    def _salient_slots(salient, budget: int) -> int:
+        if salient is None or salient == 0:
+            return 0
+        if isinstance(salient, float) and 0 < salient < 1:
+            return max(1, int(salient * budget))
+        if isinstance(salient, int) and salient > 0:
+            return salient
+        raise ValueError(
+            f"salient={salient!r} must be a number of slots (an int >= 1), a fraction of the budget "
+            f"(a float between 0 and 1, e.g. 0.125), or 0/None for the plain ladder"
+        )
+
+
+class StreamingLLMCache(BoundedCache):
+    """StreamingLLM: ``sinks`` first tokens plus the most recent ones, identical in every layer."""
+
+    @classmethod
+    def from_model(cls, model: nn.Module, budget: int, sinks: int = 4, positions: str = "shift",
+                   chunk: int | None = None) -> "StreamingLLMCache":
+        def make_policy(num_layers: int) -> RetentionPolicy:
+            if budget <= sinks:
+                raise ValueError(f"budget={budget} must exceed sinks={sinks}: e.g. budget={sinks + 64}")
+            return StreamingPolicy(sinks)
+
+        return build_bounded_cache(cls, model, budget, make_policy, sinks=sinks, positions=positions, chunk=chunk)
+
+
+class _ScoreCache(BoundedCache):
+    """Shared construction for per-layer, per-sequence score-based caches."""
+
+    _policy_cls: type[ScorePolicy]
+
+    @classmethod
+    def _build(cls, model, budget, sinks, window, positions, chunk):
+        def make_policy(num_layers: int) -> RetentionPolicy:
+            if not isinstance(window, int) or window < 1:
+                raise ValueError(
+                    f"window={window!r} must be a positive integer (the newest token is always kept), e.g. window=16"
+                )
+            if sinks + window > budget:
+                raise ValueError(
+                    f"budget={budget} is smaller than sinks={sinks} + window={window}: use budget >= {sinks + window} "
+                    "or a smaller window"
+                )
+            return cls._policy_cls(num_layers, sinks, window)
+
+        return build_bounded_cache(cls, model, budget, make_policy, sinks=sinks, positions=positions, chunk=chunk,
+                                   chunk_by_default=False)
+
+    def close(self) -> None:
+        """Remove the query hooks from the model (also done when the cache is garbage-collected)."""
+        if self.observer is not None:
+            self.observer.close()
+
+
+class TOVACache(_ScoreCache):
+    """TOVA: per layer, keep the slots the newest query attends to most (head-averaged).
+
+    Needs the query's attention over the cache, observed with forward pre-hooks on the attention
+    modules (one extra query projection and one attention-score pass per layer per evicting step).
+    """
+
+    _policy_cls = TOVAPolicy
+
+    @classmethod
+    def from_model(cls, model, budget: int, sinks: int = 0, window: int = 1, positions: str = "shift",
+                   chunk: int | None = None) -> "TOVACache":
+        return cls._build(model, budget, sinks, window, positions, chunk)
+
+
+class H2OCache(_ScoreCache):
+    """H2O: heavy hitters by accumulated attention plus a recent window (default: half the budget each).
+
+    Observes every query's attention at every step (hooks as for TOVA).
+    """
+
+    _policy_cls = H2OPolicy
+
+    @classmethod
+    def from_model(cls, model, budget: int, window: int | None = None, sinks: int = 0, positions: str = "shift",
+                   chunk: int | None = None) -> "H2OCache":
+        window = max(1, budget // 2) if window is None else window
+        return cls._build(model, budget, sinks, window, positions, chunk)
+
+
+class KNormCache(_ScoreCache):
+    """Key-norm: keep the slots with the smallest key L2 norm (head-averaged), plus sinks and a recent window.
+
+    Attention-free like LaCache: it needs no queries, so it costs one norm per new key.
+    """
+
+    _policy_cls = KNormPolicy
+
+    @classmethod
+    def from_model(cls, model, budget: int, sinks: int = 4, window: int | None = None, positions: str = "shift",
+                   chunk: int | None = None) -> "KNormCache":
+        window = max(1, budget // 8) if window is None else window
+        return cls._build(model, budget, sinks, window, positions, chunk)

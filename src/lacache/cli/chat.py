@@ -1,0 +1,121 @@
+"""``lacache chat``: an interactive multi-turn chat whose whole conversation lives in one bounded cache.
+
+Each user line becomes a chat-template turn fed to a :class:`lacache.chat.ChatSession`, and the
+reply is streamed token by token through lacache's own ``stream_tokens``. Commands: ``/stats``,
+``/reset`` (a new conversation with a fresh cache), ``/quit`` (or end of input).
+
+Works with stdin on a pipe: ``printf 'Hi!\\n/stats\\n' | lacache chat --max-new-tokens 32``
+(or ``python -m lacache.cli chat ...``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..chat import ChatSession, TurnRecord, eos_ids, stats_line
+from ..registry import METHODS
+from .common import add_dtype_argument, add_model_argument, positive_int, torch_dtype
+
+__all__ = ["add_parser", "build_parser", "run_cli"]
+
+
+def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    add_model_argument(parser)
+    parser.add_argument("--method", choices=METHODS, default="lacache")
+    parser.add_argument("--budget", type=positive_int, default=512, help="cache slots per layer (the whole chat)")
+    parser.add_argument("--sinks", type=int, default=None, help="leading slots never evicted (method default if unset)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=256, help="reply length limit per turn")
+    parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--system", default=None, help="system message (default: the chat template's own)")
+    add_dtype_argument(parser)
+    return parser
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``chat`` command to an ``argparse`` sub-parser collection; returns its parser."""
+    parser = subparsers.add_parser(
+        "chat", help="interactive multi-turn chat; the conversation is held in a fixed-size cache"
+    )
+    return _configure(parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """A stand-alone parser for the chat's options (what ``lacache chat`` takes)."""
+    return _configure(argparse.ArgumentParser(prog="lacache chat", description=__doc__.splitlines()[0]))
+
+
+def run_cli(args, model=None, tokenizer=None) -> list[TurnRecord]:
+    """Run the chat loop on ``sys.stdin`` / ``sys.stdout``; return one record per answered turn.
+
+    ``model`` and ``tokenizer`` may be passed in (tests, notebooks) instead of loading ``--model``.
+    """
+    import torch
+
+    from .. import generation, models
+
+    if model is None or tokenizer is None:
+        model, tokenizer = models.load_model(args.model, dtype=torch_dtype(args.dtype))
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template; lacache chat needs one (use an instruct model)")
+    torch.manual_seed(args.seed)
+    options = {} if args.sinks is None or args.method == "full" else {"sinks": args.sinks}
+    session = ChatSession(model, tokenizer, args.method, args.budget, options, system=args.system)
+    eos = eos_ids(model, tokenizer)
+    stdin, out = sys.stdin, sys.stdout
+    interactive = stdin.isatty()
+    records: list[TurnRecord] = []
+    turn_seed = args.seed
+    while True:
+        if interactive:
+            out.write("> ")
+            out.flush()
+        line = stdin.readline()
+        if not line:  # end of input
+            break
+        text = line.rstrip("\r\n")
+        command = text.strip()
+        if not command:
+            continue
+        if command in ("/quit", "/exit"):
+            break
+        if command == "/stats":
+            print(stats_line(session), file=out, flush=True)
+            continue
+        if command == "/reset":
+            session.reset()
+            print("[reset] new conversation", file=out, flush=True)
+            continue
+        if command.startswith("/") and " " not in command:
+            print(f"[unknown command {command}; use /stats, /reset or /quit]", file=out, flush=True)
+            continue
+        ids = session.new_turn_ids(text)
+        generated: list[int] = []
+        text_out = generation.IncrementalText(tokenizer)
+        # looked up on the module at each turn, so a wrapped ``stream_tokens`` (tests) is the one used
+        for token_id in generation.stream_tokens(
+            model,
+            torch.tensor([ids]),
+            session.cache,
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            eos_token_id=sorted(eos),
+            seed=turn_seed,
+        ):
+            generated.append(token_id)
+            if token_id in eos:
+                continue
+            out.write(text_out.feed(token_id))
+            out.flush()
+        out.write("\n")
+        out.flush()
+        turn_seed += 1  # a different sample per turn, reproducible from --seed
+        reply = session.add_reply(generated, eos)
+        records.append(
+            TurnRecord(len(records) + 1, len(ids), len(generated), generation.cache_slots(session.cache),
+                       int(getattr(session.cache, "seen", session.cache.get_seq_length())), reply)
+        )
+    return records

@@ -1,0 +1,137 @@
+"""What every ``lacache`` sub-command shares: argument types, method lists and per-method options.
+
+Only the command-line layer imports this module; evaluations and benchmarks take plain Python
+values, so they can be used (and tested) without the CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+
+from ..registry import check_methods, default_methods
+
+__all__ = [
+    "DTYPES",
+    "positive_int",
+    "split_list",
+    "names",
+    "method_list",
+    "parse_method_options",
+    "add_model_argument",
+    "add_dtype_argument",
+    "add_option_argument",
+    "add_methods_argument",
+    "torch_dtype",
+]
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16"}
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer, e.g. 256") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be a positive integer")
+    return value
+
+
+def split_list(text: str, cast: Callable = str) -> list:
+    """``"1,2,3"`` -> ``[cast("1"), ...]``; blanks are skipped; a ``ValueError`` for an entry ``cast`` refuses."""
+    try:
+        return [cast(x.strip()) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{text!r} must be a comma-separated list of numbers") from None
+
+
+def names(text: str, known: Sequence[str], what: str) -> list[str]:
+    """Comma-separated names that must all be in ``known`` (one ``ValueError`` naming ``--what`` otherwise)."""
+    found = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = [x for x in found if x not in known]
+    if unknown or not found:
+        raise ValueError(f"--{what} {','.join(unknown) or '(empty)'} not known; choose from {','.join(known)}")
+    return found
+
+
+def method_list(text: str, what: str = "methods") -> list[str]:
+    """Comma-separated method names checked against the registry."""
+    return check_methods((x.strip() for x in text.split(",") if x.strip()), what)
+
+
+def parse_method_options(items: list[str]) -> dict[str, dict]:
+    """``["lacache.span=9", "h2o.window=64"]`` -> ``{"lacache": {"span": 9}, "h2o": {"window": 64}}``."""
+    out: dict[str, dict] = {}
+    for item in items:
+        try:
+            target, value = item.split("=", 1)
+            method, key = target.split(".", 1)
+        except ValueError:
+            raise ValueError(f"--option {item!r} must look like METHOD.KEY=VALUE, e.g. lacache.span=9") from None
+        parsed: object = value
+        for cast in (int, float):
+            try:
+                parsed = cast(value)
+                break
+            except ValueError:
+                continue
+        if value in ("none", "None"):
+            parsed = None
+        out.setdefault(method, {})[key] = parsed
+    return out
+
+
+def torch_dtype(name: str):
+    """The torch dtype for a ``--dtype`` choice."""
+    import torch
+
+    return getattr(torch, DTYPES[name])
+
+
+def add_model_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="hub id or local path; default: bundled SmolLM2-135M-Instruct")
+
+
+def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+
+
+def add_option_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--option", action="append", default=[], metavar="METHOD.KEY=VALUE",
+        help="method option, repeatable, e.g. lacache.span=9 lacache.overlap=7 h2o.window=64",
+    )
+
+
+def add_methods_argument(parser: argparse.ArgumentParser, suite: str) -> None:
+    """``--methods`` defaulting to the registry's list for ``suite``."""
+    parser.add_argument("--methods", default=",".join(default_methods(suite)),
+                        help="comma-separated cache methods (default: %(default)s)")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, suite: str, out: str, out_help: str | None = None) -> None:
+    """What every evaluation takes: ``--model``, ``--methods`` (the registry's list for ``suite``),
+    ``--option``, ``--dtype`` and ``--out``."""
+    add_model_argument(parser)
+    add_methods_argument(parser, suite)
+    add_option_argument(parser)
+    add_dtype_argument(parser)
+    parser.add_argument("--out", default=out, help=out_help)
+
+
+def add_prefill_arguments(parser: argparse.ArgumentParser, budget: float, prefill: str, chunk: int) -> None:
+    """``--budget`` (a fraction of each prompt or slots), ``--prefill`` and ``--prefill-chunk``."""
+    from ..evaluation.common import PREFILLS
+
+    parser.add_argument("--budget", type=float, default=budget, help="< 1: fraction of the prompt; >= 1: slots per layer")
+    parser.add_argument("--prefill", choices=list(PREFILLS), default=prefill)
+    parser.add_argument("--prefill-chunk", type=positive_int, default=chunk)
+
+
+def load_model_for(args: argparse.Namespace):
+    """``(model, tokenizer)`` for ``--model`` in ``--dtype``."""
+    from ..models import load_model
+
+    return load_model(args.model, dtype=torch_dtype(args.dtype))

@@ -1,0 +1,64 @@
+"""``lacache eval passkey``: pass-key retrieval, depth x length heatmaps under a budget."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..evaluation.passkey import FILLERS
+from . import common
+
+__all__ = ["CSV_FIELDS", "add_parser", "run_cli"]
+
+#: one CSV row per trial, these fields in this order
+CSV_FIELDS = ("method", "length", "depth", "seed", "budget", "key", "answer", "correct", "seconds")
+
+
+def add_parser(tasks_subparsers) -> argparse.ArgumentParser:
+    """Register ``passkey`` under ``lacache eval``; returns its parser."""
+    pk = tasks_subparsers.add_parser("passkey", help="pass-key retrieval: depth x length heatmaps under a budget")
+    pk.add_argument("--lengths", default="600,1100", help="prompt lengths in tokens")
+    pk.add_argument("--depths", default="0,0.25,0.5,0.75,1")
+    pk.add_argument("--seeds", type=common.positive_int, default=2, help="trials per cell (different keys and filler)")
+    pk.add_argument("--filler", choices=list(FILLERS), default="grass")
+    common.add_prefill_arguments(pk, budget=0.5, prefill="full", chunk=128)
+    common.add_run_arguments(pk, "passkey", "runs/passkey")
+    return pk
+
+
+def _accuracy_rows(trials, methods, lengths) -> tuple[list[str], list[list]]:
+    """One row per method: accuracy per prompt length, then over everything."""
+    headers = ["method", *[f"{n} tokens" for n in lengths], "all"]
+    rows = []
+    for method in methods:
+        mine = [t for t in trials if t.method == method]
+        cells = [sum(t.correct for t in mine if t.length == n) / max(1, sum(t.length == n for t in mine))
+                 for n in lengths]
+        rows.append([method, *cells, sum(t.correct for t in mine) / max(1, len(mine))])
+    return headers, rows
+
+
+def run_cli(args) -> list:
+    """``lacache eval passkey``: run, print accuracy per length, write passkey.csv/json/png into ``--out``."""
+    from .. import models
+    from ..evaluation.passkey import plot_heatmaps, run_passkey, trial_dicts
+    from ..evaluation.report import write_run
+
+    methods = common.method_list(args.methods)
+    lengths, depths = common.split_list(args.lengths, int), common.split_list(args.depths, float)
+    options = common.parse_method_options(args.option)
+    model, tokenizer = common.load_model_for(args)
+    trials = run_passkey(
+        model, tokenizer, methods, lengths, depths, list(range(args.seeds)), args.budget, filler=args.filler,
+        prefill=args.prefill, prefill_chunk=args.prefill_chunk, method_options=options,
+    )
+    title = (f"Pass-key accuracy, budget {args.budget}, {args.prefill} prefill, {args.filler} filler, "
+             f"{len(depths)} depths x {args.seeds} seeds per length")
+    write_run(
+        args.out, "passkey",
+        csv_headers=CSV_FIELDS, csv_rows=[[getattr(t, f) for f in CSV_FIELDS] for t in trials],
+        payload={"budget": args.budget, "prefill": args.prefill, "filler": args.filler,
+                 "model": models.model_label(args.model), "trials": trial_dicts(trials)},
+        plot=lambda path: plot_heatmaps(trials, path, f"Pass key, budget {args.budget}, {args.prefill} prefill"),
+        table=(title, *_accuracy_rows(trials, methods, lengths)),
+    )
+    return trials

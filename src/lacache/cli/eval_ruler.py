@@ -1,0 +1,60 @@
+"""``lacache eval ruler``: RULER-style synthetic tasks (multi-key/value needles, variable tracking, common words)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..evaluation.passkey import FILLERS
+from ..evaluation.ruler import DEFAULT_LENGTHS, TASKS, plot_scores, run_ruler, summary_table, trial_dicts
+from . import common
+
+__all__ = ["CSV_FIELDS", "add_parser", "run_cli"]
+
+#: one CSV row per trial: these fields, then the references (space-separated) and the answer
+CSV_FIELDS = ("method", "task", "length", "seed", "budget", "score", "correct", "seconds")
+
+
+def add_parser(tasks_subparsers) -> argparse.ArgumentParser:
+    """Register ``ruler`` under ``lacache eval``; returns its parser."""
+    parser = tasks_subparsers.add_parser(
+        "ruler", help="RULER-style synthetic tasks (multi-key/value needles, variable tracking, common words)"
+    )
+    parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {','.join(TASKS)}")
+    parser.add_argument("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)), help="prompt lengths in tokens")
+    parser.add_argument("--seeds", type=common.positive_int, default=3, help="prompts per task and length")
+    parser.add_argument("--filler", choices=list(FILLERS), default="grass")
+    common.add_prefill_arguments(parser, budget=0.5, prefill="full", chunk=128)
+    common.add_run_arguments(parser, "ruler", "runs/ruler", "folder for ruler.csv, ruler.json, ruler.png")
+    return parser
+
+
+def run_cli(args, model=None, tokenizer=None) -> list:
+    """``lacache eval ruler``: run, print a table, write ruler.csv/json/png into ``--out``.
+
+    ``model`` and ``tokenizer`` may be passed in (tests, notebooks) instead of loading ``--model``.
+    """
+    from .. import models
+    from ..evaluation.report import write_run
+
+    methods = common.method_list(args.methods)
+    tasks = common.names(args.tasks, TASKS, "tasks")
+    lengths = common.split_list(args.lengths, int)
+    options = common.parse_method_options(args.option)
+    if model is None or tokenizer is None:
+        model, tokenizer = common.load_model_for(args)
+    trials = run_ruler(model, tokenizer, methods, tasks, lengths, list(range(args.seeds)), args.budget,
+                       filler=args.filler, prefill=args.prefill, prefill_chunk=args.prefill_chunk,
+                       method_options=options)
+    title = (f"RULER-style tasks, budget {args.budget}, {args.prefill} prefill, {args.filler} filler, "
+             f"{args.seeds} seeds per task and length (mean string-match score)")
+    write_run(
+        args.out, "ruler",
+        csv_headers=[*CSV_FIELDS, "references", "answer"],
+        csv_rows=[[*(getattr(t, f) for f in CSV_FIELDS), " ".join(t.references), t.answer] for t in trials],
+        payload={"budget": args.budget, "prefill": args.prefill, "filler": args.filler,
+                 "model": models.model_label(args.model), "trials": trial_dicts(trials)},
+        plot=lambda path: plot_scores(trials, path,
+                                      f"RULER-style tasks, budget {args.budget}, {args.prefill} prefill"),
+        table=(title, *summary_table(trials)),
+    )
+    return trials

@@ -1,0 +1,117 @@
+"""The loop every evaluation shares: methods x budgets x prompts -> one result row each.
+
+Each benchmark module supplies only what differs (how its prompts are built, how an answer is
+scored, what its row looks like); this module owns what must stay the same across them, so that
+their numbers compare: which methods get a budget and how a fractional budget becomes slots, that
+every method answers the same prompt with a fresh cache and its own copy of its options, greedy
+decoding, and what is timed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+
+from ..registry import method_spec
+from .common import PREFILLS, greedy_answer, resolve_budget
+
+__all__ = ["Answer", "check_prefill", "method_budgets", "method_options_for", "run_trials"]
+
+P = TypeVar("P")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What the harness measured for one method on one prompt; a benchmark turns it into its row."""
+
+    method: str
+    #: cache slots per layer; None for a method without a budget (the full cache)
+    slots: int | None
+    #: the method's options for this run (a copy: safe to keep in a row)
+    options: dict
+    #: prompt tokens
+    tokens: int
+    #: the decoded greedy answer (special tokens skipped)
+    text: str
+    #: what the benchmark's ``score`` returned for ``text``
+    score: Any
+    #: seconds spent answering and scoring, rounded to 0.01 s
+    seconds: float
+
+
+def check_prefill(prefill: str) -> None:
+    """Refuse an unknown prefill mode before any prompt is built (not after minutes of trials)."""
+    if prefill not in PREFILLS:
+        raise ValueError(f"prefill={prefill!r} must be one of {PREFILLS}")
+
+
+def method_options_for(method_options: Mapping[str, Mapping] | None, method: str) -> dict:
+    """A fresh copy of ``method``'s options, so one run cannot change what the next one gets."""
+    return dict((method_options or {}).get(method, {}))
+
+
+def method_budgets(methods: Sequence[str], budgets: Sequence[int]) -> list[tuple[str, int | None]]:
+    """Every (method, budget) pair in order; a method without a budget (``full``) once, with None."""
+    runs: list[tuple[str, int | None]] = []
+    for method in methods:
+        if method_spec(method).bounded:
+            runs.extend((method, b) for b in budgets)
+        else:
+            runs.append((method, None))
+    return runs
+
+
+def _per_prompt(value: Any, prompt: Any) -> Any:
+    return value(prompt) if callable(value) else value
+
+
+def run_trials(
+    model,
+    tokenizer,
+    prompts: Iterable[P],
+    methods: Sequence[str],
+    budget: float,
+    *,
+    score: Callable[[P, str], Any],
+    make_trial: Callable[[P, Answer], T],
+    input_ids: Callable[[P], torch.Tensor] = lambda prompt: prompt.input_ids,
+    new_tokens: int | Callable[[P], int] = 8,
+    stop_ids: set[int] | Callable[[P], set[int] | None] | None = None,
+    prefill: str = "full",
+    prefill_chunk: int = 128,
+    method_options: Mapping[str, Mapping] | None = None,
+    answer: Callable[..., list[int]] = greedy_answer,
+) -> list[T]:
+    """For each prompt, in order, every method in order: a greedy answer under a fresh cache, scored.
+
+    ``prompts`` may be a generator: each prompt is built just before its methods run. ``budget``
+    below 1 is a fraction of each prompt's tokens, 1 or more slots per layer; a method without a
+    budget (``full``) ignores it and its ``Answer.slots`` is None. ``new_tokens`` and ``stop_ids``
+    are fixed or per prompt. ``answer`` is
+    called as ``answer(model, ids, method, slots, options, prefill, prefill_chunk, new_tokens,
+    stop_ids)``; a benchmark passes its own module's ``greedy_answer`` so tests can substitute it.
+    ``make_trial(prompt, Answer)`` builds the benchmark's row.
+    """
+    check_prefill(prefill)
+    trials: list[T] = []
+    for prompt in prompts:
+        ids = input_ids(prompt)
+        tokens = int(ids.shape[-1])
+        limit, stops = _per_prompt(new_tokens, prompt), _per_prompt(stop_ids, prompt)
+        slots = resolve_budget(budget, tokens)  # refused here if invalid, even when only "full" runs
+        for method in methods:
+            options = method_options_for(method_options, method)
+            started = time.perf_counter()
+            generated = answer(model, ids, method, slots, options, prefill, prefill_chunk, limit, stops)
+            text = tokenizer.decode(generated, skip_special_tokens=True)
+            result = score(prompt, text)
+            seconds = round(time.perf_counter() - started, 2)
+            kept = slots if method_spec(method).bounded else None
+            trials.append(make_trial(prompt, Answer(method, kept, options, tokens, text, result, seconds)))
+    return trials
+

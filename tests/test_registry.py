@@ -1,0 +1,64 @@
+"""The registry is the one place a method is defined: a policy plus one entry reaches every entry point."""
+
+import numpy as np
+import pytest
+import torch
+
+import lacache
+from conftest import tiny_llama
+from lacache import registry
+from lacache.cache import BoundedCache, build_bounded_cache
+from lacache.generation import stream_generate
+from lacache.policies import CompactionPlan, IndexPolicy
+
+
+class _NewestHalfPolicy(IndexPolicy):
+    """A made-up rule for the test: keep the sinks and the newest ``target - sinks`` slots of even index."""
+
+    def __init__(self, sinks: int):
+        self.sinks = sinks
+
+    def plan(self, n: int, target: int) -> CompactionPlan:
+        if n <= target:
+            return CompactionPlan(np.arange(n)[None], 0)
+        body = np.arange(self.sinks, n)
+        body = np.concatenate([body[:-1][::2], body[-1:]])[-(target - self.sinks):]
+        return CompactionPlan(np.concatenate([np.arange(self.sinks), body])[None].astype(np.int64), 0)
+
+
+def _build(model, budget, sinks=2, chunk=None):
+    return build_bounded_cache(BoundedCache, model, budget, lambda layers: _NewestHalfPolicy(sinks), sinks=sinks,
+                               chunk=chunk)
+
+
+def test_a_registered_method_reaches_make_cache_the_default_lists_and_custom_generate():
+    spec = registry.Method("test-newest-half", _build, "made up for the registry test", suites=frozenset({"ppl"}))
+    registry.register(spec)
+    try:
+        assert "test-newest-half" in lacache.METHODS and "test-newest-half" in registry.default_methods("ppl")
+        assert "test-newest-half" not in registry.default_methods("decode")
+        model = tiny_llama("sdpa")
+        cache = lacache.make_cache("test-newest-half", model, 24)
+        ids = torch.randint(0, 96, (1, 10), generator=torch.Generator().manual_seed(0))
+        tokens, _ = stream_generate(model, ids, cache, max_new_tokens=60)
+        assert len(tokens) == 60 and cache.num_slots <= 24 and cache.seen == 69
+        kept = cache.token_positions(0).tolist()
+        assert kept[:2] == [0, 1] and kept[-1] == 68 and all(b > a for a, b in zip(kept, kept[1:]))
+        out = model.generate(ids, custom_generate=lacache.generate, lacache_method="test-newest-half",
+                             lacache_budget=24, max_new_tokens=40, do_sample=False)
+        assert out.shape == (1, 50)
+        with pytest.raises(ValueError, match="already registered"):
+            registry.register(spec)
+    finally:
+        registry._BY_NAME.pop("test-newest-half", None)
+        registry.METHODS = tuple(registry._BY_NAME)
+
+
+def test_method_specs_say_what_each_needs():
+    assert registry.method_spec("tova").needs_attention and registry.method_spec("h2o").needs_attention
+    assert not registry.method_spec("lacache").needs_attention and not registry.method_spec("full").bounded
+    assert registry.default_methods("decode") == ("full", "streaming", "lacache", "tova", "h2o")
+    with pytest.raises(ValueError, match="method='nope' is not one of"):
+        registry.method_spec("nope")
+    with pytest.raises(ValueError, match="needs a budget"):
+        registry.make_cache("lacache", tiny_llama("sdpa"))
