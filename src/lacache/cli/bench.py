@@ -15,6 +15,7 @@ import os
 import sys
 from pathlib import Path
 
+from . import bench_vllm
 from .common import (
     add_dtype_argument,
     add_methods_argument,
@@ -30,7 +31,7 @@ from .common import (
 __all__ = ["add_parser", "run_cli", "BENCHMARKS"]
 
 #: the ``lacache bench`` sub-commands
-BENCHMARKS = ("decode", "memory", "stream", "cache", "prefill", "all")
+BENCHMARKS = ("decode", "memory", "stream", "cache", "prefill", "vllm", "all")
 DEFAULT_OUT = "runs/bench"
 MB = 2**20
 
@@ -68,6 +69,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "bench", help="performance benchmarks: decode speed, memory, constant-memory stream, cache updates, prefill"
     )
     kinds = bench.add_subparsers(dest="benchmark", required=True)
+    bench_vllm.add_parser(kinds)
 
     decode = kinds.add_parser("decode", help="decode ms/token vs generated length per method (also writes memory.*)")
     _decode_args(decode)
@@ -505,5 +507,5 @@ def run_all(args: argparse.Namespace) -> dict:
 def run_cli(args: argparse.Namespace) -> dict:
     """Run the benchmark named by ``args.benchmark``; raises ``ValueError`` for bad options."""
     runners = {"decode": lambda a: run_decode(a, write_memory=True), "memory": run_memory, "stream": run_stream,
-               "cache": run_cache, "prefill": run_prefill, "all": run_all}
+               "cache": run_cache, "prefill": run_prefill, "all": run_all, "vllm": bench_vllm.run_cli}
     return runners[args.benchmark](args)

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from ..compat import cache_argument
 from ..generation import next_positions
 from .common import fresh_cache
 from .harness import method_budgets, method_options_for
@@ -71,7 +72,8 @@ def streaming_nll(
     for start in range(0, ids.numel() - 1, step):
         piece = ids[start : min(start + step, ids.numel() - 1)]
         logits = model(
-            input_ids=piece[None], position_ids=next_positions(cache, piece.numel(), device), cache=cache
+            input_ids=piece[None], position_ids=next_positions(cache, piece.numel(), device),
+            **cache_argument(model, cache),
         ).logits[0]
         targets = ids[start + 1 : start + 1 + piece.numel()]
         logp = torch.log_softmax(logits.float(), dim=-1)

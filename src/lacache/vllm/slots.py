@@ -1,0 +1,64 @@
+"""One request's slot accounting, the same on vLLM's scheduler and on its workers.
+
+Both sides replay every forward pass of a request through the same retention rule: after a pass
+of ``q`` tokens the request holds ``n + q`` slots, and if that exceeds the budget the rule's plan
+compacts it to ``plan.kept``. The scheduler needs only the counts (to free the blocks a
+compaction empties and size the next allocation); the worker also applies the plan to the paged
+keys and values. Because the rule is deterministic, the two never need to talk.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..policies.base import LayerView, RetentionPolicy
+
+__all__ = ["RequestSlots"]
+
+
+class RequestSlots:
+    """Slots one request holds per layer, and which original tokens they are."""
+
+    def __init__(self, policy: RetentionPolicy, budget: int, target: int, num_layers: int, track_tokens: bool = False):
+        self.policy = policy
+        self.budget = budget
+        self.target = target
+        self.num_layers = num_layers
+        self.slots = 0  # physical slots held (every layer the same)
+        self.seen = 0  # logical tokens processed
+        self.passes = 0
+        # original token index of every slot, [1 or layers, slots] (the worker keeps it for inspection)
+        self.tokens: np.ndarray | None = np.zeros((1, 0), dtype=np.int64) if track_tokens else None
+
+    @property
+    def evicted(self) -> int:
+        """Logical tokens minus physical slots: how far physical addresses lag logical positions."""
+        return self.seen - self.slots
+
+    def advance(self, q: int):
+        """A forward pass of ``q`` tokens ran; returns the compaction plan it triggers, or None."""
+        if q <= 0:
+            return None
+        if self.tokens is not None:
+            new = np.arange(self.seen, self.seen + q, dtype=np.int64)
+            self.tokens = np.concatenate([self.tokens, np.broadcast_to(new, (self.tokens.shape[0], q))], axis=1)
+        self.slots += q
+        self.seen += q
+        self.passes += 1
+        if self.slots <= self.budget:
+            return None
+        plan = self.policy.retain(LayerView(0, self.slots, q, self.passes), self.target)
+        if self.tokens is not None:
+            rows = plan.index
+            if rows.shape[0] > 1 and self.tokens.shape[0] == 1:
+                self.tokens = np.broadcast_to(self.tokens, (rows.shape[0], self.tokens.shape[1]))
+            self.tokens = np.take_along_axis(self.tokens, np.broadcast_to(rows, (self.tokens.shape[0], rows.shape[1])),
+                                             axis=1) if rows.shape[0] > 1 else self.tokens[:, rows[0]]
+        self.slots = plan.kept
+        return plan
+
+    def token_positions(self, layer: int) -> list[int]:
+        """Original indices of the tokens ``layer`` holds, in slot order (the worker's view)."""
+        if self.tokens is None:
+            raise RuntimeError("token tracking is off for this request")
+        return self.tokens[layer if self.tokens.shape[0] > 1 else 0].tolist()

@@ -1,0 +1,190 @@
+"""The worker half of the vLLM plugin: physical slots, and compaction of the paged keys and values.
+
+vLLM addresses a request's KV by *logical* position (token ``p`` lives in slot ``p`` of the
+request's block row). With a bounded cache a request holds only ``slots`` physical slots; the
+plugin keeps, per request, the ``RequestSlots`` replay of the retention rule and, around each step:
+
+* after ``_prepare_inputs``: every new token's position, KV slot and the request's sequence
+  length are shifted from logical to physical (``position - evicted``). Keys are thus rotated by
+  their slot, as lacache's position shift wants, and written right after the held slots;
+* after ``execute_model``: each request advances by the tokens it ran; when it overflows its
+  budget, every layer's kept slots are gathered, re-rotated by ``new slot - old slot`` (keys are
+  stored after RoPE) and written to the front of the row with the backend's own writer; the row's
+  tail blocks are dropped, as the scheduler's ``LadderManager`` frees them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import weakref
+
+import torch
+
+from .config import ServingConfig
+from .paged import PagedKV
+from .slots import RequestSlots
+
+__all__ = ["WorkerState", "attach", "states"]
+
+#: live worker states of this process (tests read kept tokens through them)
+_STATES: "weakref.WeakSet[WorkerState]" = weakref.WeakSet()
+_CREATED = itertools.count()
+
+
+def states() -> list["WorkerState"]:
+    """Live worker states of this process, oldest first."""
+    return sorted(_STATES, key=lambda state: state.created)
+
+
+def _rotary_module(model: torch.nn.Module):
+    found = [m for m in model.modules() if hasattr(m, "cos_sin_cache") and hasattr(m, "rotary_dim")]
+    if not found:
+        raise ValueError("lacache: this model has no rotary position embedding; the position shift needs RoPE")
+    first = found[0]
+    for other in found[1:]:
+        if other.rotary_dim != first.rotary_dim or not torch.equal(other.cos_sin_cache, first.cos_sin_cache):
+            raise ValueError("lacache: layers with different rotary frequencies are not served in vLLM yet")
+    if not getattr(first, "is_neox_style", True):
+        raise ValueError("lacache: interleaved (GPT-J style) RoPE is not supported; rotate-half models only")
+    return first
+
+
+class WorkerState:
+    """Everything the plugin keeps on one model runner."""
+
+    def __init__(self, runner, config: ServingConfig):
+        self.runner = runner
+        self.config = config
+        self.requests: dict[str, RequestSlots] = {}
+        self.finished: dict[str, RequestSlots] = {}  # kept for inspection when LACACHE_VLLM_RECORD=1
+        self.record = os.environ.get("LACACHE_VLLM_RECORD") == "1"
+        self.step: list[tuple[str, int]] = []
+        rotary = _rotary_module(runner.model)
+        self.rotary_dim = int(rotary.rotary_dim)
+        self.angles = rotary._compute_cos_sin_cache().to(torch.float32)  # [positions, rotary_dim]
+        self._paged: PagedKV | None = None
+        self.compactions = 0
+        self.created = next(_CREATED)
+        _STATES.add(self)
+
+    # ------------------------------------------------------------------ per step
+    def _slots_for(self, req_id: str, logical_start: int) -> RequestSlots:
+        slots = self.requests.get(req_id)
+        if slots is None or logical_start < slots.seen:  # new, or preempted and recomputed from scratch
+            cfg = self.config
+            slots = RequestSlots(cfg.new_policy(), cfg.budget, cfg.target, cfg.num_layers, track_tokens=True)
+            self.requests[req_id] = slots
+        if logical_start != slots.seen:
+            raise RuntimeError(f"lacache: request {req_id} resumes at token {logical_start} but its cache holds "
+                               f"{slots.seen}; prefix caching must be off for bounded requests")
+        return slots
+
+    def after_prepare_inputs(self, num_scheduled_tokens) -> None:
+        """Shift this step's positions, slot mapping and sequence lengths from logical to physical."""
+        runner = self.runner
+        batch = runner.input_batch
+        num_reqs = batch.num_reqs
+        logical = batch.num_computed_tokens_cpu[:num_reqs]
+        evicted = torch.zeros(num_reqs, dtype=torch.int64)
+        self.step = []
+        for i, req_id in enumerate(batch.req_ids[:num_reqs]):
+            slots = self._slots_for(req_id, int(logical[i]))
+            evicted[i] = slots.evicted
+            self.step.append((req_id, int(num_scheduled_tokens[i])))
+        if not bool(evicted.any()):
+            return
+        counts = torch.as_tensor(num_scheduled_tokens[:num_reqs], dtype=torch.int64)
+        total = int(counts.sum())
+        per_token = torch.repeat_interleave(evicted, counts).to(runner.positions.device)
+        runner.positions[:total] -= per_token
+        runner.seq_lens[:num_reqs] -= evicted.to(runner.seq_lens.device, runner.seq_lens.dtype)
+        runner.optimistic_seq_lens_cpu[:num_reqs] -= evicted.to(runner.optimistic_seq_lens_cpu.dtype)
+        batch.block_table.compute_slot_mapping(num_reqs, runner.query_start_loc.gpu[: num_reqs + 1],
+                                               runner.positions[:total])
+
+    def after_execute_model(self) -> None:
+        """Advance every request of the step; compact the ones that overflowed their budget."""
+        for req_id, q in self.step:
+            slots = self.requests.get(req_id)
+            if slots is None:
+                continue
+            plan = slots.advance(q)
+            if plan is not None:
+                self._compact(req_id, slots, plan)
+        self.step = []
+
+    def forget(self, req_ids) -> None:
+        for req_id in req_ids or ():
+            slots = self.requests.pop(req_id, None)
+            if slots is not None and self.record:
+                self.finished[req_id] = slots
+
+    # ------------------------------------------------------------------ compaction
+    def paged(self) -> PagedKV:
+        if self._paged is None:
+            runner = self.runner
+            context = runner.compilation_config.static_forward_context
+            names = sorted(context, key=lambda name: getattr(context[name], "layer_idx", 0) or _layer_number(name))
+            layers = [context[name] for name in names]
+            caches = [layer.kv_cache if not isinstance(layer.kv_cache, (list, tuple)) else layer.kv_cache[0]
+                      for layer in layers]
+            self._paged = PagedKV(layers, caches, runner.cache_config.block_size)
+        return self._paged
+
+    def _rotate(self, keys: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """Turn keys ``[n, heads, head_dim]`` by ``delta`` (<= 0) positions, rotate-half style."""
+        half = self.rotary_dim // 2
+        table = self.angles[delta.abs()]
+        cos = table[:, None, :half]
+        sin = table[:, None, half:] * torch.sign(delta).to(torch.float32)[:, None, None]
+        x = keys.to(torch.float32)
+        x1, x2 = x[..., :half], x[..., half: 2 * half]
+        out = x.clone()
+        out[..., :half] = x1 * cos - x2 * sin
+        out[..., half: 2 * half] = x2 * cos + x1 * sin
+        return out.to(keys.dtype)
+
+    def _compact(self, req_id: str, slots: RequestSlots, plan) -> None:
+        paged = self.paged()
+        state = self.runner.requests[req_id]
+        block_ids = list(state.block_ids[0])
+        start = plan.stable_prefix
+        kept = plan.kept
+        if start < kept:
+            target = torch.arange(start, kept, dtype=torch.int64)
+            for layer in range(len(paged.layers)):
+                rows = torch.from_numpy(plan.rows_for(layer)[start:kept]).to(torch.int64)
+                keys, values = paged.read(layer, block_ids, rows)
+                keys = self._rotate(keys, target - rows)
+                paged.write(layer, block_ids, target, keys, values)
+        self.compactions += 1
+        self._truncate(req_id, state, kept)
+
+    def _truncate(self, req_id: str, state, kept: int) -> None:
+        """Drop the row's blocks past the held slots (the scheduler frees the same blocks)."""
+        block_size = self.runner.cache_config.block_size
+        keep = -(-kept // block_size)
+        ids = state.block_ids[0]
+        if len(ids) <= keep:
+            return
+        del ids[keep:]
+        batch = self.runner.input_batch
+        row = batch.req_id_to_index.get(req_id)
+        if row is not None:
+            table = batch.block_table[0]
+            table.num_blocks_per_row[row] = keep
+
+
+def _layer_number(name: str) -> int:
+    for part in name.split("."):
+        if part.isdigit():
+            return int(part)
+    return 0
+
+
+def attach(runner, config: ServingConfig) -> WorkerState:
+    state = getattr(runner, "_lacache", None)
+    if state is None:
+        state = runner._lacache = WorkerState(runner, config)
+    return state

@@ -1,0 +1,32 @@
+"""Run by test_vllm_multiprocess.py in a child process: vLLM's default engine (scheduler in one
+process, worker in another) with the plugin on; prints one line per prompt, "equal" or "differ"."""
+
+import os
+import sys
+
+import torch
+
+
+def main() -> None:
+    from vllm import LLM, SamplingParams
+
+    from lacache import load_model, make_cache
+    from lacache.models import default_model_dir
+
+    new = int(sys.argv[1])
+    model, tokenizer = load_model(None)
+    prompts = [tokenizer(p)["input_ids"] for p in ("Once upon a time", "Write a long story about a dragon. " * 9)]
+    llm = LLM(model=str(default_model_dir()), dtype="float32", enforce_eager=True, max_model_len=2048,
+              gpu_memory_utilization=0.3, num_gpu_blocks_override=4, max_num_batched_tokens=128,
+              additional_config={"lacache": {"budget": 64}})  # prefix caching left on: the plugin turns it off
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(max_tokens=new, min_tokens=new, temperature=0, ignore_eos=True))
+    for ids, out in zip(prompts, outs):
+        want = model.generate(torch.tensor([ids]), past_key_values=make_cache("lacache", model, 64),
+                              max_new_tokens=new, min_new_tokens=new, do_sample=False)[0, len(ids):].tolist()
+        print("RESULT", len(ids), "equal" if list(out.outputs[0].token_ids) == want else "differ", flush=True)
+
+
+if __name__ == "__main__":
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+    main()

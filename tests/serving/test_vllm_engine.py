@@ -1,0 +1,85 @@
+"""Engine behaviour with the plugin on (run by `make test-vllm`): sampling with n > 1, stop strings,
+aborts and preemption all work, and every block goes back to the pool."""
+
+import os
+
+import pytest
+
+pytest.importorskip("vllm")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: the scheduler can be inspected
+
+
+_ENGINES = []  # kept alive: tearing an engine down in-process breaks the next one's process groups
+
+
+def _engine(budget: int, blocks: int):
+    from vllm import LLM
+
+    from lacache.models import default_model_dir
+
+    llm = LLM(model=str(default_model_dir()), dtype="float32", enforce_eager=True, max_model_len=2048,
+              enable_prefix_caching=False, gpu_memory_utilization=0.3, num_gpu_blocks_override=blocks,
+              max_num_batched_tokens=128, additional_config={"lacache": {"budget": budget}})
+    _ENGINES.append(llm)
+    return llm
+
+
+def _scheduler(llm):
+    return llm.llm_engine.engine_core.engine_core.scheduler
+
+
+def _free_blocks(llm) -> int:
+    return _scheduler(llm).kv_cache_manager.block_pool.get_num_free_blocks()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _bundled_model():
+    from lacache import load_model
+
+    load_model(None)  # converts the bundled model once if needed
+
+
+def test_sampling_stop_strings_and_abort_free_every_block():
+    from vllm import SamplingParams
+
+    llm = _engine(budget=64, blocks=6)
+    idle = _free_blocks(llm)
+    outs = llm.generate(["Once upon a time"], SamplingParams(n=2, max_tokens=150, temperature=0.8, seed=3,
+                                                              ignore_eos=True))
+    assert [len(c.token_ids) for c in outs[0].outputs] == [150, 150]
+    assert outs[0].outputs[0].token_ids != outs[0].outputs[1].token_ids
+    stop = llm.generate(["The lighthouse keeper said"], SamplingParams(max_tokens=200, temperature=0, stop=["."]))
+    assert stop[0].outputs[0].finish_reason == "stop" and "." not in stop[0].outputs[0].text
+    engine = llm.llm_engine
+    engine.add_request("aborted", "Write a very long story about the sea.",
+                       SamplingParams(max_tokens=500, temperature=0, ignore_eos=True))
+    for _ in range(90):  # past its first compaction
+        engine.step()
+    assert _free_blocks(llm) < idle
+    engine.abort_request(["aborted"])
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert _free_blocks(llm) == idle
+
+
+def test_preempted_requests_recompute_and_finish_without_leaking_blocks():
+    from vllm import SamplingParams
+
+    # budget 192: a request grows from one 128-token block to two while decoding, so four of them in a
+    # pool of four blocks must preempt each other
+    llm = _engine(budget=192, blocks=5)
+    scheduler = _scheduler(llm)
+    preempted = []
+    original = scheduler._preempt_request
+
+    def spy(request, *args, **kwargs):
+        preempted.append(request.request_id)
+        return original(request, *args, **kwargs)
+
+    scheduler._preempt_request = spy
+    idle = _free_blocks(llm)
+    prompts = [f"Story number {i}: " + "the sea was calm and the night was long. " * 9 for i in range(4)]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=200, min_tokens=200, temperature=0, ignore_eos=True))
+    assert preempted, "the pool was meant to be too small for all four at once"
+    assert all(len(o.outputs[0].token_ids) == 200 for o in outs)
+    assert _free_blocks(llm) == idle

@@ -1,0 +1,87 @@
+"""lacache inside vLLM (run by `make test-vllm`, in the environment that target builds).
+
+One in-process engine on the bundled model, float32, greedy: several prompts of different lengths
+in one `generate` call must equal `model.generate(ids, past_key_values=LaCache...)` token for
+token for 300 new tokens (more than 200 past each first compaction), and every layer of every
+request must hold exactly the tokens the transformers cache holds. The KV pool is 4 blocks of 128
+tokens while max_model_len is 2048: stock vLLM refuses to start with it.
+"""
+
+import os
+
+import pytest
+
+pytest.importorskip("vllm")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: introspection
+os.environ["LACACHE_VLLM_RECORD"] = "1"
+
+import torch  # noqa: E402
+
+BUDGET, NEW = 64, 300
+PROMPTS = ["Once upon a time", "The history of the lighthouse begins with a keeper who " * 3,
+           "Write a long story about a dragon. " * 9]
+
+
+_ENGINES = []
+
+
+def _engine(model_dir, **lacache):
+    from vllm import LLM
+
+    return LLM(model=str(model_dir), dtype="float32", enforce_eager=True, max_model_len=2048,
+               enable_prefix_caching=False, gpu_memory_utilization=0.3, num_gpu_blocks_override=4,
+               max_num_batched_tokens=128, additional_config={"lacache": lacache})
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    from lacache import load_model
+    from lacache.models import default_model_dir
+
+    model, tokenizer = load_model(None)
+    return model, tokenizer, default_model_dir()
+
+
+def _state_of(request_id):
+    from lacache.vllm.worker import states
+
+    for state in states()[-1:]:  # the newest engine's worker: earlier engines reuse request ids
+        for key, slots in {**state.requests, **state.finished}.items():
+            if key == request_id or key.startswith(request_id + "-"):
+                return slots
+    raise KeyError(request_id)
+
+
+@pytest.mark.parametrize("method", ["lacache", "streaming"])
+def test_outputs_and_kept_tokens_equal_the_transformers_cache(bundled, method):
+    from vllm import SamplingParams
+
+    from lacache import make_cache
+
+    model, tokenizer, model_dir = bundled
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    llm = _engine(model_dir, method=method, budget=BUDGET)
+    _ENGINES.append(llm)  # kept alive: tearing an engine down in-process breaks the next one's process groups
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(max_tokens=NEW, min_tokens=NEW, temperature=0, ignore_eos=True))
+    for ids, out in zip(prompts, outs):
+        cache = make_cache(method, model, BUDGET)
+        want = model.generate(torch.tensor([ids]), past_key_values=cache, max_new_tokens=NEW,
+                              min_new_tokens=NEW, do_sample=False)[0, len(ids):].tolist()
+        got = list(out.outputs[0].token_ids)
+        assert got == want, (len(ids), next(j for j, (a, b) in enumerate(zip(got, want)) if a != b))
+        slots = _state_of(out.request_id)
+        assert slots.seen == cache.seen == len(ids) + NEW - 1
+        assert cache.seen - BUDGET >= 200  # the comparison runs far past the first compaction
+        for layer in range(model.config.num_hidden_layers):
+            assert slots.token_positions(layer) == cache.token_positions(layer).tolist(), layer
+
+
+@pytest.mark.parametrize("settings, match", [
+    ({"method": "h2o", "budget": 64}, "not served in vLLM"),
+    ({"budget": 64, "windows": 8}, r"unknown option\(s\) \['windows'\]"),
+    ({"budget": 6}, "too small"),
+])
+def test_bad_settings_fail_at_engine_start(bundled, settings, match):
+    with pytest.raises(Exception, match=match):
+        _engine(bundled[2], **settings)
