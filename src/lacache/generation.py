@@ -146,10 +146,11 @@ def stream_tokens(
 
     started = time.perf_counter()
     logits = None
+    cache_kwarg = cache_argument(model, cache)  # resolved once, not per token
     for start in range(0, input_ids.shape[1], prefill_chunk):
         piece = input_ids[:, start : start + prefill_chunk]
         positions = next_positions(cache, piece.shape[1], device)
-        out = model(input_ids=piece, position_ids=positions, **cache_argument(model, cache))
+        out = model(input_ids=piece, position_ids=positions, **cache_kwarg)
         logits = out.logits[:, -1]
     stats.prefill_seconds = time.perf_counter() - started
 
@@ -165,7 +166,7 @@ def stream_tokens(
         if token_id in eos or (max_new_tokens is not None and produced >= max_new_tokens):
             break
         positions = next_positions(cache, 1, device)
-        out = model(input_ids=token.view(1, 1), position_ids=positions, **cache_argument(model, cache))
+        out = model(input_ids=token.view(1, 1), position_ids=positions, **cache_kwarg)
         logits = out.logits[:, -1]
         if produced % sample_every == 0:
             stats.samples.append((produced, cache_bytes(cache), current_rss_bytes()))

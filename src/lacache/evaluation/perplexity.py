@@ -69,11 +69,12 @@ def streaming_nll(
     device = next(model.parameters()).device
     ids = ids.to(device)
     nll = torch.empty(ids.numel() - 1, dtype=torch.float64)
+    cache_kwarg = cache_argument(model, cache)  # resolved once, not per token
     for start in range(0, ids.numel() - 1, step):
         piece = ids[start : min(start + step, ids.numel() - 1)]
         logits = model(
             input_ids=piece[None], position_ids=next_positions(cache, piece.numel(), device),
-            **cache_argument(model, cache),
+            **cache_kwarg,
         ).logits[0]
         targets = ids[start + 1 : start + 1 + piece.numel()]
         logp = torch.log_softmax(logits.float(), dim=-1)

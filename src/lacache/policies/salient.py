@@ -13,6 +13,8 @@ scores.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from ..ladder import LadderGeometry
@@ -109,8 +111,7 @@ class SalientLadderPolicy(RetentionPolicy):
 
     def fork(self) -> "SalientLadderPolicy":
         """A copy for another sequence: its own pool state, the ladder's memoised plans shared."""
-        twin = object.__new__(SalientLadderPolicy)
-        twin.__dict__.update(self.__dict__)
+        twin = copy.copy(self)
         twin.ladder = self.ladder.fork()
         twin.state = [None if s is None else s.clone() for s in self.state]
         twin._pooled = list(self._pooled)

@@ -73,7 +73,8 @@ class WorkerState:
         slots = self.requests.get(req_id)
         if slots is None or logical_start < slots.seen:  # new, or preempted and recomputed from scratch
             cfg = self.config
-            slots = RequestSlots(cfg.new_policy(), cfg.budget, cfg.target, cfg.num_layers, track_tokens=True)
+            # the original index of every slot costs a copy per step: kept only when inspection asks for it
+            slots = RequestSlots(cfg.new_policy(), cfg.budget, cfg.target, cfg.num_layers, track_tokens=self.record)
             self.requests[req_id] = slots
         if logical_start != slots.seen:
             raise RuntimeError(f"lacache: request {req_id} resumes at token {logical_start} but its cache holds "
@@ -125,7 +126,7 @@ class WorkerState:
         if self._paged is None:
             runner = self.runner
             context = runner.compilation_config.static_forward_context
-            names = sorted(context, key=lambda name: getattr(context[name], "layer_idx", 0) or _layer_number(name))
+            names = sorted(context, key=_layer_number)
             layers = [context[name] for name in names]
             caches = [layer.kv_cache if not isinstance(layer.kv_cache, (list, tuple)) else layer.kv_cache[0]
                       for layer in layers]
