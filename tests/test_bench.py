@@ -106,7 +106,7 @@ def test_reference_strategy_keeps_the_same_tokens_as_lacache(layers, steps):
     """Same shapes, same ladder schedule (no salient pool, no chunking): same tokens and values in every layer."""
     heads, dim, budget = 2, 16, 40
     stand_in = CacheStandIn(layers, heads, dim)
-    ours = LaCache.from_model(stand_in, budget=budget, salient=0, chunk=0)
+    ours = LaCache.from_model(stand_in, budget=budget, schedule="capped", chunk=0)
     ref = ReferenceLadderCache(stand_in.rotary_emb, layers, budget, track_tokens=True)
     assert ref.geometry == ours.policy.geometry and ref.window == ours.policy.window
     torch.manual_seed(0)
@@ -146,7 +146,7 @@ def test_bench_cache_update_rows(tmp_path):
     assert len(rows) == 4 * 2 + 1
     for r in rows:
         assert r["ms_per_token"] > 0 and r["cache_slots"] <= 64
-        assert r["steps"] == (10 if r["method"] in ("reference", "ladder-step") else 40)
+        assert r["steps"] == (10 if r["method"] in ("reference", "ladder-step", "lacache") else 40)
         if r["method"] != "reference":  # preallocated buffers: flat at budget + headroom
             assert r["cache_bytes"] == kv_bytes(6, 2, 16, 4, 64 + SlotLayer.headroom)
     summary = cache_summary(rows)

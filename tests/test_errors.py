@@ -24,6 +24,11 @@ def model():
         (dict(budget=0), r"budget=0 must be a positive number"),
         (dict(sinks=-1), r"sinks=-1 must be a non-negative integer"),
         (dict(window=0), r"window=0 must be a positive integer"),
+        (dict(window=1.5), r"window=1.5 must be a positive integer .* or a fraction of the budget"),
+        (dict(window=True), r"window=True must be a positive integer"),
+        (dict(group=0), r"group=0 must be a positive integer"),
+        (dict(group=40), r"budget=64 is too small.*one rung"),
+        (dict(schedule="reference", group=2), r"group=2: schedule='reference'.*group=1"),
         (dict(positions="absolute"), r"positions='absolute' must be one of"),
         (dict(layout="zigzag"), r"layout='zigzag' is not one of"),
         (dict(chunk=500), r"chunk=500 must be between 0 and"),
@@ -33,6 +38,12 @@ def test_lacache_configuration_errors(model, kwargs, pattern):
     kwargs = {"budget": 64, **kwargs}
     with pytest.raises(ValueError, match=pattern):
         LaCache.from_model(model, **kwargs)
+
+
+def test_window_as_a_fraction_of_the_budget(model):
+    assert LaCache.from_model(model, budget=64, window=0.5).policy.window == 32
+    assert LaCache.from_model(model, budget=64, window=0.01).policy.window == LaCache.from_model(
+        model, budget=64).policy.geometry.rung  # never below one rung
 
 
 def test_streaming_configuration_errors(model):

@@ -93,7 +93,7 @@ def test_cli_eval_ppl_writes_table_csv_json_png(tiny_model_dir, tmp_path, capsys
     printed = capsys.readouterr().out
     assert "budget 32" in printed and "lacache" in printed
     rows = list(csv.DictReader(open(out / "ppl.csv")))
-    assert set(rows[0]) == {"method", "budget", "step", "first", "last", "ppl"}
+    assert set(rows[0]) == {"text", "method", "budget", "step", "first", "last", "ppl"}
     overall = [r for r in rows if r["first"] == "1" and r["last"] == "100"]
     assert {(r["method"], r["budget"]) for r in overall} == {
         ("full", ""), ("lacache", "32"), ("lacache", "48"), ("knorm", "32"), ("knorm", "48"),
@@ -108,3 +108,59 @@ def test_cli_eval_ppl_writes_table_csv_json_png(tiny_model_dir, tmp_path, capsys
 def test_cli_eval_rejects_unknown_method(capsys):
     assert cli_main(["eval", "ppl", "--methods", "full,snapkv"]) == 2
     assert "snapkv" in capsys.readouterr().err
+
+
+def test_a_batch_of_texts_gives_each_text_its_own_stream():
+    """Streaming several texts as one batch predicts each exactly as streaming it alone (index-only rules;
+    a content rule such as key norm can break a near-tie of two scores differently in a batch)."""
+    model = tiny_llama("sdpa")
+    rows = torch.randint(0, 96, (3, 70), generator=torch.Generator().manual_seed(5))
+    for method, budget in (("lacache", 24), ("lacache-capped", 24), ("streaming", 24), ("full", None)):
+        together = streaming_nll(model, rows, make_cache(method, model, budget), step=1)
+        assert together.shape == (3, 69)
+        for i in range(3):
+            alone = streaming_nll(model, rows[i], make_cache(method, model, budget), step=1)
+            assert np.allclose(together[i], alone, atol=1e-4), (method, i)
+    results = evaluate_ppl_grid(model, rows, ["full", "streaming", "lacache"], [24], window=30, progress=False,
+                                texts=["a", "b", "c"])
+    assert [(r.text, r.method) for r in results][:3] == [("a", "full"), ("b", "full"), ("c", "full")]
+    assert results[0].step == 256  # the full cache is exact at any step, so it is fed in big forwards
+    headers, table = ppl_table_rows(results)
+    assert headers[:2] == ["text", "method"] and len(table) == 9
+    from lacache.evaluation.report import gap_table_rows
+
+    gap_headers, gaps = gap_table_rows(results)
+    assert gap_headers == ["text", "method", "budget 24"] and [row[:2] for row in gaps] == [
+        ["a", "lacache"], ["b", "lacache"], ["c", "lacache"]]
+    with pytest.raises(ValueError, match="texts"):
+        evaluate_ppl_grid(model, rows, ["full"], [24], progress=False, texts=["a"])
+
+
+def test_gap_closed():
+    from lacache.evaluation.perplexity import gap_closed
+
+    assert gap_closed(8.0, 10.0, 6.0) == pytest.approx(0.5)
+    assert gap_closed(6.0, 10.0, 6.0) == pytest.approx(1.0)
+    assert gap_closed(11.0, 10.0, 6.0) == pytest.approx(-0.25)
+    assert gap_closed(5.0, 6.0, 6.0) is None  # StreamingLLM already at full: nothing to close
+
+
+def test_cli_variants_and_offline_texts(tiny_model_dir, tmp_path, capsys):
+    pytest.importorskip("sqlite3")
+    out = tmp_path / "out"
+    code = cli_main([
+        "eval", "ppl", "--model", str(tiny_model_dir), "--texts", "essays,kjv", "--tokens", "60",
+        "--budgets", "32", "--methods", "full,streaming,lacache", "--variant", "g2=lacache,group=2,sinks=2",
+        "--out", str(out), "--no-progress",
+    ])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "Share of the StreamingLLM -> full gap closed" in printed
+    report = json.loads((out / "ppl.json").read_text())
+    runs = {(r["text"], r["method"]): r for r in report["results"]}
+    assert set(runs) == {(t, m) for t in ("essays", "kjv") for m in ("full", "streaming", "lacache", "g2")}
+    assert runs["kjv", "g2"]["cache"]["group"] == 2 and runs["kjv", "g2"]["cache"]["sinks"] == 2
+    assert cli_main(["eval", "ppl", "--texts", "essays,nope"]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert cli_main(["eval", "ppl", "--variant", "broken"]) == 2
+    assert "NAME=METHOD" in capsys.readouterr().err

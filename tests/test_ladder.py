@@ -83,6 +83,7 @@ scenario = st.fixed_dictionaries(
         "extra": st.integers(0, 64),
         "chunk": st.integers(0, 16),
         "steps": st.lists(st.integers(1, 40), min_size=1, max_size=60),
+        "group": st.sampled_from([1, 1, 2, 3, 8]),
     }
 )
 
@@ -90,7 +91,7 @@ scenario = st.fixed_dictionaries(
 def _simulate(params):
     """Stream tokens through the planner like a cache would; check every invariant at every step."""
     layers, span, overlap = params["geometry"]
-    g = ladder_geometry(layers, span, overlap)
+    g = ladder_geometry(layers, span, overlap, group=params.get("group", 1))
     sinks, window = params["sinks"], params["window"]
     budget = sinks + window + g.rung + params["extra"]
     target = max(sinks + window + g.rung - 1, budget - params["chunk"])
@@ -221,3 +222,58 @@ def test_ladder_policy_memo_stays_under_its_byte_cap_and_stays_correct():
     policy, _ = _steady_policy_plans(80, 4096, 256, steps=60, warm=False)
     held = sum(plan.index.nbytes for plan in policy._plans.values())
     assert 0 < held <= ladder_policy._MEMO_BYTES and held == policy._memo_bytes
+
+
+# --------------------------------------------------------------------------- the group ladder
+
+
+def test_group_scales_the_rung_and_keeps_the_stagger():
+    for layers, span, overlap in GEOMETRIES[::37]:
+        plain = ladder_geometry(layers, span, overlap)
+        for group in (2, 5, 16):
+            g = ladder_geometry(layers, span, overlap, group=group)
+            assert (g.rung, g.keep, g.group) == (plain.rung * group, plain.keep * group, group)
+            assert g.offsets == tuple(o * group for o in plain.offsets)
+            assert g.freed_per_rung == plain.freed_per_rung * group
+    for bad in (0, -1, 1.5, True, "8"):
+        with pytest.raises(ValueError, match="group="):
+            ladder_geometry(30, 15, 0, group=bad)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    geometry=st.sampled_from(GEOMETRIES),
+    group=st.integers(2, 12),
+    sinks=st.integers(0, 8),
+    window=st.integers(1, 24),
+    runs=st.integers(1, 12),
+)
+def test_group_ladder_keeps_or_drops_whole_groups(geometry, group, sinks, window, runs):
+    """In a pass, each layer keeps whole aligned runs of ``group`` consecutive slots, never part of one,
+    and every run is kept by some layer once there are as many layers as offsets."""
+    g = ladder_geometry(*geometry, group=group)
+    n = sinks + window + (runs + 1) * g.rung
+    target = n - runs * g.freed_per_rung  # exactly `runs` rungs, in the pass that starts at the sinks
+    plan = ladder_plan(g, n, sinks, target, sinks, window)
+    assert plan.index.shape[1] == target and plan.cursor == sinks + runs * g.keep
+    for row in plan.index:
+        body = row[sinks : sinks + runs * g.keep]
+        pieces = body.reshape(-1, group)
+        assert (np.diff(pieces, axis=1) == 1).all()  # consecutive inside a unit
+        assert ((pieces[:, 0] - sinks) % group == 0).all()  # aligned to the units of the pass
+    period = (g.rung - g.keep) // group + 1
+    if geometry[0] >= period:
+        covered = np.unique(plan.index[:, sinks : sinks + runs * g.keep])
+        assert covered.size == runs * g.rung  # the union of layers still covers every slot of the rungs
+
+
+def test_a_fact_inside_one_group_survives_whole_in_the_layers_that_keep_it():
+    """The point of the group ladder: a 7-token fact (within one 8-slot unit) is whole or absent per
+    layer, where the plain ladder splits it across layers (15/0: every layer keeps half of it)."""
+    fact = np.arange(20, 27)  # 7 consecutive tokens after 4 sinks: unit 2 of the pass (slots 20..27)
+    for group, expect_whole in ((1, False), (8, True)):
+        g = ladder_geometry(30, 15, 0, group=group)
+        plan = ladder_plan(g, 300, 4, 200, 4, 32)
+        whole = [np.isin(fact, row).all() for row in plan.index]
+        parts = [np.isin(fact, row).any() and not np.isin(fact, row).all() for row in plan.index]
+        assert any(whole) == expect_whole and any(parts) != expect_whole

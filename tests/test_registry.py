@@ -62,3 +62,19 @@ def test_method_specs_say_what_each_needs():
         registry.method_spec("nope")
     with pytest.raises(ValueError, match="needs a budget"):
         registry.make_cache("lacache", tiny_llama("sdpa"))
+
+
+def test_a_variant_is_a_named_method_with_other_defaults():
+    try:
+        spec = registry.variant("test-g2", "lacache-reference", sinks=2)
+        assert spec.defaults == {"schedule": "reference", "sinks": 2} and spec.suites == frozenset()
+        assert registry.variant("test-g2", "lacache-reference", sinks=2) is spec  # the same again: a no-op
+        with pytest.raises(ValueError, match="already registered"):
+            registry.variant("test-g2", "lacache", sinks=3)
+        with pytest.raises(ValueError, match="takes no options"):
+            registry.variant("test-full", "full", sinks=2)
+        cache = registry.make_cache("test-g2", tiny_llama("sdpa"), 32)
+        assert cache.describe()["schedule"] == "reference" and cache.policy.sinks == 2
+    finally:
+        registry._BY_NAME.pop("test-g2", None)
+        registry.METHODS = tuple(registry._BY_NAME)

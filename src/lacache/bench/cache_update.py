@@ -20,17 +20,18 @@ __all__ = ["CACHE_METHODS", "EVERY_STEP_METHODS", "bench_cache_update", "cache_s
 
 #: cache-update microbenchmark methods: our caches, and the reference strategy re-implemented
 #: (``ladder-step`` and ``reference`` are benchmark variants, not registry methods)
-CACHE_METHODS = ("lacache", "lacache-salient", "ladder-step", "streaming", "reference")
+CACHE_METHODS = ("lacache", "lacache-capped", "lacache-reference", "lacache-salient", "ladder-step", "streaming",
+                 "reference")
 #: methods that compact at every step once full: each step costs the same, so few timed steps suffice
-EVERY_STEP_METHODS = ("reference", "ladder-step")
+EVERY_STEP_METHODS = ("reference", "ladder-step", "lacache", "lacache-reference")
 
 
 def _build_cache(method: str, stand_in: CacheStandIn, budget: int, track_tokens: bool = False):
     """A fresh cache for a microbenchmark method; registry methods are built by the registry, as everywhere else."""
-    if method in ("lacache", "lacache-salient", "streaming"):  # lacache-salient: the registry's salient=0.125
+    if method in ("lacache", "lacache-capped", "lacache-reference", "lacache-salient", "streaming"):  # registry
         return make_cache(method, stand_in, budget)
-    if method == "ladder-step":  # the reference's schedule exactly: no salient pool, compaction every step
-        return make_cache("lacache", stand_in, budget, salient=0, chunk=0)
+    if method == "ladder-step":  # the capped schedule compacting every step, like the authors' storage
+        return make_cache("lacache-capped", stand_in, budget, chunk=0)
     if method == "reference":
         return ReferenceLadderCache(stand_in.rotary_emb, stand_in.config.num_hidden_layers, budget,
                                     track_tokens=track_tokens)

@@ -1,6 +1,6 @@
 """The LaCache authors' per-step strategy, re-implemented so the cache microbenchmark has a baseline.
 
-It keeps the same tokens as ``LaCache(salient=0, chunk=0)`` (checked by the tests) but with the
+It keeps the same tokens as ``LaCache(schedule="capped", chunk=0)`` (checked by the tests) but with the
 reference implementation's mechanics, so timing the two isolates what the mechanics cost.
 """
 

@@ -223,7 +223,7 @@ class BoundedCache(Cache):
         self.seen += q
         self._forwards += 1
         positions = StepPositions(position_ids, slots_before, q, int(key_states.shape[0]))
-        over = slots_before + q > self.budget
+        over = slots_before + q > self.policy.capacity(self.budget)
         return _Step(self._forwards, q, positions, self.budget - self.chunk, over)
 
     # ----------------------------------------------------------------- left-padded batches

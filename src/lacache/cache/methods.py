@@ -13,11 +13,13 @@ from collections.abc import Callable
 from torch import nn
 
 from ..ladder import default_span_overlap, ladder_geometry
+from ..ladder_reference import reference_min_budget
 from ..observe import QueryObserver
 from ..policies import (
     H2OPolicy,
     KNormPolicy,
     LadderPolicy,
+    ReferenceLadderPolicy,
     RetentionPolicy,
     SalientLadderPolicy,
     ScorePolicy,
@@ -28,7 +30,7 @@ from ..rope import Rotator, check_supported_model, layer_rotators
 from .bounded import POSITION_MODES, BoundedCache
 from .padded import watch_padding
 
-__all__ = ["LaCache", "StreamingLLMCache", "TOVACache", "H2OCache", "KNormCache", "build_bounded_cache",
+__all__ = ["SCHEDULES", "resolve_schedule", "LaCache", "StreamingLLMCache", "TOVACache", "H2OCache", "KNormCache", "build_bounded_cache",
            "validate_common", "resolve_chunk", "ladder_policy", "streaming_policy"]
 
 
@@ -102,14 +104,55 @@ def _salient_slots(salient, budget: int) -> int:
     )
 
 
+SCHEDULES = ("reference", "capped")
+#: options only the capped schedule has: giving one (without ``schedule``) selects it
+CAPPED_ONLY = ("window", "chunk", "salient", "group", "layout")
+
+
+def resolve_schedule(schedule: str | None, **options) -> str:
+    """``schedule`` as given, or the default: the authors' schedule (``"reference"``, which held-out
+    perplexity favoured, docs/results.md) unless an option only the capped schedule has is set."""
+    if schedule is None:
+        unset = {"window": (None,), "chunk": (None, 0), "salient": (None, 0), "group": (1,), "layout": ("ladder",)}
+        capped = any(options.get(name, values[0]) not in values for name, values in unset.items())
+        return "capped" if capped else "reference"
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule={schedule!r} must be one of {SCHEDULES}; e.g. schedule='reference'")
+    return schedule
+
+
+def _reference_policy(geometry, budget: int, sinks: int, window, layout: str, salient, chunk) -> RetentionPolicy:
+    """The authors' schedule: its own recent window (the layer count) and compaction points."""
+    refused = {"window": window, "chunk": chunk or None, "salient": salient or None}
+    given = [name for name, value in refused.items() if value is not None]
+    if given:
+        raise ValueError(
+            f"schedule='reference' takes no {'/'.join(given)}: the authors' schedule keeps a recent window "
+            f"of the layer count ({geometry.num_layers}) and compacts as soon as the cache is over budget; "
+            "leave them unset, or use schedule='capped'"
+        )
+    if layout != "ladder":
+        raise ValueError(f"layout={layout!r}: schedule='reference' staggers layers as the authors do; use layout='ladder'")
+    need = reference_min_budget(geometry, sinks)
+    if budget < need:
+        raise ValueError(
+            f"budget={budget} is too small for sinks={sinks} + the {geometry.num_layers}-slot recent window of "
+            f"schedule='reference' + one rung keeping {geometry.keep}: use budget >= {need}, or fewer sinks"
+        )
+    return ReferenceLadderPolicy(geometry, sinks, budget)
+
+
 def ladder_policy(num_layers: int, budget: int, *, span: int | None = None, overlap: int | None = None,
                   sinks: int = 4, window: int | None = None, layout: str = "ladder",
-                  salient: int | float | None = None, salient_radius: int = 0) -> RetentionPolicy:
+                  salient: int | float | None = None, salient_radius: int = 0,
+                  schedule: str | None = None, chunk: int | None = None, group: int = 1) -> RetentionPolicy:
     """LaCache's retention rule for ``num_layers`` layers and ``budget`` slots, validated.
 
     Shared by every storage backend (the transformers cache here, vLLM's paged cache in
-    ``lacache.vllm``), so both keep exactly the same tokens.
+    ``lacache.vllm``), so both keep exactly the same tokens. ``chunk`` is only checked here (the
+    reference schedule refuses it); the cache applies it.
     """
+    schedule = resolve_schedule(schedule, window=window, chunk=chunk, salient=salient, group=group, layout=layout)
     if span is None and overlap is None:
         span, overlap = default_span_overlap(num_layers)
     elif span is None or overlap is None:
@@ -118,13 +161,19 @@ def ladder_policy(num_layers: int, budget: int, *, span: int | None = None, over
             f"span={span!r}, overlap={overlap!r}: give both or neither; for {num_layers} layers the "
             f"default is span={default[0]}, overlap={default[1]}"
         )
-    geometry = ladder_geometry(num_layers, span, overlap, layout)
+    geometry = ladder_geometry(num_layers, span, overlap, layout, group)
+    if schedule == "reference":
+        if group != 1:
+            raise ValueError(f"group={group}: schedule='reference' ladders single slots as the authors do; use group=1")
+        return _reference_policy(geometry, budget, sinks, window, layout, salient, chunk)
     if window is None:
         window = max(geometry.rung, budget // 4)
-    if not isinstance(window, int) or window < 1:
+    elif isinstance(window, float) and 0 < window < 1:  # a fraction of the budget (budgets that scale with prompts)
+        window = max(geometry.rung, int(window * budget))
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
         raise ValueError(
-            f"window={window!r} must be a positive integer (the newest tokens must stay dense), "
-            f"e.g. window={max(geometry.rung, budget // 4)}"
+            f"window={window!r} must be a positive integer (the newest tokens must stay dense) or a fraction "
+            f"of the budget between 0 and 1, e.g. window={max(geometry.rung, budget // 4)} or window=0.25"
         )
     pool = _salient_slots(salient, budget)
     if budget - sinks - window - pool < geometry.rung:
@@ -165,33 +214,53 @@ class LaCache(BoundedCache):
         chunk: int | None = None,
         salient: int | float | None = None,
         salient_radius: int = 0,
+        schedule: str | None = None,
+        group: int = 1,
     ) -> "LaCache":
         """Build a cache sized for ``model``.
 
         Args:
-            budget: slots per layer (per sequence); memory never grows beyond it.
+            budget: slots per layer (per sequence); memory never grows beyond it (beyond
+                ``budget + floor(R/2)`` with the reference schedule, see ``schedule``).
             span, overlap: ladder shape (docs/method.md §1, "Geometry"); default by depth, see
                 ``default_span_overlap``.
             sinks: leading slots never compacted (attention sinks; raise it to keep a task prompt).
-            window: most recent slots never compacted; default ``max(rung, budget // 4)``.
+            window: capped schedule: most recent slots never compacted (an int, or a float below 1
+                for that fraction of the budget); default ``max(rung, budget // 4)``.
             positions: ``"shift"`` positions keys by slot (generation past the trained context);
                 ``"original"`` keeps each key at its original position.
             layout: ``"ladder"`` (reference stagger) or ``"band"`` (contiguous layer bands).
-            chunk: extra slots freed per compaction so it happens every ``chunk`` tokens, not every one;
-                default ``budget // 16`` (capped so a rung still fits).
+            chunk: capped schedule: extra slots freed per compaction so it happens every ``chunk``
+                tokens, not every one; default ``budget // 16`` (capped so a rung still fits).
             salient: slots per layer (an int) or a fraction of the budget (a float below 1) kept for the
                 tokens with the smallest key norms among those the ladder evicts, so multi-token facts
                 survive whole in every layer (see ``policies/salient.py``; registry method
                 ``lacache-salient`` uses an eighth of the budget); ``None``/0 (default): the ladder alone.
             salient_radius: a slot's salience is the smallest key norm within this many slots of it,
                 so the pool keeps neighbours of salient tokens as well (multi-token facts).
+            schedule: ``"reference"`` (the LaCache authors' released schedule: recent window of the layer
+                count, ``floor(R/2)`` extra slots after the first overflow, so ``budget + floor(R/2)``
+                slots at most, none extra with one-slot rungs; wide rungs for long prompts; see
+                ``lacache.ladder_reference``) or ``"capped"`` (a hard cap of ``budget`` slots, the
+                ``window`` above, compaction every ``chunk`` tokens). Default: ``"reference"``, which
+                the held-out perplexity comparison favoured (docs/results.md), unless one of ``window``,
+                ``chunk``, ``salient``, ``group`` or ``layout="band"`` is given: those exist only in the
+                capped schedule, which they then select. Registry methods ``lacache-reference`` and
+                ``lacache-capped`` fix it.
+            group: ladder runs of ``group`` consecutive slots as one unit (1: the paper's ladder), so
+                each layer keeps short multi-token facts whole or not at all (registry method
+                ``lacache-group``; docs/method.md, "Group ladder").
         """
 
         def make_policy(num_layers: int) -> RetentionPolicy:
             return ladder_policy(num_layers, budget, span=span, overlap=overlap, sinks=sinks, window=window,
-                                 layout=layout, salient=salient, salient_radius=salient_radius)
+                                 layout=layout, salient=salient, salient_radius=salient_radius,
+                                 schedule=schedule, chunk=chunk, group=group)
 
-        return build_bounded_cache(cls, model, budget, make_policy, sinks=sinks, positions=positions, chunk=chunk)
+        reference = resolve_schedule(schedule, window=window, chunk=chunk, salient=salient, group=group,
+                                     layout=layout) == "reference"
+        return build_bounded_cache(cls, model, budget, make_policy, sinks=sinks, positions=positions,
+                                   chunk=0 if reference else chunk)
 
 
 

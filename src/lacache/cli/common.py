@@ -18,6 +18,8 @@ __all__ = [
     "names",
     "method_list",
     "parse_method_options",
+    "register_variants",
+    "run_methods",
     "add_model_argument",
     "add_dtype_argument",
     "add_option_argument",
@@ -61,6 +63,18 @@ def method_list(text: str, what: str = "methods") -> list[str]:
     return check_methods((x.strip() for x in text.split(",") if x.strip()), what)
 
 
+def _option_value(value: str) -> object:
+    """An option's text as the int, float, None or string it stands for."""
+    if value in ("none", "None"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            continue
+    return value
+
+
 def parse_method_options(items: list[str]) -> dict[str, dict]:
     """``["lacache.span=9", "h2o.window=64"]`` -> ``{"lacache": {"span": 9}, "h2o": {"window": 64}}``."""
     out: dict[str, dict] = {}
@@ -70,17 +84,31 @@ def parse_method_options(items: list[str]) -> dict[str, dict]:
             method, key = target.split(".", 1)
         except ValueError:
             raise ValueError(f"--option {item!r} must look like METHOD.KEY=VALUE, e.g. lacache.span=9") from None
-        parsed: object = value
-        for cast in (int, float):
-            try:
-                parsed = cast(value)
-                break
-            except ValueError:
-                continue
-        if value in ("none", "None"):
-            parsed = None
-        out.setdefault(method, {})[key] = parsed
+        out.setdefault(method, {})[key] = _option_value(value)
     return out
+
+
+def register_variants(items: list[str]) -> list[str]:
+    """``["g8=lacache,group=8"]``: register each as a named method (``registry.variant``); returns the names."""
+    from ..registry import variant
+
+    made = []
+    for item in items:
+        name, _, rest = item.partition("=")
+        base, *pairs = rest.split(",")
+        if not name or not base or any("=" not in pair for pair in pairs):
+            raise ValueError(f"--variant {item!r} must look like NAME=METHOD,KEY=VALUE,..., e.g. g8=lacache,group=8")
+        options = {key: _option_value(value) for key, value in (pair.split("=", 1) for pair in pairs)}
+        made.append(variant(name.strip(), base.strip(), **options).name)
+    return made
+
+
+def run_methods(args: argparse.Namespace) -> list[str]:
+    """The methods an evaluation compares: ``--variant`` definitions registered, then ``--methods``
+    checked (a variant named in ``--variant`` but not in ``--methods`` is added at the end)."""
+    made = register_variants(getattr(args, "variant", []) or [])
+    methods = method_list(args.methods)
+    return methods + [name for name in made if name not in methods]
 
 
 def torch_dtype(name: str):
@@ -117,6 +145,10 @@ def add_run_arguments(parser: argparse.ArgumentParser, suite: str, out: str, out
     add_model_argument(parser)
     add_methods_argument(parser, suite)
     add_option_argument(parser)
+    parser.add_argument(
+        "--variant", action="append", default=[], metavar="NAME=METHOD,KEY=VALUE,...",
+        help="a named variant of a method, repeatable, run after --methods, e.g. g8=lacache,group=8",
+    )
     add_dtype_argument(parser)
     parser.add_argument("--out", default=out, help=out_help)
 

@@ -68,7 +68,7 @@ def run_cli(args) -> list[LongBenchTrial]:
     from .. import models
     from ..evaluation.report import write_run
 
-    methods = common.method_list(args.methods)
+    methods = common.run_methods(args)
     options = common.parse_method_options(args.option)
     records = _records(args)
     if not records:

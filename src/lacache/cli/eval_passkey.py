@@ -43,7 +43,7 @@ def run_cli(args) -> list:
     from ..evaluation.passkey import plot_heatmaps, run_passkey, trial_dicts
     from ..evaluation.report import write_run
 
-    methods = common.method_list(args.methods)
+    methods = common.run_methods(args)
     lengths, depths = common.split_list(args.lengths, int), common.split_list(args.depths, float)
     options = common.parse_method_options(args.option)
     model, tokenizer = common.load_model_for(args)

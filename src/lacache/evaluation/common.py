@@ -51,7 +51,7 @@ def greedy_answer(
     """Greedy continuation of ``input_ids`` ([1, n]) with a fresh cache of ``method``.
 
     ``prefill="full"`` attends over the whole prompt exactly and compacts once afterwards (the
-    reference's way; memory grows with the prompt); ``"chunked"`` feeds ``prefill_chunk`` tokens
+    the authors' NIAH flow; memory grows with the prompt); ``"chunked"`` feeds ``prefill_chunk`` tokens
     per forward and compacts after each (memory bounded by budget + chunk). ``slots`` is ignored
     for ``method="full"``. Generation stops early at any token in ``stop_ids``.
     """

@@ -3,7 +3,7 @@
 The prompt is built in token space so that its length and the needle's depth are exact:
 ``[instruction][filler before][needle][filler after][question]``. The cache budget can be a
 fraction of the prompt (the paper's setting: 0.5 = half the prompt) or a number of slots; the
-prompt is either prefilled in one forward and then compacted ("full", the reference's way) or fed
+prompt is either prefilled in one forward and then compacted ("full", the authors' NIAH flow) or fed
 in chunks that are compacted as they come ("chunked": memory bounded by budget + chunk).
 """
 

@@ -22,7 +22,7 @@ from ..generation import next_positions
 from .common import fresh_cache
 from .harness import method_budgets, method_options_for
 
-__all__ = ["PPLResult", "streaming_nll", "evaluate_ppl_grid", "window_ppl"]
+__all__ = ["PPLResult", "FULL_CACHE_STEP", "streaming_nll", "evaluate_ppl_grid", "window_ppl", "gap_closed"]
 
 
 @dataclass
@@ -38,6 +38,8 @@ class PPLResult:
     seconds: float
     options: dict = field(default_factory=dict)
     cache: dict = field(default_factory=dict)
+    #: which text (``lacache.texts.TEXTS`` name, or "" for a single unnamed text)
+    text: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -60,28 +62,41 @@ def streaming_nll(
     step: int = 1,
     on_progress: Callable[[int], None] | None = None,
 ) -> np.ndarray:
-    """Negative log-likelihood of every token after the first, predicted under ``cache``."""
-    ids = input_ids.reshape(-1)
-    if ids.numel() < 2:
+    """Negative log-likelihood of every token after the first, predicted under ``cache``.
+
+    ``input_ids`` is one text ``[T]`` (returns ``[T - 1]``) or several of the same length ``[B, T]``
+    streamed as one batch (returns ``[B, T - 1]``): every row gets its own cache rows and the same
+    budget, so a batch costs little more than one text on a weight-bound CPU.
+    """
+    single = input_ids.dim() == 1
+    ids = input_ids.reshape(1, -1) if input_ids.dim() == 1 else input_ids
+    if ids.dim() != 2:
+        raise ValueError(f"input_ids must be [T] or [B, T], got shape {tuple(input_ids.shape)}")
+    length = ids.shape[1]
+    if length < 2:
         raise ValueError("need at least 2 tokens to measure perplexity")
     if step < 1:
         raise ValueError(f"step={step} must be >= 1")
     device = next(model.parameters()).device
     ids = ids.to(device)
-    nll = torch.empty(ids.numel() - 1, dtype=torch.float64)
+    nll = torch.empty(ids.shape[0], length - 1, dtype=torch.float64)
     cache_kwarg = cache_argument(model, cache)  # resolved once, not per token
-    for start in range(0, ids.numel() - 1, step):
-        piece = ids[start : min(start + step, ids.numel() - 1)]
+    for start in range(0, length - 1, step):
+        end = min(start + step, length - 1)
         logits = model(
-            input_ids=piece[None], position_ids=next_positions(cache, piece.numel(), device),
+            input_ids=ids[:, start:end], position_ids=next_positions(cache, end - start, device),
             **cache_kwarg,
-        ).logits[0]
-        targets = ids[start + 1 : start + 1 + piece.numel()]
+        ).logits
+        targets = ids[:, start + 1 : end + 1]
         logp = torch.log_softmax(logits.float(), dim=-1)
-        nll[start : start + piece.numel()] = -logp.gather(1, targets[:, None])[:, 0].double().cpu()
+        nll[:, start:end] = -logp.gather(2, targets[..., None])[..., 0].double().cpu()
         if on_progress is not None:
-            on_progress(piece.numel())
-    return nll.numpy()
+            on_progress(end - start)
+    return nll[0].numpy() if single else nll.numpy()
+
+
+#: the full cache is exact whatever the step, so it is teacher-forced in forwards of this many tokens
+FULL_CACHE_STEP = 256
 
 
 def evaluate_ppl_grid(
@@ -93,10 +108,20 @@ def evaluate_ppl_grid(
     window: int = 500,
     method_options: dict[str, dict] | None = None,
     progress: bool = True,
+    texts: Sequence[str] | None = None,
 ) -> list[PPLResult]:
-    """Streaming perplexity for every method x budget (``full`` once, it has no budget)."""
+    """Streaming perplexity for every method x budget (``full`` once, it has no budget).
+
+    ``input_ids`` is one text ``[T]`` or several ``[B, T]`` (named by ``texts``), streamed together
+    as one batch: one result per text, method and budget. The full cache, which predicts the same
+    whatever the step, is fed ``FULL_CACHE_STEP`` tokens per forward.
+    """
     runs = method_budgets(methods, budgets)
-    tokens = int(input_ids.numel())
+    rows = input_ids.reshape(1, -1) if input_ids.dim() == 1 else input_ids
+    names = list(texts) if texts is not None else [""] * rows.shape[0]
+    if len(names) != rows.shape[0]:
+        raise ValueError(f"texts names {len(names)} texts for {rows.shape[0]} rows of input_ids")
+    tokens = int(rows.shape[1])
     results = []
     bar = None
     if progress:
@@ -105,27 +130,39 @@ def evaluate_ppl_grid(
         bar = tqdm(total=len(runs) * (tokens - 1), unit="tok", desc="ppl")
     for method, budget in runs:
         options = method_options_for(method_options, method)
+        run_step = max(step, FULL_CACHE_STEP) if budget is None else step
         with fresh_cache(method, model, budget, options) as cache:
             if bar is not None:
                 bar.set_postfix_str(f"{method} budget={budget}")
             started = time.perf_counter()
-            nll = streaming_nll(model, input_ids, cache, step=step, on_progress=bar.update if bar else None)
+            nll = streaming_nll(model, rows, cache, step=run_step, on_progress=bar.update if bar else None)
             seconds = time.perf_counter() - started
             describe = cache.describe() if hasattr(cache, "describe") else {"cache": type(cache).__name__}
-        results.append(
-            PPLResult(
-                method=method,
-                budget=budget,
-                tokens=tokens,
-                step=step,
-                ppl=float(math.exp(nll.mean())),
-                window=window,
-                windows=window_ppl(nll, window),
-                seconds=round(seconds, 2),
-                options=options,
-                cache=describe,
+        for name, text_nll in zip(names, nll):
+            results.append(
+                PPLResult(
+                    method=method,
+                    budget=budget,
+                    tokens=tokens,
+                    step=run_step,
+                    ppl=float(math.exp(text_nll.mean())),
+                    window=window,
+                    windows=window_ppl(text_nll, window),
+                    seconds=round(seconds, 2),
+                    options=options,
+                    cache=describe,
+                    text=name,
+                )
             )
-        )
     if bar is not None:
         bar.close()
     return results
+
+
+def gap_closed(method_ppl: float, streaming_ppl: float, full_ppl: float) -> float | None:
+    """The share of the StreamingLLM -> full-cache perplexity gap a method closes (1 = as good as full,
+    0 = no better than StreamingLLM, negative = worse); ``None`` when there is no gap to close."""
+    gap = streaming_ppl - full_ppl
+    if gap <= 0:
+        return None
+    return (streaming_ppl - method_ppl) / gap

@@ -76,18 +76,51 @@ def write_run(
     return paths
 
 
+def _texts(results) -> list[str]:
+    return list(dict.fromkeys(getattr(r, "text", "") for r in results))
+
+
 def ppl_table_rows(results) -> tuple[list[str], list[list]]:
-    """Overall PPL: one row per method, one column per budget."""
+    """Overall PPL: one row per method (per text and method for several texts), one column per budget."""
     budgets = sorted({r.budget for r in results if r.budget is not None})
     methods = list(dict.fromkeys(r.method for r in results))
-    headers = ["method", *[f"budget {b}" for b in budgets]]
+    texts = _texts(results)
+    named = texts != [""]
+    headers = (["text"] if named else []) + ["method", *[f"budget {b}" for b in budgets]]
     rows = []
-    for method in methods:
-        mine = {r.budget: r.ppl for r in results if r.method == method}
-        if None in mine:  # full cache: same value under every budget
-            rows.append([method, *[mine[None]] * len(budgets)] if budgets else [method])
-        else:
-            rows.append([method, *[mine.get(b) for b in budgets]])
+    for text in texts:
+        for method in methods:
+            mine = {r.budget: r.ppl for r in results if r.method == method and getattr(r, "text", "") == text}
+            if not mine:
+                continue
+            label = [text] if named else []
+            if None in mine:  # full cache: same value under every budget
+                rows.append([*label, method, *[mine[None]] * len(budgets)] if budgets else [*label, method])
+            else:
+                rows.append([*label, method, *[mine.get(b) for b in budgets]])
+    return headers, rows
+
+
+def gap_table_rows(results) -> tuple[list[str], list[list]] | None:
+    """Share of the StreamingLLM -> full gap each method closes, per text and budget (needs both runs)."""
+    from .perplexity import gap_closed
+
+    budgets = sorted({r.budget for r in results if r.budget is not None})
+    by_key = {(getattr(r, "text", ""), r.method, r.budget): r.ppl for r in results}
+    texts = _texts(results)
+    methods = [m for m in dict.fromkeys(r.method for r in results) if m not in ("full", "streaming")]
+    if not methods or not all((t, "full", None) in by_key for t in texts):
+        return None
+    headers = ["text", "method", *[f"budget {b}" for b in budgets]]
+    rows = []
+    for text in texts:
+        for method in methods:
+            cells = []
+            for b in budgets:
+                mine, stream = by_key.get((text, method, b)), by_key.get((text, "streaming", b))
+                share = None if mine is None or stream is None else gap_closed(mine, stream, by_key[(text, "full", None)])
+                cells.append(None if share is None else f"{100 * share:.0f}%")
+            rows.append([text or "-", method, *cells])
     return headers, rows
 
 
@@ -99,20 +132,24 @@ def plot_ppl_by_position(results, path: Path, title: str = "Streaming perplexity
     import matplotlib.pyplot as plt
 
     budgets = sorted({r.budget for r in results if r.budget is not None}) or [None]
-    fig, axes = plt.subplots(1, len(budgets), figsize=(5 * len(budgets), 4), sharey=True, squeeze=False)
-    for ax, budget in zip(axes[0], budgets):
+    texts = _texts(results)
+    fig, axes = plt.subplots(len(texts), len(budgets), figsize=(5 * len(budgets), 4 * len(texts)), sharey="row",
+                             squeeze=False)
+    for (row, text), (col, budget) in ((t, b) for t in enumerate(texts) for b in enumerate(budgets)):
+        ax = axes[row][col]
         for r in results:
-            if r.budget not in (budget, None):
+            if r.budget not in (budget, None) or getattr(r, "text", "") != text:
                 continue
             xs = [(a + b) / 2 for a, b, _ in r.windows]
             ys = [p for _, _, p in r.windows]
             style = "--" if r.budget is None else "-"
             ax.plot(xs, ys, style, marker="o", markersize=3, label=f"{r.method} ({r.ppl:.2f})")
-        ax.set_title(f"budget {budget}" if budget is not None else "")
+        ax.set_title(" ".join(x for x in (text, f"budget {budget}" if budget is not None else "") if x))
         ax.set_xlabel("token position")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    axes[0][0].set_ylabel(f"PPL per {results[0].window}-token window")
+        if col == 0:
+            ax.set_ylabel(f"PPL per {results[0].window}-token window")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -3,6 +3,7 @@
 from .base import IndexPolicy, LayerView, RetentionPolicy
 from .ladder import LadderPolicy, ladder_plan
 from .plan import CompactionPlan, RowPlan, identity_plan
+from .reference import ReferenceLadderPolicy
 from .salient import SalientLadderPolicy
 from .scores import H2OPolicy, KNormPolicy, ScorePolicy, TOVAPolicy, keep_top
 from .streaming import StreamingPolicy, window_plan
@@ -16,6 +17,7 @@ __all__ = [
     "identity_plan",
     "LadderPolicy",
     "ladder_plan",
+    "ReferenceLadderPolicy",
     "StreamingPolicy",
     "window_plan",
     "SalientLadderPolicy",

@@ -81,6 +81,15 @@ class RetentionPolicy(ABC):
         """The smallest ``target`` this policy can compact to."""
         return self.sinks + 1
 
+    def capacity(self, budget: int) -> int:
+        """Slots the cache may hold before a forward pass must compact: the budget, unless the rule
+        sets its own (the authors' schedule raises it by ``floor(R / 2)`` at the first overflow)."""
+        return budget
+
+    def most_slots(self, budget: int) -> int:
+        """The most slots a cache of ``budget`` ever holds between forward passes (memory sizing)."""
+        return budget
+
     def reset(self) -> None:
         """Forget per-stream state (a new sequence starts)."""
 

@@ -79,6 +79,7 @@ class LadderPolicy(IndexPolicy):
         g = self.geometry
         return {
             "policy": "ladder",
+            "schedule": "capped",
             "sinks": self.sinks,
             "window": self.window,
             "span": g.span,
@@ -86,4 +87,5 @@ class LadderPolicy(IndexPolicy):
             "layout": g.layout,
             "rung": g.rung,
             "keep": g.keep,
+            "group": g.group,
         }

@@ -119,6 +119,6 @@ class SalientLadderPolicy(RetentionPolicy):
 
     def describe(self) -> dict:
         g = self.geometry
-        return {"policy": "ladder+salient", "sinks": self.sinks, "window": self.window, "span": g.span,
-                "overlap": g.overlap, "layout": g.layout, "rung": g.rung, "keep": g.keep, "salient": self.pool,
-                "salient_radius": self.radius}
+        return {"policy": "ladder+salient", "schedule": "capped", "sinks": self.sinks, "window": self.window,
+                "span": g.span, "overlap": g.overlap, "layout": g.layout, "rung": g.rung, "keep": g.keep,
+                "group": g.group, "salient": self.pool, "salient_radius": self.radius}

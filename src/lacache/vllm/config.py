@@ -9,12 +9,14 @@ module imports no vLLM: it is tested without it.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from ..cache.methods import LaCache, StreamingLLMCache, ladder_policy, resolve_chunk, streaming_policy
 from ..policies.base import RetentionPolicy
+from ..policies.reference import ReferenceLadderPolicy
 
 __all__ = ["KEY", "SERVED_METHODS", "ServingConfig", "parse_config", "serving_config"]
 
@@ -27,6 +29,7 @@ KEY = "lacache"
 # for a later version).
 _BUILDERS: dict[str, tuple[Callable, Callable]] = {
     "lacache": (LaCache.from_model, ladder_policy),
+    "lacache-reference": (LaCache.from_model, functools.partial(ladder_policy, schedule="reference")),
     "streaming": (StreamingLLMCache.from_model, streaming_policy),
 }
 SERVED_METHODS = tuple(_BUILDERS)
@@ -49,6 +52,12 @@ class ServingConfig:
     options: Mapping[str, object]
     num_layers: int
     _policy: RetentionPolicy
+
+    @property
+    def capacity(self) -> int:
+        """The most slots a request holds between passes: the budget, or a little more for the authors'
+        schedule (``floor(R/2)``; none with one-slot rungs)."""
+        return self._policy.most_slots(self.budget)
 
     @property
     def target(self) -> int:
@@ -94,12 +103,17 @@ def parse_config(raw: object, num_layers: int) -> ServingConfig:
     if settings.get("salient"):
         raise ValueError(f"{KEY}.salient: the salient pool needs key norms per slot and is not served in vLLM yet; "
                          "leave it out (the plain ladder)")
+    if method == "lacache-reference" and "schedule" in settings:
+        raise ValueError(f'{KEY}.schedule: method "lacache-reference" is the reference schedule; leave it out')
     sinks = settings.get("sinks", accepted.get("sinks", 4))
     if not isinstance(sinks, int) or isinstance(sinks, bool) or sinks < 0:
         raise ValueError(f'{KEY}.sinks={sinks!r} must be a non-negative integer, e.g. "sinks": 4')
     try:
-        policy = make_policy(num_layers, budget, **settings)
-        chunk = resolve_chunk(chunk, budget, policy.min_target())
+        if method.startswith("lacache"):  # ladder rules take the chunk: a given one picks the capped schedule
+            policy = make_policy(num_layers, budget, chunk=chunk, **settings)
+        else:
+            policy = make_policy(num_layers, budget, **settings)
+        chunk = 0 if isinstance(policy, ReferenceLadderPolicy) else resolve_chunk(chunk, budget, policy.min_target())
     except (TypeError, ValueError) as err:  # the shared builders name the parameter; say where it came from
         raise ValueError(f"{KEY}: {err}") from None
     return ServingConfig(method, budget, chunk, dict(raw), num_layers, policy)

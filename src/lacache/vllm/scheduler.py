@@ -43,7 +43,7 @@ class LadderAttentionSpec(FullAttentionSpec):
         if config is None:
             return super().max_memory_usage_bytes(vllm_config)
         step = min(vllm_config.scheduler_config.max_num_batched_tokens, vllm_config.model_config.max_model_len)
-        return cdiv(config.budget + step, self.block_size) * self.page_size_bytes
+        return cdiv(config.capacity + step, self.block_size) * self.page_size_bytes
 
 
 def bounded_specs(specs: dict) -> dict:
@@ -82,7 +82,7 @@ class LadderManager(FullAttentionManager):
     def _physical(self, request_id: str, num_tokens: int) -> int:
         slots = self.slots.get(request_id)
         evicted = slots.evicted if slots is not None else 0
-        return max(0, min(num_tokens - evicted, self.config.budget + self.step_cap))
+        return max(0, min(num_tokens - evicted, self.config.capacity + self.step_cap))
 
     def get_num_blocks_to_allocate(self, request_id, num_tokens, new_computed_blocks, total_computed_tokens,
                                    num_local_computed_tokens, num_tokens_main_model, *args, **kwargs) -> int:

@@ -45,7 +45,7 @@ class RequestSlots:
         self.slots += q
         self.seen += q
         self.passes += 1
-        if self.slots <= self.budget:
+        if self.slots <= self.policy.capacity(self.budget):
             return None
         plan = self.policy.retain(LayerView(0, self.slots, q, self.passes), self.target)
         if self.tokens is not None:
