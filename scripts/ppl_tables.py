@@ -19,13 +19,16 @@ def main() -> int:
     ap.add_argument("runs", nargs="+", help="ppl.json files")
     ap.add_argument("--rename", action="append", default=[], metavar="OLD=NEW",
                     help="label a method of these runs by its name today")
+    ap.add_argument("--methods", default=None, help="comma-separated methods to show (after renaming)")
     args = ap.parse_args()
     rename = dict(item.split("=", 1) for item in args.rename)
+    shown = set(args.methods.split(",")) if args.methods else None
     results: dict[tuple[str, str, int | None], float] = {}
     for path in args.runs:
         for r in json.load(open(path))["results"]:
             key = (r.get("text", ""), rename.get(r["method"], r["method"]), r["budget"])
-            results.setdefault(key, r["ppl"])
+            if shown is None or key[1] in shown:
+                results.setdefault(key, r["ppl"])
     texts = list(dict.fromkeys(k[0] for k in results))
     methods = list(dict.fromkeys(k[1] for k in results))
     budgets = sorted({k[2] for k in results if k[2] is not None})
