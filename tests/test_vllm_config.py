@@ -83,3 +83,5 @@ def test_reference_schedule_sizes_requests_by_its_capacity():
     assert wide.capacity == 65 and wide.chunk == 0 and wide.describe()["schedule"] == "reference"
     assert parse_config({"method": "lacache-reference", "budget": 64}, 30).capacity == 64  # 15/0: R = 1
     assert parse_config({"budget": 64}, 30).capacity == 64
+    capped = parse_config({"method": "lacache-capped", "budget": 64}, 30)
+    assert capped.describe()["schedule"] == "capped" and capped.chunk == 4 and capped.capacity == 64

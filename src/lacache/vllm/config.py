@@ -30,6 +30,7 @@ KEY = "lacache"
 _BUILDERS: dict[str, tuple[Callable, Callable]] = {
     "lacache": (LaCache.from_model, ladder_policy),
     "lacache-reference": (LaCache.from_model, functools.partial(ladder_policy, schedule="reference")),
+    "lacache-capped": (LaCache.from_model, functools.partial(ladder_policy, schedule="capped")),
     "streaming": (StreamingLLMCache.from_model, streaming_policy),
 }
 SERVED_METHODS = tuple(_BUILDERS)
@@ -103,8 +104,8 @@ def parse_config(raw: object, num_layers: int) -> ServingConfig:
     if settings.get("salient"):
         raise ValueError(f"{KEY}.salient: the salient pool needs key norms per slot and is not served in vLLM yet; "
                          "leave it out (the plain ladder)")
-    if method == "lacache-reference" and "schedule" in settings:
-        raise ValueError(f'{KEY}.schedule: method "lacache-reference" is the reference schedule; leave it out')
+    if method in ("lacache-reference", "lacache-capped") and "schedule" in settings:
+        raise ValueError(f'{KEY}.schedule: method "{method}" fixes the schedule; leave it out')
     sinks = settings.get("sinks", accepted.get("sinks", 4))
     if not isinstance(sinks, int) or isinstance(sinks, bool) or sinks < 0:
         raise ValueError(f'{KEY}.sinks={sinks!r} must be a non-negative integer, e.g. "sinks": 4')
