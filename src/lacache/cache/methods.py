@@ -79,7 +79,7 @@ def build_bounded_cache(
     """
     num_layers, rotators = validate_common(model, budget, sinks, positions)
     policy = make_policy(num_layers)
-    if chunk is None and not chunk_by_default:
+    if (chunk is None and not chunk_by_default) or not policy.amortises:
         chunk = 0
     else:
         chunk = resolve_chunk(chunk, budget, policy.min_target())
@@ -257,10 +257,7 @@ class LaCache(BoundedCache):
                                  layout=layout, salient=salient, salient_radius=salient_radius,
                                  schedule=schedule, chunk=chunk, group=group)
 
-        reference = resolve_schedule(schedule, window=window, chunk=chunk, salient=salient, group=group,
-                                     layout=layout) == "reference"
-        return build_bounded_cache(cls, model, budget, make_policy, sinks=sinks, positions=positions,
-                                   chunk=0 if reference else chunk)
+        return build_bounded_cache(cls, model, budget, make_policy, sinks=sinks, positions=positions, chunk=chunk)
 
 
 

@@ -69,6 +69,8 @@ class RetentionPolicy(ABC):
     needs_attention: bool = False
     #: ``observe`` must see every forward pass, not only the ones that compact
     observes_every_step: bool = False
+    #: the cache may free ``chunk`` extra slots per compaction; False for a rule that sets its own points
+    amortises: bool = True
 
     @abstractmethod
     def retain(self, view: LayerView, target: int) -> "CompactionPlan | RowPlan":

@@ -20,6 +20,8 @@ _MEMO_LIMIT = 2048
 class ReferenceLadderPolicy(IndexPolicy):
     """``schedule="reference"``: compacts above its own capacity, ignoring the cache's target."""
 
+    amortises = False
+
     def __init__(self, geometry: LadderGeometry, sinks: int, budget: int):
         self.geometry = geometry
         self.sinks = sinks

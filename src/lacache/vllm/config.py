@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 from ..cache.methods import LaCache, StreamingLLMCache, ladder_policy, resolve_chunk, streaming_policy
 from ..policies.base import RetentionPolicy
-from ..policies.reference import ReferenceLadderPolicy
 
 __all__ = ["KEY", "SERVED_METHODS", "ServingConfig", "parse_config", "serving_config"]
 
@@ -114,7 +113,7 @@ def parse_config(raw: object, num_layers: int) -> ServingConfig:
             policy = make_policy(num_layers, budget, chunk=chunk, **settings)
         else:
             policy = make_policy(num_layers, budget, **settings)
-        chunk = 0 if isinstance(policy, ReferenceLadderPolicy) else resolve_chunk(chunk, budget, policy.min_target())
+        chunk = resolve_chunk(chunk, budget, policy.min_target()) if policy.amortises else 0
     except (TypeError, ValueError) as err:  # the shared builders name the parameter; say where it came from
         raise ValueError(f"{KEY}: {err}") from None
     return ServingConfig(method, budget, chunk, dict(raw), num_layers, policy)
