@@ -5,7 +5,7 @@ import torch
 
 from conftest import policy_observe, policy_select, tiny_llama
 from lacache import H2OCache, KNormCache, TOVACache, make_cache
-from lacache.observe import QueryObserver, attention_probs
+from lacache.observe import attention_probs
 from lacache.policies.scores import H2OPolicy, KNormPolicy, TOVAPolicy, keep_top
 from reference import ReferenceStream
 
@@ -56,16 +56,27 @@ def test_attention_probs_matches_manual_softmax_with_gqa():
 
 
 def test_observed_queries_reproduce_the_models_attention_weights():
+    """An H2O cache's observer recomputes layer 2's query from the input its hook stashed; the
+    head-averaged attention it gives equals the model's own attention weights."""
     model = tiny_llama("eager")
-    observer = QueryObserver(model)
-    cache = make_cache("full", model)
+    cache = H2OCache.from_model(model, budget=64)
+    seen = {}
+    observer = cache.observer
+    release = observer.release
+
+    def keep_layer_two(layer_idx):  # read the query before the cache drops it
+        if layer_idx == 2:
+            seen["query"] = observer.query(2)
+        release(layer_idx)
+
+    observer.release = keep_layer_two
     ids = torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         out = model(input_ids=ids, cache=cache, output_attentions=True)
         keys = cache.layers[2].keys
-        probs = attention_probs(observer.query(2), keys, observer.scaling[2])
+        probs = attention_probs(seen["query"], keys, observer.scaling[2])
     assert torch.allclose(probs, out.attentions[2].mean(dim=1), atol=1e-5)
-    observer.close()
+    cache.close()
     assert all(not m._forward_pre_hooks for m in model.modules())
 
 

@@ -20,6 +20,7 @@ layer. A left-padded batch is handed to the padded-rows backend (``cache.padded`
 from __future__ import annotations
 
 import copy
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -76,7 +77,12 @@ class BoundedCache(Cache):
         self._step: _Step | None = None
         self.observer: QueryObserver | None = None  # set for caches whose policy needs attention
         self._rotation: str | None = None
+        self._rotation_given: str | None = None  # set by the user: survives reset()
         self._padded: PaddedRows | None = None
+        #: the model this cache is valid for (``cache.attach``); None for a cache driven by hand
+        self.signature = None
+        self._hooks = None  # the model's hooks while attached (not carried by a pickle)
+        self._entered = False  # the model's decoder hook announced the current forward
 
     # ----------------------------------------------------------------- introspection
     @property
@@ -89,7 +95,7 @@ class BoundedCache(Cache):
     def rotation(self, mode: str | None) -> None:
         if mode is not None and mode not in STRATEGIES:
             raise ValueError(f"rotation={mode!r} must be one of {tuple(STRATEGIES)}; e.g. rotation='read'")
-        self._rotation = mode
+        self._rotation = self._rotation_given = mode
 
     @property
     def num_slots(self) -> int:
@@ -109,8 +115,16 @@ class BoundedCache(Cache):
 
     def token_positions(self, layer_idx: int, batch_index: int = 0) -> torch.Tensor:
         """Original indices (0-based over every token seen) of the tokens held by a layer, in slot order."""
+        layers = len(self.layers)
+        if not isinstance(layer_idx, numbers.Integral) or isinstance(layer_idx, bool):
+            raise ValueError(f"layer_idx={layer_idx!r} must be an integer layer index, e.g. layer_idx=0")
+        if not 0 <= layer_idx < layers:
+            raise IndexError(f"layer_idx={layer_idx} is out of range: this cache has {layers} layers (0 to {layers - 1})")
+        if not isinstance(batch_index, numbers.Integral) or isinstance(batch_index, bool):
+            raise ValueError(f"batch_index={batch_index!r} must be an integer, e.g. batch_index=0")
         if self.batch_size > 0 and not 0 <= batch_index < self.batch_size:
             raise IndexError(f"batch_index={batch_index} is out of range for a batch of {self.batch_size}")
+        layer_idx, batch_index = int(layer_idx), int(batch_index)
         if self._padded is not None:  # indices count the sequence's own real tokens, as if it were alone
             return self._padded.rows[batch_index].token_positions(layer_idx)
         index = self.layers[layer_idx].token_index
@@ -149,11 +163,40 @@ class BoundedCache(Cache):
         return self._padded.width() if self._padded is not None else self.seen
 
     def reset(self) -> None:
+        """Forget the stream: the cache then behaves exactly as a freshly built one (same settings, same model)."""
         super().reset()
         self.seen = 0
+        self._forwards = 0
         self._step = None
+        self._entered = False
+        self._rotation = self._rotation_given
         self.policy.reset()
         self._padded = None
+        if self.observer is not None:
+            self.observer.clear()
+
+    # ----------------------------------------------------------------- copies
+    def __deepcopy__(self, memo: dict) -> BoundedCache:
+        """An independent copy holding the same stream (prompt reuse: prefill once, copy per continuation).
+
+        The copy is attached to the same model as the original (the model's hooks are shared, not copied).
+        """
+        twin = type(self).__new__(type(self))
+        memo[id(self)] = twin
+        hooks = self._hooks
+        if hooks is not None:
+            memo[id(hooks)] = hooks
+        for name, value in self.__dict__.items():
+            setattr(twin, name, copy.deepcopy(value, memo))
+        if hooks is not None:
+            hooks.acquire(twin)
+        return twin
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_hooks"] = None  # hooks live on a model in this process; attach(model) after unpickling
+        state["_step"] = None
+        return state
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError(
@@ -181,11 +224,22 @@ class BoundedCache(Cache):
         attn_kwargs = kwargs.get("kwargs")
         if attn_kwargs is None:
             attn_kwargs = args[0] if args and isinstance(args[0], dict) else kwargs
+        if not 0 <= layer_idx < len(self.layers):
+            raise ValueError(
+                f"layer {layer_idx} does not exist in this {type(self).__name__}, built for a model of {len(self.layers)} "
+                f"layers: build a new cache for this model with {type(self).__name__}.from_model(model, ...)"
+            )
         if self._padded is not None:
             if self._padded.begin_update(layer_idx):
+                self._check_forward(layer_idx, key_states, attn_kwargs is not kwargs)
                 self.seen += int(key_states.shape[-2])
-            return self._padded.update(key_states, value_states, layer_idx, attn_kwargs)
+            try:
+                return self._padded.update(key_states, value_states, layer_idx, attn_kwargs)
+            finally:
+                if self.observer is not None:
+                    self.observer.release(layer_idx)
         if layer_idx == 0 or self._step is None:
+            self._check_forward(layer_idx, key_states, attn_kwargs is not kwargs)
             self._step = self._begin_step(key_states, attn_kwargs)
         step = self._step
         layer = self.layers[layer_idx]
@@ -198,7 +252,94 @@ class BoundedCache(Cache):
                 policy.observe(view)
             if step.over_budget:
                 layer.schedule(policy.retain(view, step.target))
+            if self.observer is not None:
+                self.observer.release(layer_idx)
         return visible_keys, values
+
+    # ----------------------------------------------------------------- misuse checks
+    def _misuse(self, problem: str) -> ValueError:
+        name = type(self).__name__
+        return ValueError(
+            f"this {name} {problem}: a cache holds one stream. Build a new cache for each generate() call "
+            f"({name}.from_model(model, ...)) or call cache.reset() first; to reuse a prompt, prefill one cache "
+            "and copy.deepcopy it per continuation"
+        )
+
+    def _check_forward(self, layer_idx: int, key_states: torch.Tensor, from_model: bool) -> None:
+        """At the first layer of a forward: refuse a forward this cache's stream cannot take.
+
+        ``from_model``: the update came from a transformers attention layer (which passes its keyword
+        arguments as one dict), not from code driving the cache by hand.
+        """
+        if layer_idx != 0:
+            raise ValueError(
+                f"this {type(self).__name__} got layer {layer_idx} first in a forward: it must be run by a model of "
+                f"{len(self.layers)} layers, starting at layer 0; build a new cache for this model with from_model"
+            )
+        entered, self._entered = self._entered, False
+        signature = self.signature
+        if signature is None:
+            return
+        if from_model and not entered:
+            raise ValueError(
+                f"this {type(self).__name__} is being run by a model it is not attached to: a cache is valid only "
+                f"with the model it was built for; build one with {type(self).__name__}.from_model(model, ...), "
+                "or call cache.attach(model) (needed after unpickling a cache)"
+            )
+        heads, dim = int(key_states.shape[1]), int(key_states.shape[-1])
+        if (heads, dim) != (signature.kv_heads, signature.head_dim):
+            raise ValueError(
+                f"this {type(self).__name__} was built for keys of {signature.kv_heads} heads x {signature.head_dim} "
+                f"dims but got {heads} x {dim}: build a new cache for this model with from_model(model, ...)"
+            )
+
+    def _check_continues(self, position_ids: torch.Tensor) -> None:
+        """Refuse a forward whose positions go back into the stream already held (a second ``generate()``).
+
+        A continuation's first new token sits at ``seen`` (absolute positions, as ``generate()`` counts)
+        or at ``num_slots`` (positions counted by slot, as ``lacache.generation`` does); later positions
+        are allowed (gaps are the caller's choice).
+        """
+        if not self.seen:
+            return
+        first = position_ids[:, 0].tolist() if position_ids.dim() == 2 else [int(position_ids[0])]
+        slots = self.num_slots
+        bad = [p for p in first if p < self.seen and p != slots]
+        if bad:
+            raise self._misuse(
+                f"already holds a stream of {self.seen} tokens and this forward starts at position {bad[0]} "
+                f"(a continuation starts at {self.seen}, or at {slots} counting positions by slot)"
+            )
+
+    def _enter_forward(self, signature, args: tuple, kwargs: dict):
+        """Called by the model's decoder hook before each forward with this cache (``cache.attach``).
+
+        Checks that the model is one this cache is valid for and that the forward continues the
+        stream, then lets a left-padded batch replace the attention mask; returns new
+        ``(args, kwargs)`` for the decoder, or None to leave them as they are.
+        """
+        if self.signature is not None and signature != self.signature:
+            raise ValueError(
+                f"this {type(self).__name__} was built for another model ({'; '.join(self.signature.differences(signature))}): "
+                f"build a new cache for this model with {type(self).__name__}.from_model(model, ...)"
+            )
+        q, batch = _query_shape(args, kwargs)
+        if self.seen and q == 0:
+            raise self._misuse(
+                f"already holds a stream of {self.seen} tokens and this forward brings no new token (a prompt no "
+                "longer than what the cache already holds)"
+            )
+        if self.seen and batch is not None and self.batch_size > 0 and batch != self.batch_size:
+            raise self._misuse(f"holds a batch of {self.batch_size} sequences but this forward brings {batch}")
+        self._entered = True
+        if q is None:
+            return None
+        layout = self._begin_padded_forward(kwargs.get("attention_mask"), q)
+        if layout is None:
+            return None
+        kwargs = dict(kwargs)
+        kwargs["attention_mask"] = layout
+        return args, kwargs
 
     def _attention_fn(self, layer_idx: int, visible_keys: torch.Tensor):
         observer = self.observer
@@ -213,6 +354,7 @@ class BoundedCache(Cache):
             position_ids = torch.arange(self.seen, self.seen + q, device=key_states.device)[None]
         elif position_ids.dim() == 1:
             position_ids = position_ids[None]
+        self._check_continues(position_ids)
         if self._rotation is None:
             self._rotation = rotation_for(self.positions, key_states.dtype)
         if self._forwards == 0:  # each layer gets its own instance of the stream's strategy
@@ -252,3 +394,14 @@ class BoundedCache(Cache):
                 return None
             self._padded = PaddedRows(self._spawn, int(mask.shape[0]), len(self.layers), self.observer)
         return self._padded.begin_forward(mask, q)
+
+
+def _query_shape(args: tuple, kwargs: dict) -> tuple[int | None, int | None]:
+    """(new tokens, batch size) of a decoder forward, from ``input_ids`` or ``inputs_embeds``."""
+    for name in ("input_ids", "inputs_embeds"):
+        value = kwargs.get(name)
+        if isinstance(value, torch.Tensor) and value.dim() >= 2:
+            return int(value.shape[1]), int(value.shape[0])
+    if args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 2:
+        return int(args[0].shape[1]), int(args[0].shape[0])
+    return None, None

@@ -8,10 +8,12 @@ query observer for policies that read attention, and the padding hook.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 
 from torch import nn
 
+from .. import checks
 from ..ladder import default_span_overlap, ladder_geometry
 from ..ladder_reference import reference_min_budget
 from ..observe import QueryObserver
@@ -27,21 +29,19 @@ from ..policies import (
     TOVAPolicy,
 )
 from ..rope import Rotator, check_supported_model, layer_rotators
+from .attach import attach_cache, model_signature
 from .bounded import POSITION_MODES, BoundedCache
-from .padded import watch_padding
 
-__all__ = ["SCHEDULES", "resolve_schedule", "LaCache", "StreamingLLMCache", "TOVACache", "H2OCache", "KNormCache", "build_bounded_cache",
+__all__ = ["SCHEDULES", "resolve_schedule", "ModelCache", "LaCache", "StreamingLLMCache", "TOVACache", "H2OCache", "KNormCache", "build_bounded_cache",
            "validate_common", "resolve_chunk", "ladder_policy", "streaming_policy"]
 
 
 def validate_common(model: nn.Module, budget, sinks, positions) -> tuple[int, list[Rotator]]:
     """Check the settings every bounded cache shares; return the model's layer count and rotators."""
-    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
+    if not checks.is_integer(budget) or budget < 1:
         raise ValueError(f"budget={budget!r} must be a positive number of slots per layer, e.g. budget=512")
-    if not isinstance(sinks, int) or sinks < 0:
-        raise ValueError(f"sinks={sinks!r} must be a non-negative integer, e.g. sinks=4")
-    if positions not in POSITION_MODES:
-        raise ValueError(f"positions={positions!r} must be one of {POSITION_MODES}; e.g. positions='shift'")
+    checks.integer("sinks", sinks, example=4)
+    checks.choice("positions", positions, POSITION_MODES)
     rotary = check_supported_model(model, positions)
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     return int(config.num_hidden_layers), layer_rotators(model, rotary)
@@ -52,7 +52,7 @@ def resolve_chunk(chunk, budget: int, min_target: int) -> int:
     room = budget - min_target
     if chunk is None:
         return max(0, min(budget // 16, room))
-    if not isinstance(chunk, int) or chunk < 0 or chunk > room:
+    if not checks.is_integer(chunk) or chunk < 0 or chunk > room:
         raise ValueError(
             f"chunk={chunk!r} must be between 0 and {max(room, 0)} for budget={budget} (it is how many slots "
             f"below the budget a compaction frees, to amortise it); e.g. chunk={max(0, min(budget // 16, room))}"
@@ -78,30 +78,65 @@ def build_bounded_cache(
     to exactly the budget every step).
     """
     num_layers, rotators = validate_common(model, budget, sinks, positions)
+    budget, sinks = int(budget), int(sinks)
     policy = make_policy(num_layers)
     if (chunk is None and not chunk_by_default) or not policy.amortises:
         chunk = 0
     else:
-        chunk = resolve_chunk(chunk, budget, policy.min_target())
+        chunk = int(resolve_chunk(chunk, budget, policy.min_target()))
     cache = cls(num_layers=num_layers, budget=budget, policy=policy, rotator=rotators, positions=positions,
                 chunk=chunk)
     if policy.needs_attention:
-        cache.observer = QueryObserver(model)
-    watch_padding(model, cache)
+        cache.observer = QueryObserver.for_model(model)
+    attach_cache(model, cache, model_signature(model, rotators))
     return cache
 
 
+class ModelCache(BoundedCache):
+    """A bounded cache built for a model (``from_model``) and attached to it.
+
+    Attached means the model's hooks (``lacache.cache.attach``) see each forward that uses this
+    cache: they check that the model is one the cache is valid for and that the forward continues
+    the cache's stream, lay out left-padded batches, and hand attention-score policies their
+    queries. ``from_model`` attaches; ``copy.deepcopy`` keeps the copy attached; a pickled cache
+    is attached again with ``attach(model)``.
+    """
+
+    def attach(self, model: nn.Module) -> None:
+        """Attach this cache to ``model`` (after unpickling it, or after ``detach()``); refuses a model of
+        another shape or RoPE than the one it was built for."""
+        if self._hooks is not None:
+            return
+        rotators = layer_rotators(model, check_supported_model(model, self.positions))
+        if self.policy.needs_attention and self.observer is None:
+            self.observer = QueryObserver.for_model(model)
+        attach_cache(model, self, model_signature(model, rotators))
+
+    def detach(self) -> None:
+        """Release the model's hooks now instead of when the cache is garbage-collected."""
+        hooks, self._hooks = self._hooks, None
+        if hooks is not None:
+            hooks.release(self)
+
+    def close(self) -> None:
+        """Same as ``detach()``."""
+        self.detach()
+
+
 def _salient_slots(salient, budget: int) -> int:
-    if salient is None or salient == 0:
+    """Slots of the salient pool: ``salient`` slots, or that fraction of the budget; 0 for none."""
+    if isinstance(salient, numbers.Real) and not isinstance(salient, bool) and salient == 0:
         return 0
-    if isinstance(salient, float) and 0 < salient < 1:
-        return max(1, int(salient * budget))
-    if isinstance(salient, int) and salient > 0:
-        return salient
-    raise ValueError(
-        f"salient={salient!r} must be a number of slots (an int >= 1), a fraction of the budget "
-        f"(a float between 0 and 1, e.g. 0.125), or 0/None for the plain ladder"
-    )
+    try:
+        salient = checks.size_or_fraction("salient", salient, example=0.125)
+    except ValueError:
+        raise ValueError(
+            f"salient={salient!r} must be a number of slots (an int >= 1), a fraction of the budget "
+            f"(a number between 0 and 1, e.g. 0.125), or 0/None for the plain ladder"
+        ) from None
+    if salient is None:
+        return 0
+    return max(1, int(salient * budget)) if isinstance(salient, float) else salient
 
 
 SCHEDULES = ("reference", "capped")
@@ -152,6 +187,18 @@ def ladder_policy(num_layers: int, budget: int, *, span: int | None = None, over
     ``lacache.vllm``), so both keep exactly the same tokens. ``chunk`` is only checked here (the
     reference schedule refuses it); the cache applies it.
     """
+    budget = checks.integer("budget", budget, minimum=1, example=512)
+    sinks = checks.integer("sinks", sinks, example=4)
+    span = checks.optional_integer("span", span, minimum=1, example=default_span_overlap(num_layers)[0])
+    overlap = checks.optional_integer("overlap", overlap, example=default_span_overlap(num_layers)[1])
+    window = checks.size_or_fraction("window", window, example=max(1, budget // 4))
+    chunk = checks.optional_integer("chunk", chunk, example=budget // 16)
+    salient_radius = checks.integer("salient_radius", salient_radius, example=2)
+    group = checks.integer("group", group, minimum=1, example=1)
+    checks.choice("layout", layout, ("ladder", "band"))
+    if schedule is not None:
+        checks.choice("schedule", schedule, SCHEDULES)
+    _salient_slots(salient, budget)  # its type, before the schedule decides whether it applies
     schedule = resolve_schedule(schedule, window=window, chunk=chunk, salient=salient, group=group, layout=layout)
     if span is None and overlap is None:
         span, overlap = default_span_overlap(num_layers)
@@ -170,7 +217,7 @@ def ladder_policy(num_layers: int, budget: int, *, span: int | None = None, over
         window = max(geometry.rung, budget // 4)
     elif isinstance(window, float) and 0 < window < 1:  # a fraction of the budget (budgets that scale with prompts)
         window = max(geometry.rung, int(window * budget))
-    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+    if not checks.is_integer(window) or window < 1:
         raise ValueError(
             f"window={window!r} must be a positive integer (the newest tokens must stay dense) or a fraction "
             f"of the budget between 0 and 1, e.g. window={max(geometry.rung, budget // 4)} or window=0.25"
@@ -189,12 +236,14 @@ def ladder_policy(num_layers: int, budget: int, *, span: int | None = None, over
 
 def streaming_policy(num_layers: int, budget: int, sinks: int = 4) -> RetentionPolicy:
     """StreamingLLM's rule (the same in every layer), validated against ``budget``."""
+    budget = checks.integer("budget", budget, minimum=1, example=512)
+    sinks = checks.integer("sinks", sinks, example=4)
     if budget <= sinks:
         raise ValueError(f"budget={budget} must exceed sinks={sinks}: e.g. budget={sinks + 64}")
     return StreamingPolicy(sinks)
 
 
-class LaCache(BoundedCache):
+class LaCache(ModelCache):
     """Ladder-shaped KV cache: fixed slots per layer, staggered retention, iterative compaction.
 
     ``LaCache.from_model(model, budget=512)`` is all most users need; see ``from_model`` for knobs.
@@ -261,7 +310,7 @@ class LaCache(BoundedCache):
 
 
 
-class StreamingLLMCache(BoundedCache):
+class StreamingLLMCache(ModelCache):
     """StreamingLLM: ``sinks`` first tokens plus the most recent ones, identical in every layer."""
 
     @classmethod
@@ -270,7 +319,7 @@ class StreamingLLMCache(BoundedCache):
         return build_bounded_cache(cls, model, budget, lambda layers: streaming_policy(layers, budget, sinks), sinks=sinks, positions=positions, chunk=chunk)
 
 
-class _ScoreCache(BoundedCache):
+class _ScoreCache(ModelCache):
     """Shared construction for per-layer, per-sequence score-based caches."""
 
     _policy_cls: type[ScorePolicy]
@@ -278,7 +327,7 @@ class _ScoreCache(BoundedCache):
     @classmethod
     def _build(cls, model, budget, sinks, window, positions, chunk):
         def make_policy(num_layers: int) -> RetentionPolicy:
-            if not isinstance(window, int) or window < 1:
+            if not checks.is_integer(window) or window < 1:
                 raise ValueError(
                     f"window={window!r} must be a positive integer (the newest token is always kept), e.g. window=16"
                 )
@@ -287,15 +336,10 @@ class _ScoreCache(BoundedCache):
                     f"budget={budget} is smaller than sinks={sinks} + window={window}: use budget >= {sinks + window} "
                     "or a smaller window"
                 )
-            return cls._policy_cls(num_layers, sinks, window)
+            return cls._policy_cls(num_layers, int(sinks), int(window))
 
         return build_bounded_cache(cls, model, budget, make_policy, sinks=sinks, positions=positions, chunk=chunk,
                                    chunk_by_default=False)
-
-    def close(self) -> None:
-        """Remove the query hooks from the model (also done when the cache is garbage-collected)."""
-        if self.observer is not None:
-            self.observer.close()
 
 
 class TOVACache(_ScoreCache):
@@ -324,7 +368,7 @@ class H2OCache(_ScoreCache):
     @classmethod
     def from_model(cls, model, budget: int, window: int | None = None, sinks: int = 0, positions: str = "shift",
                    chunk: int | None = None) -> "H2OCache":
-        window = max(1, budget // 2) if window is None else window
+        window = max(1, budget // 2) if window is None and checks.is_integer(budget) else window
         return cls._build(model, budget, sinks, window, positions, chunk)
 
 
@@ -339,5 +383,5 @@ class KNormCache(_ScoreCache):
     @classmethod
     def from_model(cls, model, budget: int, sinks: int = 4, window: int | None = None, positions: str = "shift",
                    chunk: int | None = None) -> "KNormCache":
-        window = max(1, budget // 8) if window is None else window
+        window = max(1, budget // 8) if window is None and checks.is_integer(budget) else window
         return cls._build(model, budget, sinks, window, positions, chunk)

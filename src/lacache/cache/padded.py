@@ -12,20 +12,19 @@ the plain causal mask, and each row's slots end right before its new tokens, as 
 masks that count columns back from the query (sliding windows) see what they see alone.
 
 transformers derives the padding part of the mask from the 2D ``attention_mask``, which describes
-the original padded sequences, not this layout. A forward pre-hook on the decoder replaces it with
-the layout's own 2D mask for that forward (``layout_mask``), and the cache reports matching sizes:
+the original padded sequences, not this layout. The model's decoder pre-hook (``cache.attach``)
+replaces it with the layout's own 2D mask for that forward (``layout_mask``), and the cache reports
+matching sizes:
 ``get_mask_sizes(q) = (width + q, 0)`` and ``get_query_offset() = width``.
 """
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Sequence
 
 import torch
-from torch import nn
 
-__all__ = ["first_real", "layout_mask", "watch_padding", "PaddedRows"]
+__all__ = ["first_real", "layout_mask", "PaddedRows"]
 
 
 def first_real(new_valid: Sequence[Sequence[int]], started: Sequence[bool]) -> list[int]:
@@ -58,48 +57,6 @@ def layout_mask(held: Sequence[int], new_mask: torch.Tensor) -> torch.Tensor:
     return torch.cat([kept, new_mask.to(torch.bool)], dim=1)
 
 
-def _query_length(args: tuple, kwargs: dict) -> int | None:
-    for name in ("input_ids", "inputs_embeds"):
-        value = kwargs.get(name)
-        if isinstance(value, torch.Tensor):
-            return int(value.shape[1])
-    if args and isinstance(args[0], torch.Tensor):
-        return int(args[0].shape[1])
-    return None
-
-
-def watch_padding(model: nn.Module, cache) -> None:
-    """Let ``cache`` see each forward's 2D attention mask and replace it with its layout's mask.
-
-    The hook sits on the decoder (``model.base_model``), which builds the attention masks, so calls
-    through the language-model head and direct decoder calls are both seen. It holds the cache
-    weakly and is removed when the cache is garbage-collected.
-    """
-    decoder = getattr(model, "base_model", model)
-    ref = weakref.ref(cache)
-
-    def hook(module, args, kwargs):
-        owner = ref()
-        if owner is None:
-            return None
-        given = kwargs.get("cache", kwargs.get("past_key_values"))
-        if given is not owner:
-            return None
-        q = _query_length(args, kwargs)
-        mask = kwargs.get("attention_mask")
-        if q is None:
-            return None
-        layout = owner._begin_padded_forward(mask, q)
-        if layout is None:
-            return None
-        kwargs = dict(kwargs)
-        kwargs["attention_mask"] = layout
-        return args, kwargs
-
-    handle = decoder.register_forward_pre_hook(hook, with_kwargs=True)
-    weakref.finalize(cache, handle.remove)
-
-
 class _RowQueries:
     """One sequence's view of a batch's observed queries (its real tokens only), for a padded batch's row caches."""
 
@@ -109,6 +66,12 @@ class _RowQueries:
 
     def query(self, layer_idx: int) -> torch.Tensor:
         return self.observer.query(layer_idx)[self.row : self.row + 1, :, self.start :]
+
+    def release(self, layer_idx: int) -> None:
+        """The batch's observer drops the layer's query once the whole batch's update is done."""
+
+    def clear(self) -> None:
+        pass
 
 
 class PaddedRows:
