@@ -87,3 +87,15 @@ def policy_select(policy, layer: int, target: int, step: int = 0):
 
     keys, probs, q, n = _LAST_SEEN[id(policy), layer]
     return policy.retain(LayerView(layer, n, q, step, keys, None if probs is None else (lambda: probs)), target).index
+
+
+@pytest.fixture(autouse=True)
+def _registry_restored():
+    """Methods a test registers (``--variant``, ``registry.variant``) do not leak into later tests."""
+    from lacache import registry
+
+    saved = dict(registry._BY_NAME), registry.METHODS
+    yield
+    registry._BY_NAME.clear()
+    registry._BY_NAME.update(saved[0])
+    registry.METHODS = saved[1]

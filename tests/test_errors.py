@@ -88,3 +88,34 @@ def test_crop_is_refused_clearly(model):
         model(input_ids=torch.randint(0, 96, (1, 10)), cache=cache)
     with pytest.raises(NotImplementedError, match="assisted"):
         cache.crop(-2)
+
+
+@pytest.mark.parametrize("kwargs, pattern", [
+    (dict(max_new_tokens=-3), r"max_new_tokens=-3 must be an integer >= 0, or None to never stop; e\.g\. max_new_tokens=256"),
+    (dict(max_new_tokens=2.5), r"max_new_tokens=2\.5 must be an integer >= 0"),
+    (dict(temperature=float("nan")), r"temperature=nan must be a finite number >= 0 \(0 = greedy\), e\.g\. temperature=0\.7"),
+    (dict(temperature=float("inf")), r"temperature=inf must be a finite number"),
+    (dict(temperature=-1.0), r"temperature=-1\.0 must be a finite number >= 0"),
+    (dict(top_p=-1.0), r"top_p=-1\.0 must be a number in \(0, 1\] \(1 = no nucleus cut\), e\.g\. top_p=0\.9"),
+    (dict(top_p=0.0), r"top_p=0\.0 must be a number in \(0, 1\]"),
+    (dict(top_p=float("nan")), r"top_p=nan must be a number in \(0, 1\]"),
+    (dict(top_p=1.5, temperature=0.7), r"top_p=1\.5 must be"),
+    (dict(seed=2**70), r"seed=\d+ must be an integer .*e\.g\. seed=0"),
+    (dict(sample_every=0), r"sample_every=0 must be a positive integer, e\.g\. sample_every=250"),
+])
+def test_stream_generate_refuses_bad_sampling_settings(model, kwargs, pattern):
+    """Before, a negative count silently returned [] and NaN/negative sampling settings failed inside
+    torch.multinomial (or quietly meant greedy); each is now one ValueError naming the parameter."""
+    from lacache.generation import stream_generate
+
+    kwargs = {"max_new_tokens": 4, **kwargs}
+    with pytest.raises(ValueError, match=pattern):
+        stream_generate(model, torch.randint(0, 96, (1, 6)), LaCache.from_model(model, budget=64), **kwargs)
+
+
+def test_stream_generate_with_zero_new_tokens_returns_nothing(model):
+    from lacache.generation import stream_generate
+
+    ids, stats = stream_generate(model, torch.randint(0, 96, (1, 6)), LaCache.from_model(model, budget=64), 0,
+                                 temperature=0.7, top_p=1.0, seed=3)
+    assert ids == [] and stats.prompt_tokens == 6

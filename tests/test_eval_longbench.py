@@ -138,6 +138,44 @@ def test_reader_errors(tmp_path):
         lb.load_folder(tmp_path)
 
 
+_GOOD = {"input": "q", "context": "c", "answers": ["a"], "length": 3, "_id": "r1"}
+
+
+@pytest.mark.parametrize("line, pattern", [
+    (b"[1, 2]", r"a record must be a JSON object with input, context, .*; got a list"),
+    (b"null", r"a record must be a JSON object.*; got null"),
+    (b"42", r"a record must be a JSON object.*; got the number 42"),
+    (b'"text"', r"a record must be a JSON object.*; got the string 'text'"),
+    (json.dumps({**_GOOD, "answers": 5}).encode(), r'record r1: "answers" must be a list of strings.*got the number 5'),
+    (json.dumps({**_GOOD, "answers": None}).encode(), r'record r1: "answers" must be a list of strings.*got null'),
+    (json.dumps({**_GOOD, "answers": [1, 2]}).encode(), r'"answers" must be a list of strings.*got a list'),
+    (json.dumps({**_GOOD, "length": "abc"}).encode(), r'record r1: "length" must be a whole number of words, e\.g\. '
+                                                     r"1234; got the string 'abc'"),
+    (json.dumps({**_GOOD, "length": -4}).encode(), r'"length" must be a whole number'),
+    (json.dumps({**_GOOD, "context": {"a": 1}}).encode(), r'"context" must be a string or null; got a dict'),
+    (json.dumps({**_GOOD, "all_classes": "x"})[:-1].encode(), r"not JSON"),
+    ("caf\u00e9".encode("latin-1"), r"not UTF-8 text \(byte 3: invalid continuation byte\); the official files are UTF-8"),
+])
+def test_malformed_lines_name_the_file_and_line(tmp_path, line, pattern):
+    """Each bad line is a ValueError naming ``<file>:<line>`` and what is wrong (here on line 2, after a good one)."""
+    path = tmp_path / "trec.jsonl"
+    path.write_bytes(json.dumps(_GOOD).encode() + b"\n" + line + b"\n")
+    with pytest.raises(ValueError, match=pattern) as refused:
+        lb.load_folder(tmp_path)
+    assert str(refused.value).startswith(f"{path}:2: ")
+
+
+def test_lenient_but_well_defined_fields(tmp_path):
+    """What the official files contain in practice still reads: a BOM, a length as a string or a whole
+    float, a single answer string, null context, and blank lines."""
+    rows = [{**_GOOD, "length": "12", "answers": "only", "context": None}, {**_GOOD, "length": 7.0, "_id": 9}]
+    text = "\n\n".join(json.dumps(r) for r in rows) + "\n"
+    (tmp_path / "trec.jsonl").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    first, second = lb.load_folder(tmp_path)
+    assert (first.length, first.answers, first.context) == (12, ["only"], "")
+    assert (second.length, second.id) == (7, "9")
+
+
 def test_hub_loading_without_datasets_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(ValueError, match="pip install datasets"):

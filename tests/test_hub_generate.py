@@ -113,6 +113,20 @@ def test_bad_method_budget_options(model, prompt):
         _custom(model, prompt, lacache_options=[("sinks", 2)])
     with pytest.raises(ValueError, match="not both"):
         _custom(model, prompt, cache=LaCache.from_model(model, budget=32))
+    # a misspelt option is named with what the method takes (it used to be a TypeError from the builder)
+    with pytest.raises(ValueError, match=r"lacache_options: lacache_method='streaming' does not take bogus; it takes "
+                                         r"chunk, positions, sinks"):
+        _custom(model, prompt, lacache_method="streaming", lacache_options={"bogus": 1})
+    with pytest.raises(ValueError, match=r"lacache_method='full' does not take sinks; it takes no options"):
+        _custom(model, prompt, lacache_method="full", lacache_options={"sinks": 1})
+
+
+def test_nan_top_p_is_refused_not_ignored(model, prompt):
+    """transformers lets top_p=nan through (and then samples without the nucleus cut)."""
+    with pytest.raises(ValueError, match=r"top_p=nan must be a number in \(0, 1\]"):
+        _custom(model, prompt, do_sample=True, top_p=float("nan"), max_new_tokens=3)
+    with pytest.raises(ValueError, match=r"top_p=nan must be a number in \(0, 1\]"):
+        lacache.generate(model, prompt, do_sample=True, top_p=float("nan"), max_new_tokens=3)
 
 
 def test_hub_folder_contract(model, prompt, tmp_path):

@@ -12,10 +12,10 @@ import threading
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_llama
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import tiny_llama
 from lacache import LaCache, make_cache
 from lacache.cache.attach import hooks_for
 from lacache.registry import METHODS

@@ -142,15 +142,113 @@ def test_conversion_writes_a_clean_plain_folder(tmp_path, tiny_gguf):
     assert not model.training
 
 
-def test_incomplete_folder_is_replaced(tmp_path, tiny_gguf):
-    dest = tmp_path / "tiny"
-    dest.mkdir()
-    (dest / "config.json").write_text("{}", encoding="utf-8")
+def test_incomplete_folder_written_by_lacache_is_replaced(tmp_path, tiny_gguf):
+    dest = models.convert_gguf_to_folder(tmp_path / "fake.gguf", tmp_path / "tiny")
+    marker = json.loads((dest / models.BUILT_MARKER).read_text(encoding="utf-8"))
+    assert "model.safetensors" in marker["files"] and "config.json" in marker["files"]
+    (dest / "model.safetensors").unlink()  # damaged: lacache's own folder, so lacache may rebuild it
+    assert not models._is_complete_model_dir(dest)
     models.convert_gguf_to_folder(tmp_path / "fake.gguf", dest)
     assert models._is_complete_model_dir(dest)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]
     # Without a fallback, no template is invented for a GGUF that has none.
     assert AutoTokenizer.from_pretrained(dest).chat_template is None
+
+
+def test_an_empty_folder_is_filled(tmp_path, tiny_gguf):
+    (tmp_path / "tiny").mkdir()
+    models.convert_gguf_to_folder(tmp_path / "fake.gguf", tmp_path / "tiny")
+    assert models._is_complete_model_dir(tmp_path / "tiny")
+
+
+@pytest.mark.parametrize("marked", [False, True])
+def test_a_folder_lacache_did_not_write_is_never_deleted(tmp_path, tiny_gguf, marked):
+    """A user's file in the folder (with or without lacache's marker next to it) survives: refused, not removed."""
+    _, calls = tiny_gguf
+    dest = tmp_path / "tiny"
+    if marked:
+        dest = models.convert_gguf_to_folder(tmp_path / "fake.gguf", dest)
+        (dest / "model.safetensors").unlink()
+        calls.clear()
+    else:
+        dest.mkdir()
+        (dest / "config.json").write_text("{}", encoding="utf-8")
+    (dest / "my-notes.txt").write_text("mine", encoding="utf-8")
+    with pytest.raises(FileExistsError) as refused:
+        models.convert_gguf_to_folder(tmp_path / "fake.gguf", dest)
+    message = str(refused.value)
+    assert str(dest) in message and "will not delete it" in message and "LACACHE_HOME" in message
+    assert ("my-notes.txt" in message) == marked  # with a marker, the foreign file is named
+    assert (dest / "my-notes.txt").read_text(encoding="utf-8") == "mine"
+    assert calls == []  # refused before the slow GGUF load
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]
+
+
+def test_default_model_dir_refuses_an_unrecognised_folder(tmp_path, monkeypatch, tiny_gguf):
+    monkeypatch.setenv("LACACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(models, "default_gguf_path", lambda: tmp_path / "fake.gguf")
+    (tmp_path / DEFAULT_MODEL_NAME).mkdir()
+    (tmp_path / DEFAULT_MODEL_NAME / "weights-i-downloaded.bin").write_bytes(b"x")
+    with pytest.raises(FileExistsError, match=r"did not write .*rm -r"):
+        default_model_dir()
+    assert (tmp_path / DEFAULT_MODEL_NAME / "weights-i-downloaded.bin").read_bytes() == b"x"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_converted_files_get_the_users_default_permissions(tmp_path, tiny_gguf, umask):
+    """The cache is meant to be shareable: every file, the weights included (safetensors writes 0600),
+    gets what the umask gives any new file, so 0644 under the usual 022 and 0600 under 077."""
+    if os.name != "posix":
+        pytest.skip("POSIX permissions")
+    old = os.umask(umask)
+    try:
+        dest = models.convert_gguf_to_folder(tmp_path / "fake.gguf", tmp_path / "tiny")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in dest.iterdir()}
+    assert modes["model.safetensors"] == 0o666 & ~umask, modes
+    assert set(modes.values()) == {0o666 & ~umask}, modes
+
+
+def test_two_processes_converting_at_once_end_with_one_complete_folder(tmp_path, monkeypatch, tiny_gguf):
+    """Each builds in its own temporary sibling; both reach the rename together (a barrier), the first
+    wins, the second uses it, and nothing is left over."""
+    import multiprocessing
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("needs fork, so the children inherit the stand-in GGUF loader")
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(2, timeout=60)
+    real_check = models._check_saved_folder
+
+    def check_then_wait(folder, config, **kwargs):
+        real_check(folder, config, **kwargs)
+        barrier.wait()
+
+    monkeypatch.setattr(models, "_check_saved_folder", check_then_wait)
+    dest = tmp_path / "tiny"
+
+    def convert():
+        out = models.convert_gguf_to_folder(tmp_path / "fake.gguf", dest)
+        os._exit(0 if out == dest and models._is_complete_model_dir(dest) else 1)
+
+    children = [ctx.Process(target=convert) for _ in range(2)]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(120)
+    assert [child.exitcode for child in children] == [0, 0]
+    assert models._is_complete_model_dir(dest)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]
+
+
+def test_a_local_folder_wins_over_the_bundled_name(tmp_path, monkeypatch, tiny_gguf):
+    """``load_model("SmolLM2-135M-Instruct")`` with such a folder here loads the folder, as from_pretrained would."""
+    models.convert_gguf_to_folder(tmp_path / "fake.gguf", tmp_path / DEFAULT_MODEL_NAME)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(models, "default_model_dir", lambda: pytest.fail("the bundled model was used"))
+    model, _ = load_model(DEFAULT_MODEL_NAME)
+    assert model.config.num_hidden_layers == 2  # the tiny local model, not SmolLM2's 30 layers
 
 
 def test_concurrent_conversion_keeps_the_first_finished_folder(tmp_path, monkeypatch, tiny_gguf):
@@ -290,9 +388,10 @@ def test_lacache_home_is_honoured(tmp_path, monkeypatch, gguf_pair):
     home = tmp_path / "lchome"
     monkeypatch.setenv("LACACHE_HOME", str(home))
     dest = home / DEFAULT_MODEL_NAME
-    # A half-written folder from some older/interrupted writer must be replaced, not trusted.
+    # A damaged folder lacache wrote (its marker lists what is there) must be replaced, not trusted.
     dest.mkdir(parents=True)
     (dest / "config.json").write_text("{}", encoding="utf-8")
+    (dest / models.BUILT_MARKER).write_text(json.dumps({"files": ["config.json", "model.safetensors"]}))
 
     calls = []
 

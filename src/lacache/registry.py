@@ -15,7 +15,8 @@ from transformers import DynamicCache
 
 from .cache import H2OCache, KNormCache, LaCache, StreamingLLMCache, TOVACache
 
-__all__ = ["Method", "METHODS", "SUITES", "method_spec", "variant", "default_methods", "check_methods", "make_cache", "register"]
+__all__ = ["Method", "METHODS", "SUITES", "method_spec", "variant", "default_methods", "check_methods", "make_cache", "register",
+           "option_names"]
 
 #: the runs whose default method list a method can be part of
 SUITES = ("ppl", "passkey", "ruler", "longbench", "decode")
@@ -139,4 +140,26 @@ def make_cache(method: str, model, budget: int | None = None, **kwargs):
     ``window=64`` for h2o); a variant's own defaults (``lacache-salient``: ``salient=0.125``) apply
     unless given.
     """
+    accepted = option_names(method)
+    unknown = sorted(set(kwargs) - accepted) if accepted is not None else []
+    if unknown:
+        raise ValueError(
+            f"method={method!r} takes no option {', '.join(unknown)}; it takes {', '.join(sorted(accepted)) or 'none'}"
+        )
     return method_spec(method).make(model, budget, **kwargs)
+
+
+def option_names(name: str) -> frozenset[str] | None:
+    """The option names method ``name`` takes (its builder's keyword parameters besides ``model`` and
+    ``budget``): what a command line checks ``--option`` keys against before any model loads, instead
+    of letting a misspelt key reach the builder as a ``TypeError``. ``None`` when the builder takes
+    ``**kwargs`` and checks them itself; an empty set for the unbounded ``full`` cache."""
+    import inspect
+
+    spec = method_spec(name)
+    if not spec.bounded:
+        return frozenset()
+    parameters = inspect.signature(spec.build).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return None
+    return frozenset(parameters) - {"model", "budget"}

@@ -7,7 +7,7 @@ given shape, measured the same way for our caches, StreamingLLM and :class:`Refe
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -96,6 +96,7 @@ def bench_cache_update(
     device: str | torch.device = "cpu",
     seed: int = 0,
     on_row: Callable[[dict], None] | None = None,
+    finished: Mapping[tuple, dict] | None = None,
 ) -> list[dict]:
     """Time per token spent inside ``cache.update`` for every layer (update, compaction, rotation).
 
@@ -106,7 +107,9 @@ def bench_cache_update(
     (lacache's own loop). The reference strategy takes no positions (it always rotates to slots
     ``0..n-1``). Methods that compact at every step once full (``reference``, ``ladder-step``) cost the
     same at every step, so they are timed over ``ref_steps`` steps (default 32; ``None``: as ``steps``)
-    after at most 4 warm-up steps. One row per (layers, budget, method, positions).
+    after at most 4 warm-up steps. One row per (layers, budget, method, positions); a row whose
+    ``(layers, budget, method, positions)`` is in ``finished`` (from an interrupted run) is reused,
+    not timed again, and ``on_row`` gets each new row as soon as it is measured.
     """
     for method in methods:
         if method not in CACHE_METHODS:
@@ -123,6 +126,9 @@ def bench_cache_update(
             for method in methods:
                 modes = ["slots 0..n-1"] if method == "reference" else list(positions)
                 for mode in modes:
+                    if finished and (num_layers, budget, method, mode) in finished:
+                        rows.append(finished[num_layers, budget, method, mode])
+                        continue
                     cache = _build_cache(method, stand_in, budget)
                     count, warm = n_steps, warmup
                     if method in EVERY_STEP_METHODS:

@@ -7,7 +7,7 @@ between rows of one run is the cache; readings are taken per window of decode st
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -45,13 +45,17 @@ def bench_decode(
     seed: int = 0,
     method_options: dict[str, dict] | None = None,
     on_row: Callable[[dict], None] | None = None,
+    finished: Mapping[str, list[dict]] | None = None,
+    on_method: Callable[[str, list[dict]], None] | None = None,
 ) -> list[dict]:
     """Decode ``tokens`` tokens per method with lacache's own loop; one row per window of ``window`` decode steps.
 
     Bounded methods use ``stream_tokens`` with their cache; ``full`` a ``DynamicCache`` through the
     same loop. A row holds the mean ms/token over its window (the forwards that produced tokens
     ``first..last``), and at the window's end the cache bytes and slots, the process RSS, its
-    high-water mark since this method started, and CUDA memory when on a GPU.
+    high-water mark since this method started, and CUDA memory when on a GPU. A method in
+    ``finished`` (method -> its rows, from an interrupted run) is not decoded again; ``on_method``
+    gets each method's rows as soon as it is done, so they can be kept before the next one starts.
     """
     if tokens < 2:
         raise ValueError(f"tokens={tokens} must be >= 2 (the first token comes from the prefill)")
@@ -60,6 +64,10 @@ def bench_decode(
     device = _device_of(model)
     rows: list[dict] = []
     for method in methods:
+        if finished and method in finished:
+            rows.extend(finished[method])
+            continue
+        first_row = len(rows)
         cache = _make_cache(method, model, budget, (method_options or {}).get(method))
         _fresh_phase(device)
         stats = StreamStats()
@@ -95,6 +103,8 @@ def bench_decode(
             start, first = time.perf_counter(), produced + 1
         _close(cache)
         del cache, stream
+        if on_method is not None:
+            on_method(method, rows[first_row:])
     _fresh_phase(device)
     return rows
 

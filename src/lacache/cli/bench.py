@@ -15,18 +15,22 @@ import os
 import sys
 from pathlib import Path
 
-from . import bench_vllm
+from ..evaluation.checkpoint import RunProgress, check_output_folder
+from . import bench_vllm, values
 from .common import (
     add_dtype_argument,
     add_methods_argument,
     add_model_argument,
     add_option_argument,
+    load_model_for,
     method_list,
     names,
     parse_method_options,
     positive_int,
+    positive_ints,
     torch_dtype,
 )
+from .resume import add_resume_argument, open_run
 
 __all__ = ["add_parser", "run_cli", "BENCHMARKS"]
 
@@ -47,6 +51,7 @@ def _common(parser: argparse.ArgumentParser, model: bool = True) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ...; auto: cuda when available")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+    add_resume_argument(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
 
@@ -131,30 +136,27 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     add_dtype_argument(quick)
     quick.add_argument("--device", default="auto")
     quick.add_argument("--out", default=f"{DEFAULT_OUT}/quick")
+    add_resume_argument(quick)
     quick.add_argument("--quiet", action="store_true")
     return bench
 
 
 # --------------------------------------------------------------------------- helpers
 def _ints(text: str, what: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"--{what} {text!r} must be a comma-separated list of integers") from None
-    if not values or min(values) < 1:
-        raise ValueError(f"--{what} {text!r} must list positive integers, e.g. 256,1024")
-    return values
+    return positive_ints(text, what)
 
 
 def _device(name: str):
-    import torch
+    return values.device(name)
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu")
-    return device
+
+def _model_description(args) -> str:
+    """How reports name the model ``_load`` gives (known before loading it, so a run's record can hold it)."""
+    if getattr(args, "tiny", False):
+        return f"random tiny Llama ({args.tiny_layers} layers, hidden {args.tiny_hidden})"
+    from ..models import model_label
+
+    return model_label(args.model)
 
 
 def _load(args):
@@ -165,12 +167,17 @@ def _load(args):
     dtype = torch_dtype(args.dtype)
     if getattr(args, "tiny", False):
         model = bench.tiny_model(layers=args.tiny_layers, hidden=args.tiny_hidden, seed=args.seed, dtype=dtype)
-        desc = f"random tiny Llama ({args.tiny_layers} layers, hidden {args.tiny_hidden})"
-        return model.to(device), None, desc
-    from ..models import load_model, model_label
+        return model.to(device), None, _model_description(args)
+    model, tokenizer = load_model_for(args, device=device)
+    return model, tokenizer, _model_description(args)
 
-    model, tokenizer = load_model(args.model, dtype=dtype, device=device)
-    return model, tokenizer, model_label(args.model)
+
+def _run_settings(args, *names: str) -> dict:
+    """What gives a benchmark's rows their meaning, for its record: the model, dtype, device and ``names``."""
+    settings = {"dtype": args.dtype, "device": str(_device(args.device)), "seed": args.seed}
+    if hasattr(args, "tiny"):
+        settings["model"] = _model_description(args)
+    return {**settings, **{name: getattr(args, name) for name in names}}
 
 
 def _token_ids(model, tokenizer, n: int, seed: int, random_ids: bool = False):
@@ -271,20 +278,36 @@ def run_decode(args: argparse.Namespace, write_memory: bool = True) -> dict:
     from .. import bench
 
     methods = method_list(args.methods)
-    options = parse_method_options(args.option)
+    options = parse_method_options(args.option, methods)
+    progress = open_run(args, "decode", "bench decode",
+                        _run_settings(args, "budget", "tokens", "window", "prompt_tokens", "temperature"),
+                        per_method={m: options.get(m, {}) for m in methods}, noun="methods")
     model, tokenizer, desc = _load(args)
     prompt = _token_ids(model, tokenizer, args.prompt_tokens, args.seed)
     geometry = bench.model_geometry(model)
     _log(args, f"[bench decode] {desc}: {', '.join(methods)}, budget {args.budget}, {args.tokens} tokens, "
                f"prompt {prompt.shape[1]} tokens")
 
-    def progress(row):
+    def log_row(row):
         _log(args, f"[bench decode] {row['method']:>9} tokens {row['last']:>6}: {row['ms_per_token']:7.2f} ms/token, "
                    f"cache {row['cache_bytes'] / MB:8.1f} MB, RSS {row['rss_bytes'] / MB:7.1f} MB")
 
-    rows = bench.bench_decode(model, prompt, methods, budget=args.budget, tokens=args.tokens, window=args.window,
-                              temperature=args.temperature, seed=args.seed, method_options=options,
-                              on_row=progress)
+    with progress.keep_on_interrupt():
+        rows = bench.bench_decode(model, prompt, methods, budget=args.budget, tokens=args.tokens,
+                                  window=args.window, temperature=args.temperature, seed=args.seed,
+                                  method_options=options, on_row=log_row,
+                                  finished={key[0]: value for key, value in progress.finished.items()},
+                                  on_method=lambda method, mine: progress.add((method,), mine))
+        payload = _report_decode(args, model, methods, desc, geometry, prompt, options, rows, write_memory)
+    progress.finish()
+    return payload
+
+
+def _report_decode(args, model, methods, desc: str, geometry: dict, prompt, options: dict, rows: list[dict],
+                   write_memory: bool) -> dict:
+    """Print the decode table and write decode.* (and memory.*) into ``--out``."""
+    from .. import bench
+
     summary = bench.decode_summary(rows)
     device = next(model.parameters()).device
     payload = {
@@ -309,14 +332,29 @@ def run_decode(args: argparse.Namespace, write_memory: bool = True) -> dict:
     return payload
 
 
+def _read_decode_json(path: str) -> dict:
+    """``--from``: a decode.json written by ``bench decode``, or a ``ValueError`` saying what it is instead."""
+    hint = "give the decode.json that `lacache bench decode --out DIR` wrote, e.g. --from runs/bench/decode.json"
+    try:
+        with open(path, encoding="utf-8") as fh:
+            payload = json.load(fh)
+    except FileNotFoundError:
+        raise ValueError(f"--from {path} does not exist; {hint}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"--from {path} could not be read as JSON ({err}); {hint}") from None
+    if not isinstance(payload, dict) or payload.get("benchmark") != "decode" or not all(
+        isinstance(payload.get(key), list) for key in ("rows", "summary")
+    ):
+        raise ValueError(f"--from {path} is not a decode.json written by `lacache bench decode`; {hint}")
+    return payload
+
+
 def run_memory(args: argparse.Namespace) -> dict:
     """``bench memory``: the decode run's memory columns, re-plotted from ``--from`` without re-running if given."""
     if args.from_json is None:
         return run_decode(args, write_memory=True)
-    with open(args.from_json) as fh:
-        payload = json.load(fh)
-    if payload.get("benchmark") != "decode":
-        raise ValueError(f"--from {args.from_json} is not a decode.json written by `lacache bench decode`")
+    check_output_folder(args.out, "--out", example=DEFAULT_OUT)
+    payload = _read_decode_json(args.from_json)
     out = Path(args.out)
     _write_memory(out, payload)
     rows = [r for r in payload["summary"]]
@@ -329,17 +367,34 @@ def run_memory(args: argparse.Namespace) -> dict:
 
 def run_stream(args: argparse.Namespace) -> dict:
     """``bench stream``: a long stream (or ``--cache-only`` updates) and the flat-memory verdict."""
-    from .. import bench
-
     if args.method == "full":
         raise ValueError("--method full has no bound; the stream benchmark needs a bounded cache, e.g. lacache")
     tokens = args.tokens or (1_000_000 if args.tiny or args.cache_only else 20_000)
+    options = parse_method_options(args.option, method_list(args.method, "method")).get(args.method)
+    shape = ("layers", "kv_heads", "head_dim") if args.cache_only else ("prompt_tokens", "temperature")
+    settings = {**_run_settings(args, "method", "budget", "interval", "tolerance", "cache_only", *shape),
+                "tokens": tokens, "options": options}
+    # one stream is one configuration: a stream cut short is run again; a finished one is reused as a whole
+    progress = open_run(args, "stream", "bench stream", settings, noun="streams")
+    with progress.keep_on_interrupt():
+        payload = progress.finished.get(("stream",))
+        if payload is None:
+            payload = _run_stream(args, tokens, options)
+            progress.add(("stream",), payload)
+        _report_stream(args, payload)
+    progress.finish()
+    return payload
+
+
+def _run_stream(args: argparse.Namespace, tokens: int, options: dict | None) -> dict:
+    """The stream itself (or ``--cache-only`` updates): the payload ``stream.json`` holds."""
+    from .. import bench
+
     if args.cache_only:
         desc = f"cache only, {args.layers} layers x {args.kv_heads} KV heads x {args.head_dim} (float32, random K/V)"
     else:
         model, tokenizer, desc = _load(args)
         prompt = _token_ids(model, tokenizer, args.prompt_tokens, args.seed)
-    options = parse_method_options(args.option).get(args.method)
     _log(args, f"[bench stream] {desc}: {args.method}, budget {args.budget}, {tokens:,} tokens")
 
     def progress(s):
@@ -361,8 +416,15 @@ def run_stream(args: argparse.Namespace) -> dict:
                                     seed=args.seed, tolerance=args.tolerance, on_sample=progress)
         device = next(model.parameters()).device
         geometry = bench.model_geometry(model)
-    payload = {"benchmark": "stream", "model": desc, "dtype": args.dtype, **geometry,
-               "environment": _environment(device), **result}
+    return {"benchmark": "stream", "model": desc, "dtype": args.dtype, **geometry,
+            "environment": _environment(device), **result}
+
+
+def _report_stream(args: argparse.Namespace, payload: dict) -> None:
+    """Write stream.csv/json/png into ``--out`` and print the samples and the flat-memory verdict."""
+    from .. import bench
+
+    result, desc, device = payload, payload["model"], payload["environment"]["device"]
     out = Path(args.out)
     _write(out, "stream", result["samples"], payload)
     bench.plot_stream(result, out / "stream.png")
@@ -393,7 +455,6 @@ def run_stream(args: argparse.Namespace) -> dict:
               f"kv_bytes(budget + headroom) = {result['expected_cache_bytes']:,} B")
         print(f"         vs the first overflow, before any compaction ({v['filled_tokens']:,} tokens): {', '.join(filled)}")
     _log(args, f"[bench] wrote {out / 'stream.csv'}, {out / 'stream.json'}, {out / 'stream.png'}")
-    return payload
 
 
 def run_cache(args: argparse.Namespace) -> dict:
@@ -405,17 +466,32 @@ def run_cache(args: argparse.Namespace) -> dict:
     budgets, layers = _ints(args.budgets, "budgets"), _ints(args.layers, "layers")
     device = _device(args.device)
     dtype = torch_dtype(args.dtype)
+    progress = open_run(args, "cache", "bench cache",
+                        _run_settings(args, "kv_heads", "head_dim", "steps", "ref_steps", "warmup"),
+                        noun="configurations")
     _log(args, f"[bench cache] budgets {budgets}, layers {layers}, {args.kv_heads} KV heads x {args.head_dim}, "
                f"{args.dtype} on {device}; methods {', '.join(methods)}")
 
-    def progress(r):
+    def record(r):
         _log(args, f"[bench cache] {r['layers']:>3} layers, budget {r['budget']:>5}, {r['method']:>11} "
                    f"({r['positions']}): {r['ms_per_token']:9.3f} ms/token over {r['steps']} steps")
+        progress.add((r["layers"], r["budget"], r["method"], r["positions"]), r)
+
+    with progress.keep_on_interrupt():
+        payload = _run_cache(args, methods, positions, budgets, layers, device, dtype, record, progress.finished)
+    progress.finish()
+    return payload
+
+
+def _run_cache(args: argparse.Namespace, methods: list[str], positions: list[str], budgets: list[int],
+               layers: list[int], device, dtype, record, finished: dict) -> dict:
+    """Time every configuration not in ``finished`` (``record`` keeps each one), print and write cache.*."""
+    from .. import bench
 
     rows = bench.bench_cache_update(budgets, layers, kv_heads=args.kv_heads, head_dim=args.head_dim,
                                     methods=methods, positions=positions, steps=args.steps,
                                     ref_steps=args.ref_steps, warmup=args.warmup, dtype=dtype, device=device,
-                                    seed=args.seed, on_row=progress)
+                                    seed=args.seed, on_row=record, finished=finished)
     summary = bench.cache_summary(rows)
     payload = {"benchmark": "cache", "kv_heads": args.kv_heads, "head_dim": args.head_dim, "dtype": args.dtype,
                "environment": _environment(device), "summary": summary, "rows": rows}
@@ -439,9 +515,12 @@ def run_prefill(args: argparse.Namespace) -> dict:
     """``bench prefill``: chunked prefill of a long prompt against the computed full-cache size."""
     from .. import bench
 
+    options = parse_method_options(args.option, method_list(args.method, "method"))
+    settings = {**_run_settings(args, "method", "budget", "tokens", "prefill_chunk", "random"),
+                "options": options.get(args.method)}
+    record = open_run(args, "prefill", "bench prefill", settings, noun="prefill runs")
     model, tokenizer, desc = _load(args)
     ids = _token_ids(model, tokenizer, args.tokens, args.seed, random_ids=args.random)
-    options = parse_method_options(args.option)
     text = "random ids" if args.random or tokenizer is None else "bundled essays"
     _log(args, f"[bench prefill] {desc}: {args.method}, budget {args.budget}, {ids.shape[1]:,} tokens of {text} "
                f"in chunks of {args.prefill_chunk}")
@@ -450,17 +529,33 @@ def run_prefill(args: argparse.Namespace) -> dict:
         _log(args, f"[bench prefill] {r['tokens']:>7,} tokens: {r['chunk_tokens_per_s']:8.1f} tok/s (chunk), "
                    f"RSS {r['rss_bytes'] / MB:7.1f} MB, cache {r['cache_bytes'] / MB:7.1f} MB")
 
-    result = bench.bench_prefill(model, ids, budget=args.budget, prefill_chunk=args.prefill_chunk,
-                                 method=args.method, method_options=options.get(args.method), on_row=progress)
+    def prefill(key: tuple, method: str, method_options: dict | None) -> dict:
+        """One prefill run, or its result recorded by an interrupted run."""
+        if key not in record.finished:
+            record.add(key, bench.bench_prefill(model, ids, budget=args.budget, prefill_chunk=args.prefill_chunk,
+                                                method=method, method_options=method_options, on_row=progress))
+        return record.finished[key]
+
+    with record.keep_on_interrupt():
+        result = prefill(("prefill", args.method), args.method, options.get(args.method))
+        s = result["summary"]
+        full = None
+        if args.compare_full:
+            if s["beyond_trained_context"]:
+                _log(args, f"[bench prefill] --compare-full skipped: {s['tokens']} tokens exceed the trained "
+                           f"context ({s['trained_context']}); the full cache size is computed instead")
+            else:
+                full = prefill(("compare-full",), "full", None)
+        payload = _report_prefill(args, model, desc, text, result, full)
+    record.finish()
+    return payload
+
+
+def _report_prefill(args: argparse.Namespace, model, desc: str, text: str, result: dict, full: dict | None) -> dict:
+    """Write prefill.csv/json/png into ``--out`` and print the table."""
+    from .. import bench
+
     s = result["summary"]
-    full = None
-    if args.compare_full:
-        if s["beyond_trained_context"]:
-            _log(args, f"[bench prefill] --compare-full skipped: {s['tokens']} tokens exceed the trained context "
-                       f"({s['trained_context']}); the full cache size is computed instead")
-        else:
-            full = bench.bench_prefill(model, ids, budget=args.budget, prefill_chunk=args.prefill_chunk,
-                                       method="full", on_row=progress)
     device = next(model.parameters()).device
     payload = {"benchmark": "prefill", "model": desc, "dtype": args.dtype, "text": text,
                "environment": _environment(device), **result, "full": full}
@@ -483,12 +578,18 @@ def run_prefill(args: argparse.Namespace) -> dict:
 
 
 def run_all(args: argparse.Namespace) -> dict:
-    """Quick versions of every benchmark, each into ``<out>``."""
+    """Quick versions of every benchmark, each into ``<out>`` (with ``--resume``, each resumes its own record)."""
+    check_output_folder(args.out, "--out", example=f"{DEFAULT_OUT}/quick")
     parser = argparse.ArgumentParser(prog="lacache")
     add_parser(parser.add_subparsers(dest="command"))
     common = ["--dtype", args.dtype, "--device", args.device, "--out", args.out]
     if args.quiet:
         common.append("--quiet")
+    if getattr(args, "resume", False):
+        common.append("--resume")
+    else:  # refuse now, not after the benchmarks before an unfinished one have run again
+        for name in ("decode", "stream", "prefill", "cache"):
+            RunProgress.refuse_unfinished(args.out, name, noun="configurations")
     model = (["--tiny"] if args.tiny else []) + (["--model", args.model] if args.model and not args.tiny else [])
     plans = [
         ["decode", "--tokens", "256", "--budget", "128", "--window", "64", *model],
@@ -508,4 +609,5 @@ def run_cli(args: argparse.Namespace) -> dict:
     """Run the benchmark named by ``args.benchmark``; raises ``ValueError`` for bad options."""
     runners = {"decode": lambda a: run_decode(a, write_memory=True), "memory": run_memory, "stream": run_stream,
                "cache": run_cache, "prefill": run_prefill, "all": run_all, "vllm": bench_vllm.run_cli}
+    values.check_values(args)
     return runners[args.benchmark](args)

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from . import common
+from .resume import add_resume_argument, open_run
 
 __all__ = ["add_parser", "run_cli"]
 
@@ -33,6 +34,7 @@ def add_parser(kinds) -> argparse.ArgumentParser:
     common.add_model_argument(parser)
     common.add_dtype_argument(parser)
     parser.add_argument("--out", default="runs/bench")
+    add_resume_argument(parser)
     parser.add_argument("--quiet", action="store_true")
     return parser
 
@@ -43,11 +45,13 @@ def run_cli(args: argparse.Namespace) -> dict:
     except ImportError:
         raise ValueError("bench vllm needs vLLM: run it in the environment `make test-vllm` builds "
                          "(.venv-vllm/bin/lacache bench vllm)") from None
-    from ..bench.vllm_serving import bench_vllm_capacity, bench_vllm_stream
-    from ..evaluation.report import format_table, write_csv, write_json
     from ..models import default_model_dir, load_model, model_label
     from ..texts import load_essays
 
+    settings = {name: getattr(args, name) for name in ("dtype", "budget", "tokens", "batch", "window", "prompt_tokens",
+                                                        "requests", "request_tokens", "pool_blocks", "step_tokens")}
+    # each part (stream, capacity) is kept as soon as it is done; --resume reuses a finished part
+    record = open_run(args, "vllm", "bench vllm", {**settings, "model": model_label(args.model)}, noun="parts")
     model_dir = args.model or str(default_model_dir())
     _, tokenizer = load_model(args.model)  # converts the bundled model once; the tokenizer makes the prompt
     ids = tokenizer(load_essays(max_chars=8 * args.prompt_tokens + 64))["input_ids"][: args.prompt_tokens]
@@ -58,11 +62,28 @@ def run_cli(args: argparse.Namespace) -> dict:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    with record.keep_on_interrupt():
+        payload = _run_parts(args, model_dir, ids, record, log, out)
+    record.finish()
+    return payload
+
+
+def _run_parts(args: argparse.Namespace, model_dir: str, ids: list[int], record, log, out: Path) -> dict:
+    """Run (or reuse from ``record``) the parts ``--part`` asks for; write their CSV, plot and vllm.json."""
+    from ..bench.vllm_serving import bench_vllm_capacity, bench_vllm_stream
+    from ..evaluation.report import format_table, write_csv, write_json
+    from ..models import model_label
+
+    def part(name: str, run) -> list[dict]:
+        if (name,) not in record.finished:
+            record.add((name,), run())
+        return record.finished[name,]
+
     payload: dict = {"benchmark": "vllm", "model": model_label(args.model), "dtype": args.dtype,
                      "budget": args.budget, "pool_blocks": args.pool_blocks, "step_tokens": args.step_tokens}
     if args.part in ("stream", "both"):
-        rows = bench_vllm_stream(model_dir, ids, args.tokens, args.budget, args.batch, args.window,
-                                 args.step_tokens, args.dtype, on_row=log)
+        rows = part("stream", lambda: bench_vllm_stream(model_dir, ids, args.tokens, args.budget, args.batch,
+                                                        args.window, args.step_tokens, args.dtype, on_row=log))
         payload["stream"] = rows
         headers = list(rows[0])
         write_csv(out / "vllm_stream.csv", headers, [[r[h] for h in headers] for r in rows])
@@ -71,8 +92,9 @@ def run_cli(args: argparse.Namespace) -> dict:
         print(format_table(headers, [[r[h] for h in headers] for r in rows]))
     if args.part in ("capacity", "both"):
         new = max(1, args.request_tokens - len(ids))
-        rows = bench_vllm_capacity(model_dir, ids, new, args.requests, args.budget, args.pool_blocks,
-                                   args.step_tokens, args.dtype, on_row=log)
+        rows = part("capacity", lambda: bench_vllm_capacity(model_dir, ids, new, args.requests, args.budget,
+                                                            args.pool_blocks, args.step_tokens, args.dtype,
+                                                            on_row=log))
         payload["capacity"] = rows
         headers = list(rows[0])
         write_csv(out / "vllm_capacity.csv", headers, [[r[h] for h in headers] for r in rows])

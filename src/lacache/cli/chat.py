@@ -15,7 +15,8 @@ import sys
 
 from ..chat import ChatSession, TurnRecord, eos_ids, stats_line
 from ..registry import METHODS
-from .common import add_dtype_argument, add_model_argument, positive_int, torch_dtype
+from . import values
+from .common import add_dtype_argument, add_model_argument, load_model_for, positive_int
 
 __all__ = ["add_parser", "build_parser", "run_cli"]
 
@@ -47,6 +48,27 @@ def build_parser() -> argparse.ArgumentParser:
     return _configure(argparse.ArgumentParser(prog="lacache chat", description=__doc__.splitlines()[0]))
 
 
+def _encoding(stdin) -> str:
+    return getattr(stdin, "encoding", None) or "utf-8"
+
+
+def _read_line(stdin) -> str | None:
+    """The next input line; ``""`` at end of input; ``None`` for a line that is not text in stdin's encoding.
+
+    Bytes are read and decoded here, one line at a time, so a line in another encoding (a paste, a
+    piped Latin-1 file) is reported and skipped instead of ending the session with a decode error.
+    A text stream with no bytes underneath (``io.StringIO``) is read as text.
+    """
+    raw = getattr(stdin, "buffer", None)
+    if raw is None:
+        return stdin.readline()
+    data = raw.readline()
+    try:
+        return data.decode(_encoding(stdin))
+    except UnicodeDecodeError:
+        return None
+
+
 def run_cli(args, model=None, tokenizer=None) -> list[TurnRecord]:
     """Run the chat loop on ``sys.stdin`` / ``sys.stdout``; return one record per answered turn.
 
@@ -54,10 +76,11 @@ def run_cli(args, model=None, tokenizer=None) -> list[TurnRecord]:
     """
     import torch
 
-    from .. import generation, models
+    from .. import generation
 
+    values.check_values(args)
     if model is None or tokenizer is None:
-        model, tokenizer = models.load_model(args.model, dtype=torch_dtype(args.dtype))
+        model, tokenizer = load_model_for(args)
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("the tokenizer has no chat template; lacache chat needs one (use an instruct model)")
     torch.manual_seed(args.seed)
@@ -72,7 +95,11 @@ def run_cli(args, model=None, tokenizer=None) -> list[TurnRecord]:
         if interactive:
             out.write("> ")
             out.flush()
-        line = stdin.readline()
+        line = _read_line(stdin)
+        if line is None:
+            print(f"[could not decode that line as {_encoding(stdin)}; it was skipped, type it again]", file=out,
+                  flush=True)
+            continue
         if not line:  # end of input
             break
         text = line.rstrip("\r\n")

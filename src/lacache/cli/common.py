@@ -10,10 +10,13 @@ import argparse
 from collections.abc import Callable, Sequence
 
 from ..registry import check_methods, default_methods
+from .resume import add_resume_argument
 
 __all__ = [
     "DTYPES",
     "positive_int",
+    "positive_ints",
+    "fractions",
     "split_list",
     "names",
     "method_list",
@@ -49,6 +52,28 @@ def split_list(text: str, cast: Callable = str) -> list:
         raise ValueError(f"{text!r} must be a comma-separated list of numbers") from None
 
 
+def positive_ints(text: str, what: str) -> list[int]:
+    """``--what 128,256``: at least one integer, each >= 1 (an empty list would run nothing and fail later)."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--{what} {text!r} must be a comma-separated list of integers, e.g. --{what} 256,1024") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"--{what} {text!r} must list positive integers, e.g. --{what} 256,1024")
+    return values
+
+
+def fractions(text: str, what: str) -> list[float]:
+    """``--what 0,0.5,1``: at least one number, each in [0, 1] (NaN and infinity refused)."""
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or not all(0 <= v <= 1 for v in values):
+        raise ValueError(f"--{what} {text!r} must list numbers from 0 to 1, e.g. --{what} 0,0.5,1")
+    return values
+
+
 def names(text: str, known: Sequence[str], what: str) -> list[str]:
     """Comma-separated names that must all be in ``known`` (one ``ValueError`` naming ``--what`` otherwise)."""
     found = [x.strip() for x in text.split(",") if x.strip()]
@@ -75,8 +100,25 @@ def _option_value(value: str) -> object:
     return value
 
 
-def parse_method_options(items: list[str]) -> dict[str, dict]:
-    """``["lacache.span=9", "h2o.window=64"]`` -> ``{"lacache": {"span": 9}, "h2o": {"window": 64}}``."""
+def _refused_options(method: str, keys: Sequence[str]) -> str | None:
+    """Why ``method`` cannot take ``keys`` (naming what it takes), or None when it takes them all."""
+    from ..registry import option_names
+
+    accepted = option_names(method)
+    unknown = [key for key in keys if accepted is not None and key not in accepted]
+    if not unknown:
+        return None
+    takes = f"it takes {', '.join(sorted(accepted))}" if accepted else "it takes no options"
+    return f"{method} does not take {', '.join(map(repr, unknown))}; {takes}"
+
+
+def parse_method_options(items: list[str], methods: Sequence[str] | None = None) -> dict[str, dict]:
+    """``["lacache.span=9", "h2o.window=64"]`` -> ``{"lacache": {"span": 9}, "h2o": {"window": 64}}``.
+
+    With ``methods`` (those being run), each METHOD must be one of them and each KEY an option its
+    builder takes: an option that would be silently ignored, or reach the builder as a ``TypeError``,
+    is refused before any model loads.
+    """
     out: dict[str, dict] = {}
     for item in items:
         try:
@@ -84,13 +126,20 @@ def parse_method_options(items: list[str]) -> dict[str, dict]:
             method, key = target.split(".", 1)
         except ValueError:
             raise ValueError(f"--option {item!r} must look like METHOD.KEY=VALUE, e.g. lacache.span=9") from None
+        if methods is not None:
+            if method not in methods:
+                raise ValueError(f"--option {item}: {method!r} is not being run here (methods: {', '.join(methods)}); "
+                                 "name one of those, or add the method to the run")
+            refused = _refused_options(method, [key])
+            if refused:
+                raise ValueError(f"--option {item}: {refused}")
         out.setdefault(method, {})[key] = _option_value(value)
     return out
 
 
 def register_variants(items: list[str]) -> list[str]:
     """``["g8=lacache,group=8"]``: register each as a named method (``registry.variant``); returns the names."""
-    from ..registry import variant
+    from ..registry import method_spec, variant
 
     made = []
     for item in items:
@@ -99,6 +148,9 @@ def register_variants(items: list[str]) -> list[str]:
         if not name or not base or any("=" not in pair for pair in pairs):
             raise ValueError(f"--variant {item!r} must look like NAME=METHOD,KEY=VALUE,..., e.g. g8=lacache,group=8")
         options = {key: _option_value(value) for key, value in (pair.split("=", 1) for pair in pairs)}
+        refused = _refused_options(method_spec(base.strip()).name, list(options))
+        if refused:  # checked before registering, so a bad definition leaves no broken method behind
+            raise ValueError(f"--variant {item}: {refused}")
         made.append(variant(name.strip(), base.strip(), **options).name)
     return made
 
@@ -141,7 +193,7 @@ def add_methods_argument(parser: argparse.ArgumentParser, suite: str) -> None:
 
 def add_run_arguments(parser: argparse.ArgumentParser, suite: str, out: str, out_help: str | None = None) -> None:
     """What every evaluation takes: ``--model``, ``--methods`` (the registry's list for ``suite``),
-    ``--option``, ``--dtype`` and ``--out``."""
+    ``--option``, ``--dtype``, ``--out`` and ``--resume``."""
     add_model_argument(parser)
     add_methods_argument(parser, suite)
     add_option_argument(parser)
@@ -151,6 +203,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, suite: str, out: str, out
     )
     add_dtype_argument(parser)
     parser.add_argument("--out", default=out, help=out_help)
+    add_resume_argument(parser)
 
 
 def add_prefill_arguments(parser: argparse.ArgumentParser, budget: float, prefill: str, chunk: int) -> None:
@@ -162,8 +215,17 @@ def add_prefill_arguments(parser: argparse.ArgumentParser, budget: float, prefil
     parser.add_argument("--prefill-chunk", type=positive_int, default=chunk)
 
 
-def load_model_for(args: argparse.Namespace):
-    """``(model, tokenizer)`` for ``--model`` in ``--dtype``."""
-    from ..models import load_model
+def load_model_for(args: argparse.Namespace, device=None):
+    """``(model, tokenizer)`` for ``--model`` in ``--dtype`` (on ``device`` if given).
 
-    return load_model(args.model, dtype=torch_dtype(args.dtype))
+    A model that cannot be found or read (a hub id that does not resolve, a folder without a
+    config, the bundled model's package missing, a cache folder lacache will not replace) is an
+    ``OSError`` from deep inside the loaders; it becomes one ``ValueError`` line naming ``--model``.
+    """
+    from ..models import load_model, model_label
+
+    try:
+        return load_model(args.model, dtype=torch_dtype(args.dtype), device=device)
+    except OSError as err:
+        reason = " ".join(str(err).split())  # loaders' messages span lines; the CLI prints one
+        raise ValueError(f"--model {model_label(args.model)} could not be loaded: {reason}") from err

@@ -17,7 +17,8 @@ from ..evaluation.longbench import (
     summary_table,
     trial_dicts,
 )
-from . import common
+from . import common, values
+from .resume import method_settings, open_run
 
 __all__ = ["SAMPLE_FIELDS", "add_parser", "run_cli"]
 
@@ -65,29 +66,41 @@ def _csv_rows(trials: Sequence[LongBenchTrial]) -> list[list]:
 
 def run_cli(args) -> list[LongBenchTrial]:
     """``lacache eval longbench``: load, run, print the score table, write CSV and JSON."""
+    from dataclasses import asdict
+
     from .. import models
     from ..evaluation.report import write_run
 
+    values.check_values(args)
     methods = common.run_methods(args)
-    options = common.parse_method_options(args.option)
+    options = common.parse_method_options(args.option, methods)
+    recorded = {"model": models.model_label(args.model), "dtype": args.dtype, "source": args.data or args.dataset,
+                "budget": args.budget, "prefill": args.prefill, "prefill_chunk": args.prefill_chunk,
+                "max_length": args.max_length, "chat_template": not args.no_chat_template}
+    progress = open_run(args, "longbench", "eval longbench", recorded,
+                        per_method=method_settings(args, methods, options), encode=asdict,
+                        decode=lambda row: LongBenchTrial(**row))
     records = _records(args)
     if not records:
         raise ValueError("no LongBench records to evaluate")
     model, tokenizer = common.load_model_for(args)
-    trials = run_longbench(model, tokenizer, methods, records, args.budget, prefill=args.prefill,
-                           prefill_chunk=args.prefill_chunk, method_options=options,
-                           use_chat_template=not args.no_chat_template, max_length=args.max_length, progress=True)
-    settings = {
-        "model": models.model_label(args.model), "source": args.data or args.dataset,
-        "budget": args.budget, "prefill": args.prefill, "prefill_chunk": args.prefill_chunk,
-        "max_length": args.max_length, "truncation": _truncation_note(args.max_length),
-        "chat_template": not args.no_chat_template, "options": options,
-    }
-    title = (f"LongBench scores (0-100), budget {args.budget:g}, {args.prefill} prefill, "
-             f"{_truncation_note(args.max_length)}, {len(records)} samples")
-    write_run(
-        args.out, "longbench", csv_headers=SAMPLE_FIELDS, csv_rows=_csv_rows(trials),
-        payload={**settings, "summary": summarize(trials), "samples": trial_dicts(trials)},
-        table=(title, *summary_table(trials)),
-    )
+    with progress.keep_on_interrupt():
+        trials = run_longbench(model, tokenizer, methods, records, args.budget, prefill=args.prefill,
+                               prefill_chunk=args.prefill_chunk, method_options=options,
+                               use_chat_template=not args.no_chat_template, max_length=args.max_length,
+                               progress=True, finished=progress.finished, on_trial=progress.add)
+        settings = {
+            "model": models.model_label(args.model), "source": args.data or args.dataset,
+            "budget": args.budget, "prefill": args.prefill, "prefill_chunk": args.prefill_chunk,
+            "max_length": args.max_length, "truncation": _truncation_note(args.max_length),
+            "chat_template": not args.no_chat_template, "options": options,
+        }
+        title = (f"LongBench scores (0-100), budget {args.budget:g}, {args.prefill} prefill, "
+                 f"{_truncation_note(args.max_length)}, {len(records)} samples")
+        write_run(
+            args.out, "longbench", csv_headers=SAMPLE_FIELDS, csv_rows=_csv_rows(trials),
+            payload={**settings, "summary": summarize(trials), "samples": trial_dicts(trials)},
+            table=(title, *summary_table(trials)),
+        )
+    progress.finish()
     return trials

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from ..evaluation.passkey import FILLERS
-from . import common
+from . import common, values
+from .resume import method_settings, open_run
 
 __all__ = ["CSV_FIELDS", "add_parser", "run_cli"]
 
@@ -39,26 +40,37 @@ def _accuracy_rows(trials, methods, lengths) -> tuple[list[str], list[list]]:
 
 def run_cli(args) -> list:
     """``lacache eval passkey``: run, print accuracy per length, write passkey.csv/json/png into ``--out``."""
+    from dataclasses import asdict
+
     from .. import models
-    from ..evaluation.passkey import plot_heatmaps, run_passkey, trial_dicts
+    from ..evaluation.passkey import PasskeyTrial, plot_heatmaps, run_passkey, trial_dicts
     from ..evaluation.report import write_run
 
+    values.check_values(args)
     methods = common.run_methods(args)
-    lengths, depths = common.split_list(args.lengths, int), common.split_list(args.depths, float)
-    options = common.parse_method_options(args.option)
+    lengths, depths = common.positive_ints(args.lengths, "lengths"), common.fractions(args.depths, "depths")
+    options = common.parse_method_options(args.option, methods)
+    settings = {"model": models.model_label(args.model), "dtype": args.dtype, "budget": args.budget,
+                "prefill": args.prefill, "prefill_chunk": args.prefill_chunk, "filler": args.filler}
+    progress = open_run(args, "passkey", "eval passkey", settings,
+                        per_method=method_settings(args, methods, options), encode=asdict,
+                        decode=lambda row: PasskeyTrial(**row))
     model, tokenizer = common.load_model_for(args)
-    trials = run_passkey(
-        model, tokenizer, methods, lengths, depths, list(range(args.seeds)), args.budget, filler=args.filler,
-        prefill=args.prefill, prefill_chunk=args.prefill_chunk, method_options=options,
-    )
-    title = (f"Pass-key accuracy, budget {args.budget}, {args.prefill} prefill, {args.filler} filler, "
-             f"{len(depths)} depths x {args.seeds} seeds per length")
-    write_run(
-        args.out, "passkey",
-        csv_headers=CSV_FIELDS, csv_rows=[[getattr(t, f) for f in CSV_FIELDS] for t in trials],
-        payload={"budget": args.budget, "prefill": args.prefill, "filler": args.filler,
-                 "model": models.model_label(args.model), "trials": trial_dicts(trials)},
-        plot=lambda path: plot_heatmaps(trials, path, f"Pass key, budget {args.budget}, {args.prefill} prefill"),
-        table=(title, *_accuracy_rows(trials, methods, lengths)),
-    )
+    with progress.keep_on_interrupt():
+        trials = run_passkey(
+            model, tokenizer, methods, lengths, depths, list(range(args.seeds)), args.budget, filler=args.filler,
+            prefill=args.prefill, prefill_chunk=args.prefill_chunk, method_options=options,
+            finished=progress.finished, on_trial=progress.add,
+        )
+        title = (f"Pass-key accuracy, budget {args.budget}, {args.prefill} prefill, {args.filler} filler, "
+                 f"{len(depths)} depths x {args.seeds} seeds per length")
+        write_run(
+            args.out, "passkey",
+            csv_headers=CSV_FIELDS, csv_rows=[[getattr(t, f) for f in CSV_FIELDS] for t in trials],
+            payload={"budget": args.budget, "prefill": args.prefill, "filler": args.filler,
+                     "model": models.model_label(args.model), "trials": trial_dicts(trials)},
+            plot=lambda path: plot_heatmaps(trials, path, f"Pass key, budget {args.budget}, {args.prefill} prefill"),
+            table=(title, *_accuracy_rows(trials, methods, lengths)),
+        )
+    progress.finish()
     return trials

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import common
+from . import common, values
+from .resume import method_settings, open_run
 
 __all__ = ["add_parser", "load_eval_text", "load_eval_texts", "run_cli", "tokenize_prefix"]
 
@@ -45,8 +46,13 @@ def load_eval_text(text_file: str | None, dataset: str | None) -> str:
     if text_file and dataset:
         raise ValueError("give --text-file or --dataset, not both")
     if text_file:
-        with open(text_file, encoding="utf-8") as fh:
-            return fh.read()
+        values.check_text_file(text_file)
+        try:
+            with open(text_file, encoding="utf-8") as fh:
+                return fh.read()
+        except UnicodeDecodeError as err:
+            raise ValueError(f"--text-file {text_file}: not UTF-8 text (byte {err.start}: {err.reason}); "
+                             "convert it, e.g. iconv -f latin1 -t utf-8") from None
     if dataset:
         try:
             import datasets
@@ -73,18 +79,18 @@ def tokenize_prefix(tokenizer, text: str, tokens: int):
 def run_cli(args) -> list:
     """``lacache eval ppl``: run the grid, print the table, write ppl.csv/json/png into ``--out``."""
     from .. import models
-    from ..evaluation.perplexity import evaluate_ppl_grid
-    from ..evaluation.report import (
-        format_table,
-        gap_table_rows,
-        plot_ppl_by_position,
-        ppl_table_rows,
-        write_run,
-    )
+    from ..evaluation.perplexity import PPLResult, evaluate_ppl_grid
 
+    values.check_values(args)
     methods = common.run_methods(args)
-    budgets = common.split_list(args.budgets, int)
-    options = common.parse_method_options(args.option)
+    budgets = common.positive_ints(args.budgets, "budgets")
+    options = common.parse_method_options(args.option, methods)
+    settings = {"model": models.model_label(args.model), "dtype": args.dtype, "tokens": args.tokens,
+                "texts": args.texts, "text_file": args.text_file, "dataset": args.dataset, "step": args.step,
+                "window": args.window}
+    progress = open_run(args, "ppl", "eval ppl", settings, per_method=method_settings(args, methods, options),
+                        encode=lambda results: [r.to_dict() for r in results],
+                        decode=lambda rows: [PPLResult(**row) for row in rows], noun="runs (method x budget)")
     texts = load_eval_texts(args.texts, args.text_file, args.dataset, chars=args.tokens * 16)
     model, tokenizer = common.load_model_for(args)
     rows = [tokenize_prefix(tokenizer, text, args.tokens) for text in texts.values()]
@@ -94,10 +100,28 @@ def run_cli(args) -> list:
     import torch
 
     ids = torch.stack([row[:length] for row in rows])
-    results = evaluate_ppl_grid(
-        model, ids, methods, budgets, step=args.step, window=args.window, method_options=options,
-        progress=not args.no_progress, texts=list(texts) if args.texts else None,
+    with progress.keep_on_interrupt():
+        results = evaluate_ppl_grid(
+            model, ids, methods, budgets, step=args.step, window=args.window, method_options=options,
+            progress=not args.no_progress, texts=list(texts) if args.texts else None,
+            finished=progress.finished, on_run=progress.add,
+        )
+        _report(args, model, methods, texts, length, results)
+    progress.finish()
+    return results
+
+
+def _report(args, model, methods, texts: dict[str, str], length: int, results: list) -> None:
+    """Print the tables and write ppl.csv/json/png into ``--out``."""
+    from .. import models
+    from ..evaluation.report import (
+        format_table,
+        gap_table_rows,
+        plot_ppl_by_position,
+        ppl_table_rows,
+        write_run,
     )
+
     context = getattr(model.config, "max_position_embeddings", None)
     if context and length > context and "full" in methods:
         print(f"[lacache] note: {length} tokens exceed the model's trained context ({context}); "
@@ -122,4 +146,3 @@ def run_cli(args) -> list:
     if gaps is not None:
         print("\nShare of the StreamingLLM -> full gap closed (paper, Llama-3-8B, cache 512: 72% / 47% / 36% at 1K/2K/4K)")
         print(format_table(*gaps))
-    return results

@@ -6,7 +6,8 @@ import argparse
 
 from ..evaluation.passkey import FILLERS
 from ..evaluation.ruler import DEFAULT_LENGTHS, TASKS, plot_scores, run_ruler, summary_table, trial_dicts
-from . import common
+from . import common, values
+from .resume import method_settings, open_run
 
 __all__ = ["CSV_FIELDS", "add_parser", "run_cli"]
 
@@ -33,28 +34,38 @@ def run_cli(args, model=None, tokenizer=None) -> list:
 
     ``model`` and ``tokenizer`` may be passed in (tests, notebooks) instead of loading ``--model``.
     """
+    from dataclasses import asdict
+
     from .. import models
     from ..evaluation.report import write_run
+    from ..evaluation.ruler import RulerTrial
 
+    values.check_values(args)
     methods = common.run_methods(args)
     tasks = common.names(args.tasks, TASKS, "tasks")
-    lengths = common.split_list(args.lengths, int)
-    options = common.parse_method_options(args.option)
+    lengths = common.positive_ints(args.lengths, "lengths")
+    options = common.parse_method_options(args.option, methods)
+    settings = {"model": models.model_label(args.model), "dtype": args.dtype, "budget": args.budget,
+                "prefill": args.prefill, "prefill_chunk": args.prefill_chunk, "filler": args.filler}
+    progress = open_run(args, "ruler", "eval ruler", settings, per_method=method_settings(args, methods, options),
+                        encode=asdict, decode=lambda row: RulerTrial(**row))
     if model is None or tokenizer is None:
         model, tokenizer = common.load_model_for(args)
-    trials = run_ruler(model, tokenizer, methods, tasks, lengths, list(range(args.seeds)), args.budget,
-                       filler=args.filler, prefill=args.prefill, prefill_chunk=args.prefill_chunk,
-                       method_options=options)
-    title = (f"RULER-style tasks, budget {args.budget}, {args.prefill} prefill, {args.filler} filler, "
-             f"{args.seeds} seeds per task and length (mean string-match score)")
-    write_run(
-        args.out, "ruler",
-        csv_headers=[*CSV_FIELDS, "references", "answer"],
-        csv_rows=[[*(getattr(t, f) for f in CSV_FIELDS), " ".join(t.references), t.answer] for t in trials],
-        payload={"budget": args.budget, "prefill": args.prefill, "filler": args.filler,
-                 "model": models.model_label(args.model), "trials": trial_dicts(trials)},
-        plot=lambda path: plot_scores(trials, path,
-                                      f"RULER-style tasks, budget {args.budget}, {args.prefill} prefill"),
-        table=(title, *summary_table(trials)),
-    )
+    with progress.keep_on_interrupt():
+        trials = run_ruler(model, tokenizer, methods, tasks, lengths, list(range(args.seeds)), args.budget,
+                           filler=args.filler, prefill=args.prefill, prefill_chunk=args.prefill_chunk,
+                           method_options=options, finished=progress.finished, on_trial=progress.add)
+        title = (f"RULER-style tasks, budget {args.budget}, {args.prefill} prefill, {args.filler} filler, "
+                 f"{args.seeds} seeds per task and length (mean string-match score)")
+        write_run(
+            args.out, "ruler",
+            csv_headers=[*CSV_FIELDS, "references", "answer"],
+            csv_rows=[[*(getattr(t, f) for f in CSV_FIELDS), " ".join(t.references), t.answer] for t in trials],
+            payload={"budget": args.budget, "prefill": args.prefill, "filler": args.filler,
+                     "model": models.model_label(args.model), "trials": trial_dicts(trials)},
+            plot=lambda path: plot_scores(trials, path,
+                                          f"RULER-style tasks, budget {args.budget}, {args.prefill} prefill"),
+            table=(title, *summary_table(trials)),
+        )
+    progress.finish()
     return trials

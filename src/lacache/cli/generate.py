@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import sys
+from pathlib import Path
 
-from ..registry import METHODS, method_spec
+from ..evaluation.checkpoint import atomic_write, check_output_file
+from ..registry import METHODS, method_spec, option_names
+from . import values
 from .common import (
     add_dtype_argument,
     add_model_argument,
     add_option_argument,
+    load_model_for,
     parse_method_options,
     positive_int,
-    torch_dtype,
 )
 
 __all__ = ["DEFAULT_PROMPT", "add_parser", "cache_options", "run_cli"]
@@ -61,7 +63,7 @@ def cache_options(args) -> dict:
     before. An ``--option`` key the method does not take is an error naming what it does take,
     rather than a ``TypeError`` from deep inside its builder.
     """
-    options = dict(parse_method_options(args.option).get(args.method, {}))
+    options = dict(parse_method_options(args.option, [args.method]).get(args.method, {}))
     accepted = _accepted_options(args.method)
     for key in _FLAGS:
         value = getattr(args, key)
@@ -78,15 +80,9 @@ def cache_options(args) -> dict:
     return options
 
 
-def _accepted_options(method: str) -> set[str] | None:
+def _accepted_options(method: str) -> frozenset[str] | None:
     """Option names ``method``'s builder takes (None: any, it has ``**kwargs`` and checks them itself)."""
-    spec = method_spec(method)
-    if not spec.bounded:
-        return set()
-    parameters = inspect.signature(spec.build).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        return None
-    return set(parameters) - {"model", "budget"}
+    return option_names(method)
 
 
 def _encode_prompt(tokenizer, prompt: str, use_template: bool):
@@ -110,11 +106,16 @@ def run_cli(args) -> dict:
     from ..generation import IncrementalText, StreamStats, stream_tokens
     from ..registry import make_cache
 
+    values.check_values(args)
     options = cache_options(args)
+    if args.json_path:  # a destination that cannot be written is refused now, not after the whole stream
+        check_output_file(args.json_path, "--json", example="run.json")
     torch.manual_seed(args.seed)
-    model, tokenizer = models.load_model(args.model, dtype=torch_dtype(args.dtype))
+    model, tokenizer = load_model_for(args)
     cache = make_cache(args.method, model, args.budget, **options)
     input_ids = _encode_prompt(tokenizer, args.prompt, not args.no_chat_template)
+    if input_ids.shape[-1] == 0:
+        raise ValueError("--prompt is empty (no tokens to start from); give some text, e.g. --prompt 'Once upon a time'")
     stats = StreamStats()
     eos = tokenizer.eos_token_id if args.stop_at_eos else None
     out = sys.stdout
@@ -166,6 +167,6 @@ def run_cli(args) -> dict:
     if trail:
         print(f"[lacache] cache size by tokens generated: {trail}", file=sys.stderr)
     if args.json_path:
-        with open(args.json_path, "w") as fh:
-            json.dump(report, fh, indent=2)
+        Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(args.json_path, lambda fh: json.dump(report, fh, indent=2))
     return report

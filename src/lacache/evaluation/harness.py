@@ -86,6 +86,9 @@ def run_trials(
     prefill_chunk: int = 128,
     method_options: Mapping[str, Mapping] | None = None,
     answer: Callable[..., list[int]] = greedy_answer,
+    trial_key: Callable[[P, str], tuple] | None = None,
+    finished: Mapping[tuple, T] | None = None,
+    on_trial: Callable[[tuple, T], None] | None = None,
 ) -> list[T]:
     """For each prompt, in order, every method in order: a greedy answer under a fresh cache, scored.
 
@@ -96,7 +99,14 @@ def run_trials(
     called as ``answer(model, ids, method, slots, options, prefill, prefill_chunk, new_tokens,
     stop_ids)``; a benchmark passes its own module's ``greedy_answer`` so tests can substitute it.
     ``make_trial(prompt, Answer)`` builds the benchmark's row.
+
+    Resuming (see :mod:`.checkpoint`): ``trial_key(prompt, method)`` names a trial by what it asks;
+    a trial whose key is in ``finished`` is not run again, its recorded row takes its place (so the
+    list is in the same order as an uninterrupted run's), and ``on_trial(key, row)`` is called as
+    soon as each new trial finishes, to record it before the next one starts.
     """
+    if (finished or on_trial) and trial_key is None:
+        raise ValueError("finished and on_trial need trial_key, the name of each trial they record")
     check_prefill(prefill)
     trials: list[T] = []
     for prompt in prompts:
@@ -105,6 +115,10 @@ def run_trials(
         limit, stops = _per_prompt(new_tokens, prompt), _per_prompt(stop_ids, prompt)
         slots = resolve_budget(budget, tokens)  # refused here if invalid, even when only "full" runs
         for method in methods:
+            key = trial_key(prompt, method) if trial_key is not None else None
+            if finished and key in finished:
+                trials.append(finished[key])
+                continue
             options = method_options_for(method_options, method)
             started = time.perf_counter()
             generated = answer(model, ids, method, slots, options, prefill, prefill_chunk, limit, stops)
@@ -112,6 +126,9 @@ def run_trials(
             result = score(prompt, text)
             seconds = round(time.perf_counter() - started, 2)
             kept = slots if method_spec(method).bounded else None
-            trials.append(make_trial(prompt, Answer(method, kept, options, tokens, text, result, seconds)))
+            trial = make_trial(prompt, Answer(method, kept, options, tokens, text, result, seconds))
+            trials.append(trial)
+            if on_trial is not None:
+                on_trial(key, trial)
     return trials
 

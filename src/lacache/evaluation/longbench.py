@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -159,14 +159,72 @@ class LongBenchRecord:
 
     @classmethod
     def from_row(cls, row: dict, dataset: str) -> LongBenchRecord:
+        """A record from one official-layout row; a ``ValueError`` naming the field that is malformed
+        (rather than a ``TypeError`` from the scorer, many minutes into a run)."""
+        if not isinstance(row, dict):
+            raise ValueError(f"{dataset}: a record must be a JSON object with {', '.join(_FIELDS)}; "
+                             f"got {_json_kind(row)}")
         missing = [f for f in ("input", "context", "answers") if f not in row]
         if missing:
             raise ValueError(f"{dataset}: record {row.get('_id', '?')} lacks {', '.join(missing)}; "
                              f"the official layout has {', '.join(_FIELDS)}")
-        answers = row["answers"]
-        return cls(dataset, str(row.get("_id", "")), row["input"] or "", row["context"] or "",
-                   [answers] if isinstance(answers, str) else list(answers), row.get("all_classes"),
-                   int(row.get("length") or 0), row.get("language") or "en")
+        where = f"{dataset}: record {row.get('_id', '?')}"
+        if row["answers"] is None:
+            raise ValueError(f'{where}: "answers" must be a list of strings, e.g. ["Paris"]; got null')
+        return cls(dataset, str(row.get("_id", "")), _text(row, "input", where), _text(row, "context", where),
+                   _strings(row, "answers", where), _strings(row, "all_classes", where),
+                   _length(row.get("length"), where), _text(row, "language", where) or "en")
+
+
+def _json_kind(value: object) -> str:
+    """What a JSON value is, in JSON's words, for messages about malformed records."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (int, float)):
+        return f"the number {value}"
+    if isinstance(value, str):
+        return f"the string {value[:40]!r}"
+    return "a list" if isinstance(value, list) else f"a {type(value).__name__}"
+
+
+def _text(row: dict, field: str, where: str) -> str:
+    """A string field (null reads as empty)."""
+    value = row.get(field)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ValueError(f'{where}: "{field}" must be a string or null; got {_json_kind(value)}')
+    return value
+
+
+def _strings(row: dict, field: str, where: str) -> list[str] | None:
+    """A list-of-strings field (one string reads as a list of one; null stays None)."""
+    value = row.get(field)
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f'{where}: "{field}" must be a list of strings, e.g. ["Paris"]; got {_json_kind(value)}')
+    return list(value)
+
+
+def _length(value: object, where: str) -> int:
+    """The official ``length`` (words): a whole number >= 0, possibly written as a string; missing reads as 0."""
+    if value is None or value == "":
+        return 0
+    number = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, float) and value.is_integer():
+        number = int(value)
+    elif isinstance(value, str) and value.strip().isdigit():
+        number = int(value)
+    if number is None or number < 0:
+        raise ValueError(f'{where}: "length" must be a whole number of words, e.g. 1234; got {_json_kind(value)}')
+    return number
 
 
 def folder_datasets(folder: str | Path) -> list[str]:
@@ -181,18 +239,27 @@ def folder_datasets(folder: str | Path) -> list[str]:
 
 
 def _read_jsonl(path: Path, dataset: str, limit: int | None) -> list[LongBenchRecord]:
+    """The records of one JSONL file; every malformed line is a ``ValueError`` naming ``path:line``."""
     records = []
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
+    with open(path, "rb") as fh:  # decoded line by line, so a bad byte is reported with its line number
+        for number, raw in enumerate(fh, 1):
             if limit is not None and len(records) >= limit:
                 break
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path}:{number}: not UTF-8 text (byte {err.start}: {err.reason}); the official "
+                                 "files are UTF-8") from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{number}: not JSON ({err})") from None
-            records.append(LongBenchRecord.from_row(row, dataset))
+            try:
+                records.append(LongBenchRecord.from_row(row, dataset))
+            except ValueError as err:
+                raise ValueError(f"{path}:{number}: {err}") from None
     return records
 
 
@@ -309,16 +376,26 @@ def run_longbench(
     max_length: int | None = None,
     max_new_tokens: int | None = None,
     progress: bool = False,
+    finished: Mapping[tuple, LongBenchTrial] | None = None,
+    on_trial: Callable[[tuple, LongBenchTrial], None] | None = None,
 ) -> list[LongBenchTrial]:
     """Every record x method: greedy answer with a fresh cache, scored as the official eval.py does.
 
     ``budget`` below 1 is a fraction of each prompt; 1 or more is slots per layer ("full" ignores
     it). ``max_new_tokens`` caps the official per-dataset answer length (for quick runs only).
+    Trials are keyed ``(dataset, position in its dataset, id, method)`` (stable when ``--limit``
+    grows or datasets are added): those in ``finished`` are reused, not run, and
+    ``on_trial(key, trial)`` records each new one as it finishes (see ``harness.run_trials``).
     """
     check_prefill(prefill)
     records = list(records)
     for record in records:
         check_dataset(record.dataset)
+    positions: dict[str, int] = {}
+    keys = []  # per record: (dataset, position in its dataset, id)
+    for record in records:
+        positions[record.dataset] = positions.get(record.dataset, -1) + 1
+        keys.append((record.dataset, positions[record.dataset], record.id))
 
     def prompts() -> Iterator[tuple[int, LongBenchRecord, torch.Tensor]]:
         for number, record in enumerate(records, 1):
@@ -344,6 +421,7 @@ def run_longbench(
         model, tokenizer, prompts(), methods, budget, input_ids=lambda item: item[2], score=score,
         make_trial=trial, new_tokens=answer_tokens, stop_ids=_stop_ids(model, tokenizer), prefill=prefill,
         prefill_chunk=prefill_chunk, method_options=method_options, answer=greedy_answer,
+        trial_key=lambda item, method: (*keys[item[0] - 1], method), finished=finished, on_trial=on_trial,
     )
 
 

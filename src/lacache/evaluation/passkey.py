@@ -10,7 +10,7 @@ in chunks that are compacted as they come ("chunked": memory bounded by budget +
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -104,10 +104,14 @@ def run_passkey(
     prefill_chunk: int = 128,
     method_options: dict[str, dict] | None = None,
     new_tokens: int = 8,
+    finished: Mapping[tuple, PasskeyTrial] | None = None,
+    on_trial: Callable[[tuple, PasskeyTrial], None] | None = None,
 ) -> list[PasskeyTrial]:
     """Every method x length x depth x seed; greedy answer; correct if the key appears in it.
 
     ``budget`` below 1 is a fraction of each prompt's length; 1 or more is a number of slots.
+    Trials are keyed ``(length, depth, seed, method)``: those in ``finished`` are reused, not run,
+    and ``on_trial(key, trial)`` records each new one as it finishes (see ``harness.run_trials``).
     """
     check_prefill(prefill)
 
@@ -126,6 +130,8 @@ def run_passkey(
         model, tokenizer, prompts(), methods, budget, input_ids=lambda item: item[2].input_ids,
         score=lambda item, answer: item[2].key in answer, make_trial=trial, new_tokens=new_tokens,
         prefill=prefill, prefill_chunk=prefill_chunk, method_options=method_options, answer=greedy_answer,
+        trial_key=lambda item, method: (item[0], item[2].depth, item[1], method), finished=finished,
+        on_trial=on_trial,
     )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -109,14 +109,19 @@ def evaluate_ppl_grid(
     method_options: dict[str, dict] | None = None,
     progress: bool = True,
     texts: Sequence[str] | None = None,
+    finished: Mapping[tuple, list[PPLResult]] | None = None,
+    on_run: Callable[[tuple, list[PPLResult]], None] | None = None,
 ) -> list[PPLResult]:
     """Streaming perplexity for every method x budget (``full`` once, it has no budget).
 
     ``input_ids`` is one text ``[T]`` or several ``[B, T]`` (named by ``texts``), streamed together
     as one batch: one result per text, method and budget. The full cache, which predicts the same
-    whatever the step, is fed ``FULL_CACHE_STEP`` tokens per forward.
+    whatever the step, is fed ``FULL_CACHE_STEP`` tokens per forward. Runs are keyed ``(method,
+    budget)``: one in ``finished`` (its results, one per text) is reused, not streamed again, and
+    ``on_run(key, results)`` records each new one as it finishes (see :mod:`.checkpoint`).
     """
     runs = method_budgets(methods, budgets)
+    finished = finished or {}
     rows = input_ids.reshape(1, -1) if input_ids.dim() == 1 else input_ids
     names = list(texts) if texts is not None else [""] * rows.shape[0]
     if len(names) != rows.shape[0]:
@@ -127,8 +132,12 @@ def evaluate_ppl_grid(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(runs) * (tokens - 1), unit="tok", desc="ppl")
+        bar = tqdm(total=sum((method, budget) not in finished for method, budget in runs) * (tokens - 1),
+                   unit="tok", desc="ppl")
     for method, budget in runs:
+        if (method, budget) in finished:
+            results.extend(finished[method, budget])
+            continue
         options = method_options_for(method_options, method)
         run_step = max(step, FULL_CACHE_STEP) if budget is None else step
         with fresh_cache(method, model, budget, options) as cache:
@@ -138,8 +147,9 @@ def evaluate_ppl_grid(
             nll = streaming_nll(model, rows, cache, step=run_step, on_progress=bar.update if bar else None)
             seconds = time.perf_counter() - started
             describe = cache.describe() if hasattr(cache, "describe") else {"cache": type(cache).__name__}
+        run_results = []
         for name, text_nll in zip(names, nll):
-            results.append(
+            run_results.append(
                 PPLResult(
                     method=method,
                     budget=budget,
@@ -154,6 +164,9 @@ def evaluate_ppl_grid(
                     text=name,
                 )
             )
+        results.extend(run_results)
+        if on_run is not None:
+            on_run((method, budget), run_results)
     if bar is not None:
         bar.close()
     return results

@@ -8,6 +8,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from .checkpoint import atomic_write
+
 __all__ = ["format_table", "write_csv", "write_json", "write_run", "plot_ppl_by_position", "ppl_table_rows"]
 
 
@@ -32,15 +34,19 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
 
 
 def write_csv(path: Path, headers: Sequence[str], rows: Sequence[Sequence]) -> None:
-    with open(path, "w", newline="") as fh:
+    """``headers`` then ``rows`` as CSV, written atomically (an interruption leaves the old file whole)."""
+
+    def write(fh) -> None:
         writer = csv.writer(fh)
         writer.writerow(headers)
         writer.writerows(rows)
 
+    atomic_write(path, write, newline="")
+
 
 def write_json(path: Path, payload) -> None:
-    with open(path, "w") as fh:
-        json.dump(payload, fh, indent=2)
+    """``payload`` as indented JSON, written atomically (an interruption leaves the old file whole)."""
+    atomic_write(path, lambda fh: json.dump(payload, fh, indent=2))
 
 
 def write_run(

@@ -20,7 +20,7 @@ and summarizes them through the shared loop of :mod:`.harness`.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 from .common import greedy_answer
@@ -120,11 +120,15 @@ def run_ruler(
     method_options: dict[str, dict] | None = None,
     task_options: dict[str, dict] | None = None,
     new_tokens: dict[str, int] | None = None,
+    finished: Mapping[tuple, RulerTrial] | None = None,
+    on_trial: Callable[[tuple, RulerTrial], None] | None = None,
 ) -> list[RulerTrial]:
     """Every length x task x seed x method, one greedy answer each, scored by ``string_match_all``.
 
     ``budget`` below 1 is a fraction of each prompt's length; 1 or more is a number of slots. All
-    methods see the same prompt for a given (task, length, seed), so their scores pair up.
+    methods see the same prompt for a given (task, length, seed), so their scores pair up. Trials
+    are keyed ``(task, length, seed, method)``: those in ``finished`` are reused, not run, and
+    ``on_trial(key, trial)`` records each new one as it finishes (see ``harness.run_trials``).
     """
     check_prefill(prefill)
     unknown = [t for t in tasks if t not in TASKS]
@@ -150,6 +154,8 @@ def run_ruler(
         score=lambda item, answer: string_match_all(answer, item[2].references), make_trial=trial,
         new_tokens=lambda item: tokens[item[2].task], stop_ids=lambda item: stop_ids_for(tokenizer, item[2].task),
         prefill=prefill, prefill_chunk=prefill_chunk, method_options=method_options, answer=greedy_answer,
+        trial_key=lambda item, method: (item[2].task, item[0], item[1], method), finished=finished,
+        on_trial=on_trial,
     )
 
 
