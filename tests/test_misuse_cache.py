@@ -96,6 +96,16 @@ def test_a_plain_forward_is_not_touched_by_live_score_caches():
     assert all(c.observer._inputs == {} for c in caches), "no cache stashed another forward's inputs"
 
 
+@pytest.mark.parametrize("method", ["tova", "h2o"])
+def test_an_observer_holds_no_layer_input_after_its_forward(model, method):
+    """Under budget (TOVA reads no attention) or over it, no hidden states outlive the layer's update."""
+    cache = make_cache(method, model, budget=BUDGET)
+    for length in (10, 60):
+        with torch.no_grad():
+            model(_ids(20, length), cache=cache)
+        assert cache.observer._inputs == {} and cache.observer._queries == {}
+
+
 # ----------------------------------------------------------------------------- copies
 @pytest.mark.parametrize("method", BOUNDED)
 def test_deepcopy_and_continue_equals_continuing_the_original(model, method):

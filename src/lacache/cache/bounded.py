@@ -252,8 +252,8 @@ class BoundedCache(Cache):
                 policy.observe(view)
             if step.over_budget:
                 layer.schedule(policy.retain(view, step.target))
-            if self.observer is not None:
-                self.observer.release(layer_idx)
+        if self.observer is not None:  # also when no policy asked: the layer's input is not held past its update
+            self.observer.release(layer_idx)
         return visible_keys, values
 
     # ----------------------------------------------------------------- misuse checks
