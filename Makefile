@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint test-vllm
+.PHONY: setup demo test lint test-vllm test-browser
 
 $(BIN)/lacache: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,14 +21,26 @@ $(BIN)/lacache: pyproject.toml
 
 setup: $(BIN)/lacache
 
+# the main job: an endless conversation (20 shipped questions) in one 256-slot LaCache, memory line per turn
 demo: setup
-	$(BIN)/lacache generate --budget 256 --max-new-tokens 2000
+	$(BIN)/lacache chat --demo --budget 256 --turns 20 --max-new-tokens 200
 
 test: setup
 	$(BIN)/python -m pytest -q
 
 lint: setup
 	$(BIN)/ruff check src tests
+
+# `lacache report`'s page in a real browser: Debian's chromium, installed with apt-get when missing
+# (as root, or through sudo); the screenshot is kept in runs/browser/report.png.
+CHROMIUM ?= /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+test-browser: setup
+	@test -x $(CHROMIUM) || { $(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+	@$(CHROMIUM) --version  # fails here, not as a skipped test, when the install did not give a browser
+	CHROMIUM=$(CHROMIUM) LACACHE_SCREENSHOTS=runs/browser $(BIN)/python -m pytest -q tests/browser --durations=1
 
 # vLLM pins its own torch and transformers, so the serving plugin is tested in its own environment.
 VLLM_VENV ?= .venv-vllm

@@ -129,3 +129,40 @@ def test_real_model_two_turns(monkeypatch, capsys):
     assert all(r.slots <= 64 for r in records)
     (stats,) = _stats(out)
     assert stats[1] <= 64 and stats[3] == records[-1].seen
+
+
+def test_demo_asks_the_shipped_questions_and_keeps_memory_flat(monkeypatch, capsys, tok_and_model):
+    """The endless-conversation demo: shipped questions, cycled past their number, a stats line per
+    turn with a flat cache size once the budget is reached, a repetition measure at the end."""
+    from lacache.demo import DEMO_QUESTIONS
+
+    turns = len(DEMO_QUESTIONS) + 2
+    records, out = _run(monkeypatch, capsys, [], tok_and_model, "--demo", "--turns", str(turns), "--budget", "48",
+                        "--max-new-tokens", "6")
+    assert len(records) == turns
+    asked = [line[2:] for line in out.splitlines() if line.startswith("> ")]
+    assert asked == [DEMO_QUESTIONS[i % len(DEMO_QUESTIONS)] for i in range(turns)]
+    stats = _stats(out)
+    assert len(stats) == turns and stats[-1][3] > 5 * 48, "the conversation passes many times the budget"
+    full = [s for s in stats if s[1] >= 40]
+    assert all(s[1] <= 48 for s in stats) and len({s[4] for s in full}) == 1, "memory stays flat once full"
+    summary = out.strip().splitlines()[-1]
+    assert summary.startswith(f"[demo] lacache: {turns} turns") and "distinct 4-grams per 500 tokens" in summary
+
+
+def test_turns_needs_the_demo(monkeypatch, capsys, tok_and_model):
+    with pytest.raises(ValueError, match="--turns 3 needs --demo"):
+        _run(monkeypatch, capsys, [], tok_and_model, "--turns", "3")
+
+
+def test_distinct_ngram_share():
+    from lacache.demo import distinct_ngram_share, repetition_summary
+
+    assert distinct_ngram_share(list(range(1000)), n=4, window=500) == [1.0, 1.0]
+    loop = [1, 2, 3, 4, 5] * 200
+    shares = distinct_ngram_share(loop, n=4, window=500)
+    assert len(shares) == 2 and all(s == pytest.approx(5 / 497) for s in shares)
+    assert distinct_ngram_share([1, 2, 3], n=4) == []
+    assert "too few tokens" in repetition_summary([1, 2])
+    with pytest.raises(ValueError, match="n=0"):
+        distinct_ngram_share([1, 2], n=0)

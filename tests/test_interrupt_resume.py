@@ -177,6 +177,7 @@ def test_sigint_during_eval_passkey_keeps_trials_and_resume_matches_an_uninterru
     assert _rows(run.out / "passkey.csv", drop=("seconds",)) == _rows(reference / "passkey.csv", drop=("seconds",))
     resumed, whole = (json.loads((d / "passkey.json").read_text()) for d in (run.out, reference))
     for payload in (resumed, whole):
+        assert payload.pop("run")["command"][:3] == ["lacache", "eval", "passkey"]  # provenance differs
         for trial in payload["trials"]:
             trial.pop("seconds")
     assert resumed == whole
@@ -195,6 +196,7 @@ def test_sigint_during_eval_ppl_keeps_runs_and_resume_matches_an_uninterrupted_r
     assert _rows(run.out / "ppl.csv") == _rows(reference / "ppl.csv")
     resumed, whole = (json.loads((d / "ppl.json").read_text()) for d in (run.out, reference))
     for payload in (resumed, whole):
+        assert payload.pop("run")["command"][:3] == ["lacache", "eval", "ppl"]  # provenance differs
         for result in payload["results"]:
             result.pop("seconds")
     assert resumed == whole

@@ -306,6 +306,12 @@ def _commands(tmp: Path) -> dict[str, tuple[list[str], dict, list[str]]]:
                                    "--dtype": st.sampled_from(["float32", "bf16"])}, ["--quiet"]),
         "vllm": (["bench", "vllm"], {"--budget": NUMBERS, "--tokens": NUMBERS, "--model": MODELS,
                                      "--part": st.sampled_from(["stream", "both", "bogus"])}, []),
+        "inspect": (["inspect"], {"--method": METHOD_NAMES, "--compare": METHOD_NAMES, "--budget": NUMBERS,
+                                  "--tokens": NUMBERS, "--at": TEXT | NUMBERS, "--prompt": TEXT, "--prompt-file": paths,
+                                  "--option": OPTIONS, "--model": MODELS,
+                                  "--dtype": st.sampled_from(["float32", "bf16", "fp64"])}, ["--quiet"]),
+        # a folder of no lacache results: the page is refused in one line whatever the options
+        "report": (["report", str(tmp)], {"--title": TEXT, "--check": None}, []),
     }
 
 
@@ -386,7 +392,7 @@ FUZZ_SETTINGS = settings(max_examples=_EXAMPLES or 40, deadline=None, database=N
 
 
 @pytest.mark.parametrize("command", ["generate", "chat", "ppl", "passkey", "ruler", "longbench", "decode", "memory",
-                                     "stream", "cache", "prefill", "all", "vllm"])
+                                     "stream", "cache", "prefill", "all", "vllm", "inspect", "report"])
 @FUZZ_SETTINGS
 @given(data=st.data())
 def test_fuzzed_arguments_never_end_in_a_traceback(fuzz_env, capsys, command, data):

@@ -81,9 +81,13 @@ def bench_vllm_stream(model: str, prompt_ids: list[int], tokens: int, budget: in
 
 def bench_vllm_capacity(model: str, prompt_ids: list[int], new_tokens: int, requests: int, budget: int, blocks: int,
                         step_tokens: int = 256, dtype: str = "float32",
-                        on_row: Callable[[dict], None] | None = None) -> list[dict]:
+                        on_row: Callable[[dict], None] | None = None,
+                        on_finished: Callable[[int], None] | None = None) -> list[dict]:
     """``requests`` requests of ``len(prompt) + new_tokens`` tokens against one pool of ``blocks`` blocks:
-    how many run at once with the full cache and with lacache, and how long all of them take."""
+    how many run at once with the full cache and with lacache, and how long all of them take.
+
+    ``on_row`` gets each method's row; ``on_finished(n)`` is told as ``n`` more requests finish (the
+    run's progress: a method's row only comes once all its requests are done)."""
     from vllm import SamplingParams
 
     rows = []
@@ -103,7 +107,9 @@ def bench_vllm_capacity(model: str, prompt_ids: list[int], new_tokens: int, requ
             engine.add_request(f"{method}-{i}", {"prompt_token_ids": list(prompt_ids)}, params)
         peak, started, steps, running = 0, time.perf_counter(), 0, 0
         while engine.has_unfinished_requests():
-            engine.step()
+            done = sum(output.finished for output in engine.step())
+            if on_finished is not None and done:
+                on_finished(done)
             steps += 1
             running += len(scheduler.running)
             peak = max(peak, len(scheduler.running))

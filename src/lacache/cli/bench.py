@@ -28,6 +28,7 @@ from .common import (
     parse_method_options,
     positive_int,
     positive_ints,
+    progress_for,
     torch_dtype,
 )
 from .resume import add_resume_argument, open_run
@@ -52,7 +53,8 @@ def _common(parser: argparse.ArgumentParser, model: bool = True) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     add_resume_argument(parser)
-    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress on stderr (by default a bar on a terminal, else one line per finished group)")
 
 
 def _decode_args(parser: argparse.ArgumentParser) -> None:
@@ -216,11 +218,12 @@ def _mb(x) -> float | None:
 
 def _write(out: Path, name: str, rows: list[dict], payload: dict) -> None:
     from ..evaluation.report import write_csv, write_json
+    from ..runinfo import with_run_record
 
     out.mkdir(parents=True, exist_ok=True)
     headers = list(dict.fromkeys(k for r in rows for k in r))
     write_csv(out / f"{name}.csv", headers, [[r.get(h) for h in headers] for r in rows])
-    write_json(out / f"{name}.json", payload)
+    write_json(out / f"{name}.json", with_run_record(payload))  # plus "run": command, versions, machine
 
 
 def _table(rows: list[dict], columns: list[tuple[str, str, object]]) -> str:
@@ -288,16 +291,24 @@ def run_decode(args: argparse.Namespace, write_memory: bool = True) -> dict:
     _log(args, f"[bench decode] {desc}: {', '.join(methods)}, budget {args.budget}, {args.tokens} tokens, "
                f"prompt {prompt.shape[1]} tokens")
 
+    finished = {key[0]: value for key, value in progress.finished.items()}
+    meter = progress_for(args, "bench decode", unit="tok", units="tok")
+
     def log_row(row):
-        _log(args, f"[bench decode] {row['method']:>9} tokens {row['last']:>6}: {row['ms_per_token']:7.2f} ms/token, "
+        meter.advance(row["last"] - row["first"] + 1)
+        meter.note(f"[bench decode] {row['method']:>9} tokens {row['last']:>6}: {row['ms_per_token']:7.2f} ms/token, "
                    f"cache {row['cache_bytes'] / MB:8.1f} MB, RSS {row['rss_bytes'] / MB:7.1f} MB")
 
+    def method_done(method: str, mine: list[dict]) -> None:
+        progress.add((method,), mine)
+        meter.group_done(method, note=f"{bench.decode_summary(mine)[0]['ms_per_token_mean']:.2f} ms/token")
+
     with progress.keep_on_interrupt():
-        rows = bench.bench_decode(model, prompt, methods, budget=args.budget, tokens=args.tokens,
-                                  window=args.window, temperature=args.temperature, seed=args.seed,
-                                  method_options=options, on_row=log_row,
-                                  finished={key[0]: value for key, value in progress.finished.items()},
-                                  on_method=lambda method, mine: progress.add((method,), mine))
+        with meter.start(sum(m not in finished for m in methods) * (args.tokens - 1)):
+            rows = bench.bench_decode(model, prompt, methods, budget=args.budget, tokens=args.tokens,
+                                      window=args.window, temperature=args.temperature, seed=args.seed,
+                                      method_options=options, on_row=log_row, finished=finished,
+                                      on_method=method_done)
         payload = _report_decode(args, model, methods, desc, geometry, prompt, options, rows, write_memory)
     progress.finish()
     return payload
@@ -396,26 +407,30 @@ def _run_stream(args: argparse.Namespace, tokens: int, options: dict | None) -> 
         model, tokenizer, desc = _load(args)
         prompt = _token_ids(model, tokenizer, args.prompt_tokens, args.seed)
     _log(args, f"[bench stream] {desc}: {args.method}, budget {args.budget}, {tokens:,} tokens")
+    meter = progress_for(args, "bench stream", unit="tok", units="tok").start(tokens)
 
     def progress(s):
+        meter.advance(s["tokens"] - meter.done)
         cuda = "" if s["cuda_allocated_bytes"] is None else f", CUDA {s['cuda_allocated_bytes'] / MB:.1f} MB"
-        _log(args, f"[bench stream] {s['tokens']:>10,} tokens: {s['tokens_per_s']:8.1f} tok/s, cache "
+        meter.note(f"[bench stream] {s['tokens']:>10,} tokens: {s['tokens_per_s']:8.1f} tok/s, cache "
                    f"{s['cache_bytes'] / MB:.2f} MB, RSS {s['rss_bytes'] / MB:.1f} MB{cuda}, {s['num_slots']} slots")
 
-    if args.cache_only:
-        import torch
+    with meter:
+        if args.cache_only:
+            import torch
 
-        result = bench.bench_cache_stream(tokens, args.budget, args.layers, args.kv_heads, args.head_dim,
-                                          method=args.method, interval=args.interval, tolerance=args.tolerance,
-                                          seed=args.seed, on_sample=progress)
-        device = torch.device("cpu")
-        geometry = result["shape"]
-    else:
-        result = bench.bench_stream(model, prompt, tokens, budget=args.budget, interval=args.interval,
-                                    method=args.method, method_options=options, temperature=args.temperature,
-                                    seed=args.seed, tolerance=args.tolerance, on_sample=progress)
-        device = next(model.parameters()).device
-        geometry = bench.model_geometry(model)
+            result = bench.bench_cache_stream(tokens, args.budget, args.layers, args.kv_heads, args.head_dim,
+                                              method=args.method, interval=args.interval, tolerance=args.tolerance,
+                                              seed=args.seed, on_sample=progress)
+            device = torch.device("cpu")
+            geometry = result["shape"]
+        else:
+            result = bench.bench_stream(model, prompt, tokens, budget=args.budget, interval=args.interval,
+                                        method=args.method, method_options=options, temperature=args.temperature,
+                                        seed=args.seed, tolerance=args.tolerance, on_sample=progress)
+            device = next(model.parameters()).device
+            geometry = bench.model_geometry(model)
+        meter.group_done(f"{args.method} budget={args.budget}")
     return {"benchmark": "stream", "model": desc, "dtype": args.dtype, **geometry,
             "environment": _environment(device), **result}
 
@@ -472,26 +487,35 @@ def run_cache(args: argparse.Namespace) -> dict:
     _log(args, f"[bench cache] budgets {budgets}, layers {layers}, {args.kv_heads} KV heads x {args.head_dim}, "
                f"{args.dtype} on {device}; methods {', '.join(methods)}")
 
+    configurations = [(n, b, m, mode) for n in layers for b in budgets for m in methods
+                      for mode in (["slots 0..n-1"] if m == "reference" else positions)]
+    meter = progress_for(args, "bench cache", unit="configuration")
+    meter.start(sum(key not in progress.finished for key in configurations))
+
     def record(r):
-        _log(args, f"[bench cache] {r['layers']:>3} layers, budget {r['budget']:>5}, {r['method']:>11} "
-                   f"({r['positions']}): {r['ms_per_token']:9.3f} ms/token over {r['steps']} steps")
         progress.add((r["layers"], r["budget"], r["method"], r["positions"]), r)
+        meter.advance()
+        meter.group_done(f"{r['layers']} layers, budget {r['budget']}, {r['method']} ({r['positions']})",
+                         note=f"{r['ms_per_token']:.3f} ms/token over {r['steps']} steps")
 
     with progress.keep_on_interrupt():
-        payload = _run_cache(args, methods, positions, budgets, layers, device, dtype, record, progress.finished)
+        payload = _run_cache(args, methods, positions, budgets, layers, device, dtype, record, progress.finished,
+                             meter)
     progress.finish()
     return payload
 
 
 def _run_cache(args: argparse.Namespace, methods: list[str], positions: list[str], budgets: list[int],
-               layers: list[int], device, dtype, record, finished: dict) -> dict:
-    """Time every configuration not in ``finished`` (``record`` keeps each one), print and write cache.*."""
+               layers: list[int], device, dtype, record, finished: dict, meter) -> dict:
+    """Time every configuration not in ``finished`` (``record`` keeps each one, ``meter`` counts them),
+    print and write cache.*."""
     from .. import bench
 
-    rows = bench.bench_cache_update(budgets, layers, kv_heads=args.kv_heads, head_dim=args.head_dim,
-                                    methods=methods, positions=positions, steps=args.steps,
-                                    ref_steps=args.ref_steps, warmup=args.warmup, dtype=dtype, device=device,
-                                    seed=args.seed, on_row=record, finished=finished)
+    with meter:
+        rows = bench.bench_cache_update(budgets, layers, kv_heads=args.kv_heads, head_dim=args.head_dim,
+                                        methods=methods, positions=positions, steps=args.steps,
+                                        ref_steps=args.ref_steps, warmup=args.warmup, dtype=dtype, device=device,
+                                        seed=args.seed, on_row=record, finished=finished)
     summary = bench.cache_summary(rows)
     payload = {"benchmark": "cache", "kv_heads": args.kv_heads, "head_dim": args.head_dim, "dtype": args.dtype,
                "environment": _environment(device), "summary": summary, "rows": rows}
@@ -525,15 +549,20 @@ def run_prefill(args: argparse.Namespace) -> dict:
     _log(args, f"[bench prefill] {desc}: {args.method}, budget {args.budget}, {ids.shape[1]:,} tokens of {text} "
                f"in chunks of {args.prefill_chunk}")
 
+    meter = progress_for(args, "bench prefill", unit="tok", units="tok")
+
     def progress(r):
-        _log(args, f"[bench prefill] {r['tokens']:>7,} tokens: {r['chunk_tokens_per_s']:8.1f} tok/s (chunk), "
+        meter.advance(r["tokens"] - meter.done)
+        meter.note(f"[bench prefill] {r['tokens']:>7,} tokens: {r['chunk_tokens_per_s']:8.1f} tok/s (chunk), "
                    f"RSS {r['rss_bytes'] / MB:7.1f} MB, cache {r['cache_bytes'] / MB:7.1f} MB")
 
     def prefill(key: tuple, method: str, method_options: dict | None) -> dict:
         """One prefill run, or its result recorded by an interrupted run."""
         if key not in record.finished:
-            record.add(key, bench.bench_prefill(model, ids, budget=args.budget, prefill_chunk=args.prefill_chunk,
-                                                method=method, method_options=method_options, on_row=progress))
+            with meter.start(int(ids.shape[1])):
+                record.add(key, bench.bench_prefill(model, ids, budget=args.budget, prefill_chunk=args.prefill_chunk,
+                                                    method=method, method_options=method_options, on_row=progress))
+                meter.group_done(method if method == "full" else f"{method} budget={args.budget}")
         return record.finished[key]
 
     with record.keep_on_interrupt():
@@ -607,7 +636,14 @@ def run_all(args: argparse.Namespace) -> dict:
 
 def run_cli(args: argparse.Namespace) -> dict:
     """Run the benchmark named by ``args.benchmark``; raises ``ValueError`` for bad options."""
+    from ..evaluation.distributed import shard_from_environment
+
     runners = {"decode": lambda a: run_decode(a, write_memory=True), "memory": run_memory, "stream": run_stream,
                "cache": run_cache, "prefill": run_prefill, "all": run_all, "vllm": bench_vllm.run_cli}
+    world = shard_from_environment().world
+    if world > 1:  # timings taken side by side would measure the neighbours too
+        raise ValueError(f"lacache bench {args.benchmark} measures one process and is not split across processes "
+                         f"(WORLD_SIZE={world}); run it without torchrun / accelerate launch (only lacache eval is "
+                         f"split)")
     values.check_values(args)
     return runners[args.benchmark](args)

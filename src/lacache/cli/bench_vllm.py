@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from . import common
@@ -35,7 +34,8 @@ def add_parser(kinds) -> argparse.ArgumentParser:
     common.add_dtype_argument(parser)
     parser.add_argument("--out", default="runs/bench")
     add_resume_argument(parser)
-    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress on stderr (by default a bar on a terminal, else one line per finished group)")
     return parser
 
 
@@ -56,23 +56,46 @@ def run_cli(args: argparse.Namespace) -> dict:
     _, tokenizer = load_model(args.model)  # converts the bundled model once; the tokenizer makes the prompt
     ids = tokenizer(load_essays(max_chars=8 * args.prompt_tokens + 64))["input_ids"][: args.prompt_tokens]
 
-    def log(row: dict) -> None:
-        if not args.quiet:
-            print(f"[bench vllm] {row}", file=sys.stderr, flush=True)
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with record.keep_on_interrupt():
-        payload = _run_parts(args, model_dir, ids, record, log, out)
+        payload = _run_parts(args, model_dir, ids, record, out)
     record.finish()
     return payload
 
 
-def _run_parts(args: argparse.Namespace, model_dir: str, ids: list[int], record, log, out: Path) -> dict:
+def _stream_meter(args: argparse.Namespace):
+    """Progress of part (a): new tokens per request, the full cache's then lacache's; ``on_row`` feeds it."""
+    meter = common.progress_for(args, "bench vllm stream", unit="tok", units="tok")
+    produced: dict[str, int] = {}
+
+    def on_row(row: dict) -> None:
+        meter.advance(row["tokens"] - produced.get(row["method"], 0))
+        produced[row["method"]] = row["tokens"]
+        meter.note(f"[bench vllm] {row}")
+        if row["tokens"] >= args.tokens:
+            meter.group_done(row["method"], note=f"{row['tokens_per_s']} tok/s in the last window")
+
+    return meter.start(2 * args.tokens), on_row
+
+
+def _capacity_meter(args: argparse.Namespace):
+    """Progress of part (b): requests finished, the full cache's then lacache's; ``on_row`` ends a method."""
+    meter = common.progress_for(args, "bench vllm capacity", unit="request")
+
+    def on_row(row: dict) -> None:
+        meter.note(f"[bench vllm] {row}")
+        meter.group_done(row["method"], note=f"peak {row['peak_running']} running, {row['preemptions']} preemptions")
+
+    return meter.start(2 * args.requests), on_row
+
+
+def _run_parts(args: argparse.Namespace, model_dir: str, ids: list[int], record, out: Path) -> dict:
     """Run (or reuse from ``record``) the parts ``--part`` asks for; write their CSV, plot and vllm.json."""
     from ..bench.vllm_serving import bench_vllm_capacity, bench_vllm_stream
     from ..evaluation.report import format_table, write_csv, write_json
     from ..models import model_label
+    from ..runinfo import with_run_record
 
     def part(name: str, run) -> list[dict]:
         if (name,) not in record.finished:
@@ -82,8 +105,13 @@ def _run_parts(args: argparse.Namespace, model_dir: str, ids: list[int], record,
     payload: dict = {"benchmark": "vllm", "model": model_label(args.model), "dtype": args.dtype,
                      "budget": args.budget, "pool_blocks": args.pool_blocks, "step_tokens": args.step_tokens}
     if args.part in ("stream", "both"):
-        rows = part("stream", lambda: bench_vllm_stream(model_dir, ids, args.tokens, args.budget, args.batch,
-                                                        args.window, args.step_tokens, args.dtype, on_row=log))
+        def stream() -> list[dict]:
+            meter, on_row = _stream_meter(args)
+            with meter:
+                return bench_vllm_stream(model_dir, ids, args.tokens, args.budget, args.batch, args.window,
+                                         args.step_tokens, args.dtype, on_row=on_row)
+
+        rows = part("stream", stream)
         payload["stream"] = rows
         headers = list(rows[0])
         write_csv(out / "vllm_stream.csv", headers, [[r[h] for h in headers] for r in rows])
@@ -92,15 +120,20 @@ def _run_parts(args: argparse.Namespace, model_dir: str, ids: list[int], record,
         print(format_table(headers, [[r[h] for h in headers] for r in rows]))
     if args.part in ("capacity", "both"):
         new = max(1, args.request_tokens - len(ids))
-        rows = part("capacity", lambda: bench_vllm_capacity(model_dir, ids, new, args.requests, args.budget,
-                                                            args.pool_blocks, args.step_tokens, args.dtype,
-                                                            on_row=log))
+
+        def capacity() -> list[dict]:
+            meter, on_row = _capacity_meter(args)
+            with meter:
+                return bench_vllm_capacity(model_dir, ids, new, args.requests, args.budget, args.pool_blocks,
+                                           args.step_tokens, args.dtype, on_row=on_row, on_finished=meter.advance)
+
+        rows = part("capacity", capacity)
         payload["capacity"] = rows
         headers = list(rows[0])
         write_csv(out / "vllm_capacity.csv", headers, [[r[h] for h in headers] for r in rows])
         print(f"vLLM, {args.requests} requests of {len(ids) + new} tokens, one pool of {args.pool_blocks} blocks")
         print(format_table(headers, [[r[h] for h in headers] for r in rows]))
-    write_json(out / "vllm.json", payload)
+    write_json(out / "vllm.json", with_run_record(payload))  # plus "run": command, versions, machine
     return payload
 
 

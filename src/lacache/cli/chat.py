@@ -31,6 +31,12 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--top-p", type=float, default=0.9)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--system", default=None, help="system message (default: the chat template's own)")
+    parser.add_argument("--demo", action="store_true",
+                        help="an endless conversation: ask lacache's shipped questions one after another instead of "
+                             "reading stdin, print the memory line after each turn and a repetition measure at the end")
+    parser.add_argument("--turns", type=int, default=None,
+                        help="with --demo: turns to run, cycling through the questions (default: each question "
+                             "once; 0 = never stop)")
     add_dtype_argument(parser)
     return parser
 
@@ -79,6 +85,9 @@ def run_cli(args, model=None, tokenizer=None) -> list[TurnRecord]:
     from .. import generation
 
     values.check_values(args)
+    turns = getattr(args, "turns", None)
+    if turns is not None and (turns < 0 or not getattr(args, "demo", False)):
+        raise ValueError(f"--turns {turns} needs --demo and a count >= 0 (0 = never stop), e.g. --demo --turns 64")
     if model is None or tokenizer is None:
         model, tokenizer = load_model_for(args)
     if not getattr(tokenizer, "chat_template", None):
@@ -88,14 +97,22 @@ def run_cli(args, model=None, tokenizer=None) -> list[TurnRecord]:
     session = ChatSession(model, tokenizer, args.method, args.budget, options, system=args.system)
     eos = eos_ids(model, tokenizer)
     stdin, out = sys.stdin, sys.stdout
-    interactive = stdin.isatty()
+    demo = _demo_lines(turns) if getattr(args, "demo", False) else None
+    interactive = demo is None and stdin.isatty()
     records: list[TurnRecord] = []
+    replies: list[int] = []
     turn_seed = args.seed
     while True:
         if interactive:
             out.write("> ")
             out.flush()
-        line = _read_line(stdin)
+        if demo is not None:
+            line = next(demo, "")
+            if line:
+                out.write(f"> {line}")
+                out.flush()
+        else:
+            line = _read_line(stdin)
         if line is None:
             print(f"[could not decode that line as {_encoding(stdin)}; it was skipped, type it again]", file=out,
                   flush=True)
@@ -145,4 +162,31 @@ def run_cli(args, model=None, tokenizer=None) -> list[TurnRecord]:
             TurnRecord(len(records) + 1, len(ids), len(generated), generation.cache_slots(session.cache),
                        int(getattr(session.cache, "seen", session.cache.get_seq_length())), reply)
         )
+        if demo is not None:
+            replies += [t for t in generated if t not in eos]
+            print(stats_line(session), file=out, flush=True)
+    if demo is not None and records:
+        print(_demo_summary(records, replies, args), file=out, flush=True)
     return records
+
+
+def _demo_lines(turns: int | None):
+    """The demo's user lines: each shipped question once, ``turns`` of them cycling, or forever (0)."""
+    from itertools import cycle, islice
+
+    from ..demo import DEMO_QUESTIONS
+
+    if turns is None:
+        turns = len(DEMO_QUESTIONS)
+    questions = cycle(DEMO_QUESTIONS) if turns == 0 else islice(cycle(DEMO_QUESTIONS), turns)
+    return (question + "\n" for question in questions)
+
+
+def _demo_summary(records: list[TurnRecord], replies: list[int], args) -> str:
+    """The demo's last line: how far past the budget the conversation went, and how repetitive the replies were."""
+    from ..demo import repetition_summary
+
+    seen = records[-1].seen
+    budget = "" if args.method == "full" else f" = {seen / args.budget:.1f}x the budget of {args.budget}"
+    return (f"[demo] {args.method}: {len(records)} turns, {seen} tokens seen{budget}; replies: {len(replies)} tokens, "
+            f"{repetition_summary(replies)}")

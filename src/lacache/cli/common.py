@@ -27,6 +27,7 @@ __all__ = [
     "add_dtype_argument",
     "add_option_argument",
     "add_methods_argument",
+    "progress_for",
     "torch_dtype",
 ]
 
@@ -193,7 +194,7 @@ def add_methods_argument(parser: argparse.ArgumentParser, suite: str) -> None:
 
 def add_run_arguments(parser: argparse.ArgumentParser, suite: str, out: str, out_help: str | None = None) -> None:
     """What every evaluation takes: ``--model``, ``--methods`` (the registry's list for ``suite``),
-    ``--option``, ``--dtype``, ``--out`` and ``--resume``."""
+    ``--option``, ``--dtype``, ``--out``, ``--resume`` and ``--quiet``."""
     add_model_argument(parser)
     add_methods_argument(parser, suite)
     add_option_argument(parser)
@@ -204,6 +205,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, suite: str, out: str, out
     add_dtype_argument(parser)
     parser.add_argument("--out", default=out, help=out_help)
     add_resume_argument(parser)
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress on stderr (by default a bar on a terminal, else one line per finished group)")
 
 
 def add_prefill_arguments(parser: argparse.ArgumentParser, budget: float, prefill: str, chunk: int) -> None:
@@ -215,17 +218,46 @@ def add_prefill_arguments(parser: argparse.ArgumentParser, budget: float, prefil
     parser.add_argument("--prefill-chunk", type=positive_int, default=chunk)
 
 
-def load_model_for(args: argparse.Namespace, device=None):
+def load_model_for(args: argparse.Namespace, device=None, shard=None):
     """``(model, tokenizer)`` for ``--model`` in ``--dtype`` (on ``device`` if given).
 
     A model that cannot be found or read (a hub id that does not resolve, a folder without a
     config, the bundled model's package missing, a cache folder lacache will not replace) is an
     ``OSError`` from deep inside the loaders; it becomes one ``ValueError`` line naming ``--model``.
+    In a process of a distributed launch (``shard``) the model goes to that process's GPU (if
+    there are GPUs), and the main process loads first, so the bundled model is converted once.
     """
+    from transformers.utils import logging
+
+    from ..evaluation.distributed import SINGLE, device_for, main_first
     from ..models import load_model, model_label
 
+    shard = shard or SINGLE
+    if not shard.main:  # the main process speaks for the run; the others stay quiet
+        logging.set_verbosity_error()
+    quiet = bool(getattr(args, "quiet", False)) or not shard.main
+    bars_were_off = not logging.is_progress_bar_enabled()
     try:
-        return load_model(args.model, dtype=torch_dtype(args.dtype), device=device)
+        if quiet:  # --quiet silences the loaders' bars too
+            logging.disable_progress_bar()
+        with main_first(shard):
+            return load_model(args.model, dtype=torch_dtype(args.dtype), device=device or device_for(shard))
     except OSError as err:
         reason = " ".join(str(err).split())  # loaders' messages span lines; the CLI prints one
         raise ValueError(f"--model {model_label(args.model)} could not be loaded: {reason}") from err
+    finally:
+        if quiet and not bars_were_off:
+            logging.enable_progress_bar()
+
+
+def progress_for(args: argparse.Namespace, desc: str, unit: str = "trial", units: str | None = None, shard=None):
+    """How a command shows its progress (:class:`lacache.progress.Progress`): nothing under ``--quiet``
+    (or ``--no-progress``), nor in the processes of a distributed launch but the main one, whose
+    counts are of its own share."""
+    from ..evaluation.distributed import SINGLE
+    from ..progress import Progress
+
+    shard = shard or SINGLE
+    if shard.distributed:
+        desc = f"{desc} [rank 0 of {shard.world}]"
+    return Progress(desc, unit, units=units, quiet=bool(getattr(args, "quiet", False)) or not shard.main)

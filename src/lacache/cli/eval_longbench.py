@@ -69,6 +69,7 @@ def run_cli(args) -> list[LongBenchTrial]:
     from dataclasses import asdict
 
     from .. import models
+    from ..evaluation.distributed import join
     from ..evaluation.report import write_run
 
     values.check_values(args)
@@ -77,18 +78,22 @@ def run_cli(args) -> list[LongBenchTrial]:
     recorded = {"model": models.model_label(args.model), "dtype": args.dtype, "source": args.data or args.dataset,
                 "budget": args.budget, "prefill": args.prefill, "prefill_chunk": args.prefill_chunk,
                 "max_length": args.max_length, "chat_template": not args.no_chat_template}
+    shard = join()  # one process, or one of a torchrun / accelerate launch (then rank 0 reports)
     progress = open_run(args, "longbench", "eval longbench", recorded,
                         per_method=method_settings(args, methods, options), encode=asdict,
-                        decode=lambda row: LongBenchTrial(**row))
+                        decode=lambda row: LongBenchTrial(**row), shard=shard)
     records = _records(args)
     if not records:
         raise ValueError("no LongBench records to evaluate")
-    model, tokenizer = common.load_model_for(args)
+    model, tokenizer = common.load_model_for(args, shard=shard)
     with progress.keep_on_interrupt():
         trials = run_longbench(model, tokenizer, methods, records, args.budget, prefill=args.prefill,
                                prefill_chunk=args.prefill_chunk, method_options=options,
                                use_chat_template=not args.no_chat_template, max_length=args.max_length,
-                               progress=True, finished=progress.finished, on_trial=progress.add)
+                               progress=common.progress_for(args, f"longbench (budget {args.budget:g})", shard=shard),
+                               finished=progress.finished, on_trial=progress.add, shard=shard)
+        if not shard.main:
+            return trials
         settings = {
             "model": models.model_label(args.model), "source": args.data or args.dataset,
             "budget": args.budget, "prefill": args.prefill, "prefill_chunk": args.prefill_chunk,

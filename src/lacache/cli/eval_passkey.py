@@ -43,6 +43,7 @@ def run_cli(args) -> list:
     from dataclasses import asdict
 
     from .. import models
+    from ..evaluation.distributed import join
     from ..evaluation.passkey import PasskeyTrial, plot_heatmaps, run_passkey, trial_dicts
     from ..evaluation.report import write_run
 
@@ -52,16 +53,20 @@ def run_cli(args) -> list:
     options = common.parse_method_options(args.option, methods)
     settings = {"model": models.model_label(args.model), "dtype": args.dtype, "budget": args.budget,
                 "prefill": args.prefill, "prefill_chunk": args.prefill_chunk, "filler": args.filler}
+    shard = join()  # one process, or one of a torchrun / accelerate launch (then rank 0 reports)
     progress = open_run(args, "passkey", "eval passkey", settings,
                         per_method=method_settings(args, methods, options), encode=asdict,
-                        decode=lambda row: PasskeyTrial(**row))
-    model, tokenizer = common.load_model_for(args)
+                        decode=lambda row: PasskeyTrial(**row), shard=shard)
+    model, tokenizer = common.load_model_for(args, shard=shard)
     with progress.keep_on_interrupt():
         trials = run_passkey(
             model, tokenizer, methods, lengths, depths, list(range(args.seeds)), args.budget, filler=args.filler,
             prefill=args.prefill, prefill_chunk=args.prefill_chunk, method_options=options,
-            finished=progress.finished, on_trial=progress.add,
+            finished=progress.finished, on_trial=progress.add, shard=shard,
+            progress=common.progress_for(args, f"passkey (budget {args.budget:g})", shard=shard),
         )
+        if not shard.main:
+            return trials
         title = (f"Pass-key accuracy, budget {args.budget}, {args.prefill} prefill, {args.filler} filler, "
                  f"{len(depths)} depths x {args.seeds} seeds per length")
         write_run(

@@ -25,7 +25,7 @@ def add_parser(tasks_subparsers) -> argparse.ArgumentParser:
     ppl.add_argument("--step", type=common.positive_int, default=1, help="tokens per forward (1 = one token per step)")
     ppl.add_argument("--window", type=common.positive_int, default=500, help="positions per PPL window")
     common.add_run_arguments(ppl, "ppl", "runs/ppl", "folder for ppl.csv, ppl.json, ppl.png")
-    ppl.add_argument("--no-progress", action="store_true")
+    ppl.add_argument("--no-progress", dest="quiet", action="store_true", help="the same as --quiet")
     return ppl
 
 
@@ -79,6 +79,7 @@ def tokenize_prefix(tokenizer, text: str, tokens: int):
 def run_cli(args) -> list:
     """``lacache eval ppl``: run the grid, print the table, write ppl.csv/json/png into ``--out``."""
     from .. import models
+    from ..evaluation.distributed import join
     from ..evaluation.perplexity import PPLResult, evaluate_ppl_grid
 
     values.check_values(args)
@@ -88,14 +89,16 @@ def run_cli(args) -> list:
     settings = {"model": models.model_label(args.model), "dtype": args.dtype, "tokens": args.tokens,
                 "texts": args.texts, "text_file": args.text_file, "dataset": args.dataset, "step": args.step,
                 "window": args.window}
+    shard = join()  # one process, or one of a torchrun / accelerate launch (then rank 0 reports)
     progress = open_run(args, "ppl", "eval ppl", settings, per_method=method_settings(args, methods, options),
                         encode=lambda results: [r.to_dict() for r in results],
-                        decode=lambda rows: [PPLResult(**row) for row in rows], noun="runs (method x budget)")
+                        decode=lambda rows: [PPLResult(**row) for row in rows], noun="runs (method x budget)",
+                        shard=shard)
     texts = load_eval_texts(args.texts, args.text_file, args.dataset, chars=args.tokens * 16)
-    model, tokenizer = common.load_model_for(args)
+    model, tokenizer = common.load_model_for(args, shard=shard)
     rows = [tokenize_prefix(tokenizer, text, args.tokens) for text in texts.values()]
     length = min(row.numel() for row in rows)
-    if length < args.tokens:
+    if length < args.tokens and shard.main:
         print(f"[lacache] the shortest text has only {length} tokens; evaluating that many of each", file=sys.stderr)
     import torch
 
@@ -103,9 +106,11 @@ def run_cli(args) -> list:
     with progress.keep_on_interrupt():
         results = evaluate_ppl_grid(
             model, ids, methods, budgets, step=args.step, window=args.window, method_options=options,
-            progress=not args.no_progress, texts=list(texts) if args.texts else None,
-            finished=progress.finished, on_run=progress.add,
+            progress=common.progress_for(args, "ppl", unit="tok", units="tok", shard=shard),
+            texts=list(texts) if args.texts else None, finished=progress.finished, on_run=progress.add, shard=shard,
         )
+        if not shard.main:
+            return results
         _report(args, model, methods, texts, length, results)
     progress.finish()
     return results

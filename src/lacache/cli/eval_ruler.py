@@ -37,6 +37,7 @@ def run_cli(args, model=None, tokenizer=None) -> list:
     from dataclasses import asdict
 
     from .. import models
+    from ..evaluation.distributed import join
     from ..evaluation.report import write_run
     from ..evaluation.ruler import RulerTrial
 
@@ -47,14 +48,19 @@ def run_cli(args, model=None, tokenizer=None) -> list:
     options = common.parse_method_options(args.option, methods)
     settings = {"model": models.model_label(args.model), "dtype": args.dtype, "budget": args.budget,
                 "prefill": args.prefill, "prefill_chunk": args.prefill_chunk, "filler": args.filler}
+    shard = join()  # one process, or one of a torchrun / accelerate launch (then rank 0 reports)
     progress = open_run(args, "ruler", "eval ruler", settings, per_method=method_settings(args, methods, options),
-                        encode=asdict, decode=lambda row: RulerTrial(**row))
+                        encode=asdict, decode=lambda row: RulerTrial(**row), shard=shard)
     if model is None or tokenizer is None:
-        model, tokenizer = common.load_model_for(args)
+        model, tokenizer = common.load_model_for(args, shard=shard)
     with progress.keep_on_interrupt():
         trials = run_ruler(model, tokenizer, methods, tasks, lengths, list(range(args.seeds)), args.budget,
                            filler=args.filler, prefill=args.prefill, prefill_chunk=args.prefill_chunk,
-                           method_options=options, finished=progress.finished, on_trial=progress.add)
+                           method_options=options, finished=progress.finished, on_trial=progress.add,
+                           progress=common.progress_for(args, f"ruler (budget {args.budget:g})", shard=shard),
+                           shard=shard)
+        if not shard.main:
+            return trials
         title = (f"RULER-style tasks, budget {args.budget}, {args.prefill} prefill, {args.filler} filler, "
                  f"{args.seeds} seeds per task and length (mean string-match score)")
         write_run(

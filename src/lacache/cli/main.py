@@ -21,6 +21,9 @@ import lacache.cli.eval_passkey as eval_passkey
 import lacache.cli.eval_ppl as eval_ppl
 import lacache.cli.eval_ruler as eval_ruler
 import lacache.cli.generate as generate
+import lacache.cli.inspect as inspect_command
+import lacache.cli.report as report
+from lacache.runinfo import command_context
 
 __all__ = ["EVALUATIONS", "build_parser", "main"]
 
@@ -32,7 +35,8 @@ EVALUATIONS: dict[str, ModuleType] = {
     "longbench": eval_longbench,
 }
 #: the other top-level commands -> their modules
-_COMMANDS: dict[str, ModuleType] = {"generate": generate, "bench": bench, "chat": chat}
+_COMMANDS: dict[str, ModuleType] = {"generate": generate, "bench": bench, "chat": chat, "inspect": inspect_command,
+                                    "report": report}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,15 +52,19 @@ def build_parser() -> argparse.ArgumentParser:
         module.add_parser(tasks)
     bench.add_parser(sub)
     chat.add_parser(sub)
+    inspect_command.add_parser(sub)
+    report.add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (default: ``sys.argv[1:]``), run the command; 0 on success, 2 on a usage error."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     module = EVALUATIONS[args.task] if args.command == "eval" else _COMMANDS[args.command]
     try:
-        module.run_cli(args)
+        with command_context(argv, vars(args)):  # the "run" record of every result names this command
+            module.run_cli(args)
     except ValueError as err:
         print(f"lacache: error: {err}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ..evaluation.checkpoint import RunProgress, check_output_folder
+from ..evaluation.distributed import SINGLE, Shard, barrier
 
 __all__ = ["add_resume_argument", "method_settings", "open_run"]
 
@@ -44,13 +45,24 @@ def open_run(
     encode: Callable[[Any], Any] = lambda row: row,
     decode: Callable[[Any], Any] = lambda row: row,
     noun: str = "trials",
+    shard: Shard = SINGLE,
 ) -> RunProgress:
     """``args.out`` checked (a writable folder, created if needed), then the record of run ``name`` in it.
 
     ``--resume`` (``args.resume``) reuses a recorded run with the same ``settings`` (and the same
     ``per_method`` settings for the methods both have); without it an unfinished run there is
     refused rather than overwritten. See :meth:`RunProgress.open`.
+
+    In a distributed launch (``shard``) every process reads the records, and only once all have
+    (no record changes under a process still checking it) does each start writing its own: the
+    main process the run's record, at once, so that it describes this run from the start.
     """
     folder = check_output_folder(args.out, "--out", example=f"runs/{name}")
-    return RunProgress.open(folder, name, command, settings, resume=bool(getattr(args, "resume", False)),
-                            method_settings=per_method, encode=encode, decode=decode, noun=noun)
+    record = RunProgress.open(folder, name, command, settings, resume=bool(getattr(args, "resume", False)),
+                              method_settings=per_method, encode=encode, decode=decode, noun=noun,
+                              part=shard.rank if shard.distributed and not shard.main else None)
+    if shard.distributed:
+        barrier(shard)
+        if shard.main:
+            record.save()
+    return record

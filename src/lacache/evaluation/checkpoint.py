@@ -12,6 +12,12 @@ and ``lacache bench`` command (and ``lacache generate --json``):
 * :class:`RunProgress` keeps ``<out>/<name>.progress.json``: the settings that give the run's rows
   their meaning and every finished trial (or benchmark configuration), rewritten atomically as each
   one completes. ``--resume`` reads it back so only what is missing runs again.
+
+A run split across processes (:mod:`.distributed`) keeps one record per process, so no two
+processes ever write the same file: the main process writes ``<name>.progress.json``, every other
+one ``<name>.rank<N>.progress.json``. Opening a run reads them all (an interrupted distributed run
+is resumed by any number of processes, one included), and the main process folds the others'
+records into its own when the run is finished.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ __all__ = [
     "atomic_write",
     "check_output_file",
     "check_output_folder",
+    "part_path",
     "progress_path",
 ]
 
@@ -140,6 +147,18 @@ def progress_path(folder: str | os.PathLike, name: str) -> Path:
     return Path(folder) / f"{name}{PROGRESS_SUFFIX}"
 
 
+def part_path(folder: str | os.PathLike, name: str, rank: int) -> Path:
+    """Where process ``rank`` (not the main one) of a distributed run ``name`` keeps its own record."""
+    return Path(folder) / f"{name}.rank{rank}{PROGRESS_SUFFIX}"
+
+
+def _part_paths(folder: str | os.PathLike, name: str) -> list[Path]:
+    """The per-process records of run ``name`` in ``folder``, by rank."""
+    found = Path(folder).glob(f"{name}.rank*{PROGRESS_SUFFIX}")
+    ranks = {path: path.name[len(name) + 5 : -len(PROGRESS_SUFFIX)] for path in found}
+    return sorted((path for path, rank in ranks.items() if rank.isdigit()), key=lambda path: int(ranks[path]))
+
+
 def _plain(value: Any) -> Any:
     """``value`` as it reads back from JSON (tuples become lists, keys strings), so settings compare."""
     return json.loads(json.dumps(value))
@@ -159,9 +178,20 @@ def _counted(count: int, noun: str) -> str:
     return f"{count} finished {noun}"
 
 
-def _unfinished_error(folder: str | os.PathLike, path: Path, count: int, noun: str) -> ValueError:
+def _unfinished_error(folder: str | os.PathLike, path: Path, count: int, noun: str, parts: int = 0) -> ValueError:
+    where = f"{str(path)!r}" + (f" and {parts} per-process record(s) beside it" if parts else "")
+    delete = path.name + (f" and {path.name.removesuffix(PROGRESS_SUFFIX)}.rank*{PROGRESS_SUFFIX}" if parts else "")
     return ValueError(f"--out {str(folder)!r} holds an unfinished run ({_counted(count, noun)}, recorded in "
-                      f"{str(path)!r}); add --resume to finish it, or delete {path.name} to start over")
+                      f"{where}); add --resume to finish it, or delete {delete} to start over")
+
+
+def _union(records: list[dict]) -> list[dict]:
+    """The finished entries of several records, one per key (the first record that has a key wins)."""
+    entries: dict[tuple, dict] = {}
+    for record in records:
+        for entry in record.get("finished", []):
+            entries.setdefault(tuple(entry["key"]), entry)
+    return list(entries.values())
 
 
 class RunProgress:
@@ -174,12 +204,18 @@ class RunProgress:
     and ``method_settings`` (per method, e.g. its options: must match for the methods both runs
     have; a method new to the command just runs). Use :meth:`open`, then :attr:`finished` to skip
     work, :meth:`add` as each item finishes, :meth:`finish` once the results are written.
+
+    In a distributed run every process but the main one writes its own record (``part``, its
+    rank; see the module's docstring) while :attr:`finished` holds what all the records hold.
     """
 
     def __init__(self, path: Path, command: str, settings: Mapping, method_settings: Mapping[str, Any],
                  encode: Callable[[Any], Any], decode: Callable[[Any], Any], entries: list[dict] | None = None,
-                 noun: str = "trials"):
+                 noun: str = "trials", part: int | None = None, known: list[dict] | None = None):
         self.path = path
+        #: the rank whose own record this is; None for the run's main record
+        self.part = part
+        self._name = path.name.removesuffix(PROGRESS_SUFFIX).removesuffix("" if part is None else f".rank{part}")
         self.command = command
         #: what one finished item is called in messages ("trials", "configurations")
         self.noun = noun
@@ -189,7 +225,8 @@ class RunProgress:
         self._entries: list[dict] = list(entries or [])
         try:
             #: key (a tuple) -> the decoded row of every finished item, recorded runs included
-            self.finished: dict[Hashable, Any] = {tuple(e["key"]): decode(e["row"]) for e in self._entries}
+            self.finished: dict[Hashable, Any] = {tuple(e["key"]): decode(e["row"])
+                                                  for e in _union([{"finished": self._entries + list(known or [])}])}
         except (KeyError, TypeError, ValueError) as err:  # written by a lacache whose rows had other fields
             raise ValueError(f"cannot read the rows recorded in {str(path)!r} ({err}); delete it to start over") from None
 
@@ -206,6 +243,7 @@ class RunProgress:
         encode: Callable[[Any], Any] = lambda row: row,
         decode: Callable[[Any], Any] = lambda row: row,
         noun: str = "trials",
+        part: int | None = None,
     ) -> RunProgress:
         """The record of run ``name`` in ``folder`` (checked with :func:`check_output_folder` first).
 
@@ -213,49 +251,71 @@ class RunProgress:
         overwritten: add ``--resume`` or delete its record), and a finished one is started over as
         before. With ``resume`` the earlier record's finished items are reused when its settings
         match; a ``ValueError`` lists the settings that differ. ``encode``/``decode`` turn a row
-        into JSON-ready values and back; ``noun`` names an item in messages.
+        into JSON-ready values and back; ``noun`` names an item in messages. The per-process records
+        of a distributed run count as part of the run; ``part`` (a rank other than 0) makes this
+        process write its own record instead of the main one.
         """
         path = progress_path(folder, name)
+        own = path if part is None else part_path(folder, name, part)
         method_settings = dict(method_settings or {})
-        fresh = cls(path, command, settings, method_settings, encode, decode, noun=noun)
-        if not path.exists():
-            if resume:
+        fresh = cls(own, command, settings, method_settings, encode, decode, noun=noun, part=part)
+        records = cls._records(folder, name)
+        if not records:
+            if resume and part is None:
                 print(f"[lacache] --resume: no earlier run in {str(folder)!r} ({path.name}); starting from the beginning",
                       file=sys.stderr)
             return fresh
-        record = cls._read(path)
-        entries = record.get("finished", [])
         if not resume:
-            if record.get("complete") or not entries:
-                return fresh
-            raise _unfinished_error(folder, path, len(entries), noun)
-        problems = _differences(record.get("settings", {}), fresh.settings)
-        recorded_methods = record.get("method_settings", {})
-        for method in recorded_methods.keys() & fresh.method_settings.keys():
-            if recorded_methods[method] != fresh.method_settings[method]:
-                problems.append(f"{method}: recorded {recorded_methods[method]!r}, now {fresh.method_settings[method]!r}")
-        if record.get("command") != command:
-            problems.insert(0, f"command: recorded {record.get('command')!r}, now {command!r}")
-        if problems:
-            raise ValueError(
-                f"--resume: the run recorded in {str(path)!r} used other settings ({'; '.join(problems)}); resume "
-                f"with the recorded settings, or give another --out (or delete {path.name}) to start over"
-            )
-        merged = {**recorded_methods, **fresh.method_settings}
-        progress = cls(path, command, settings, merged, encode, decode, entries, noun=noun)
-        print(f"[lacache] --resume: {_counted(len(entries), noun)} recorded in {str(path)!r} reused",
-              file=sys.stderr)
+            cls._refuse(folder, name, records, noun)
+            return fresh
+        for recorded_path, record in records.items():
+            problems = _differences(record.get("settings", {}), fresh.settings)
+            recorded_methods = record.get("method_settings", {})
+            for method in recorded_methods.keys() & fresh.method_settings.keys():
+                if recorded_methods[method] != fresh.method_settings[method]:
+                    problems.append(f"{method}: recorded {recorded_methods[method]!r}, now {fresh.method_settings[method]!r}")
+            if record.get("command") != command:
+                problems.insert(0, f"command: recorded {record.get('command')!r}, now {command!r}")
+            if problems:
+                raise ValueError(
+                    f"--resume: the run recorded in {str(recorded_path)!r} used other settings ({'; '.join(problems)}); "
+                    f"resume with the recorded settings, or give another --out (or delete {recorded_path.name}) to "
+                    f"start over"
+                )
+        merged = {}
+        for record in records.values():
+            merged.update(record.get("method_settings", {}))
+        merged.update(fresh.method_settings)
+        everything = _union(list(records.values()))
+        # the main record takes in what the other processes recorded; a process's own record keeps its own
+        entries = everything if part is None else records.get(own, {}).get("finished", [])
+        progress = cls(own, command, settings, merged, encode, decode, entries, noun=noun, part=part, known=everything)
+        if part is None:
+            print(f"[lacache] --resume: {_counted(len(everything), noun)} recorded in {str(path)!r}"
+                  f"{' and the per-process records beside it' if len(records) > (path in records) else ''} reused",
+                  file=sys.stderr)
         return progress
+
+    @classmethod
+    def _records(cls, folder: str | os.PathLike, name: str) -> dict[Path, dict]:
+        """The run's main record (if any) and its per-process records, read, by path."""
+        paths = [progress_path(folder, name), *_part_paths(folder, name)]
+        return {path: cls._read(path) for path in paths if path.exists()}
+
+    @staticmethod
+    def _refuse(folder: str | os.PathLike, name: str, records: Mapping[Path, dict], noun: str) -> None:
+        """Refuse to start over where records hold finished work of a run that did not complete."""
+        unfinished = [r for r in records.values() if not r.get("complete") and r.get("finished")]
+        if unfinished:
+            path = progress_path(folder, name)
+            raise _unfinished_error(folder, path, len(_union(unfinished)), noun,
+                                    parts=sum(p != path for p in records))
 
     @classmethod
     def refuse_unfinished(cls, folder: str | os.PathLike, name: str, noun: str = "trials") -> None:
         """The ``ValueError`` :meth:`open` without ``resume`` would raise for run ``name`` in ``folder``,
         raised now: for a command that runs several benchmarks, before the first one starts."""
-        path = progress_path(folder, name)
-        if path.exists():
-            record = cls._read(path)
-            if not record.get("complete") and record.get("finished"):
-                raise _unfinished_error(folder, path, len(record["finished"]), noun)
+        cls._refuse(folder, name, cls._records(folder, name), noun)
 
     @staticmethod
     def _read(path: Path) -> dict:
@@ -286,8 +346,33 @@ class RunProgress:
         self.finished[tuple(key)] = row
 
     def finish(self) -> None:
-        """Mark the run complete (its results are written): a later run without ``--resume`` starts over."""
+        """Mark the run complete (its results are written): a later run without ``--resume`` starts over.
+
+        The main record first takes in the per-process records of a distributed run (whoever ran
+        it, or resumed it) and they are removed; a per-process record is left for the main process.
+        """
+        if self.part is not None:
+            return
+        parts = _part_paths(self.path.parent, self._name)
+        if parts:  # kept in the main record before they go: an interruption here loses nothing
+            self._entries = _union([{"finished": self._entries}, *(self._read(path) for path in parts)])
+            self._save(self._entries, complete=False)
+            for path in parts:
+                path.unlink(missing_ok=True)
         self._save(self._entries, complete=True)
+
+    def save(self) -> None:
+        """Write the record as it stands (a distributed run's main process does so before any work starts,
+        so that its record and the other processes' describe the same run)."""
+        self._save(self._entries, complete=False)
+
+    def _everything(self) -> int:
+        """How many items this record and the run's per-process records hold (best effort: for messages)."""
+        records = [{"finished": self._entries}]
+        for path in _part_paths(self.path.parent, self._name):
+            with suppress(ValueError, OSError):
+                records.append(self._read(path))
+        return len(_union(records))
 
     def _save(self, entries: list[dict], complete: bool) -> None:
         record = {"format": _FORMAT, "command": self.command, "complete": complete, "settings": self.settings,
@@ -301,9 +386,12 @@ class RunProgress:
         try:
             yield self
         except KeyboardInterrupt:
+            if self.part is not None:  # the main process says it for the whole run
+                raise
             folder = self.path.parent
-            if self.count:
-                print(f"\n[lacache] interrupted: {_counted(self.count, self.noun)} kept in {str(folder)!r} "
+            count = self._everything()
+            if count:
+                print(f"\n[lacache] interrupted: {_counted(count, self.noun)} kept in {str(folder)!r} "
                       f"({self.path.name}); run the same command with --resume to finish the rest",
                       file=sys.stderr)
             else:

@@ -16,14 +16,15 @@ forgets. ``max_length`` turns it on for comparisons with published numbers.
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from ..progress import Progress, as_progress
 from .common import greedy_answer
+from .distributed import SINGLE, Shard
 from .harness import Answer, check_prefill, run_trials
 from .metrics import dataset_score, score_sample
 
@@ -375,9 +376,10 @@ def run_longbench(
     use_chat_template: bool = True,
     max_length: int | None = None,
     max_new_tokens: int | None = None,
-    progress: bool = False,
+    progress: bool | Progress = False,
     finished: Mapping[tuple, LongBenchTrial] | None = None,
     on_trial: Callable[[tuple, LongBenchTrial], None] | None = None,
+    shard: Shard = SINGLE,
 ) -> list[LongBenchTrial]:
     """Every record x method: greedy answer with a fresh cache, scored as the official eval.py does.
 
@@ -386,6 +388,8 @@ def run_longbench(
     Trials are keyed ``(dataset, position in its dataset, id, method)`` (stable when ``--limit``
     grows or datasets are added): those in ``finished`` are reused, not run, and
     ``on_trial(key, trial)`` records each new one as it finishes (see ``harness.run_trials``).
+    ``progress`` counts trials, one group per sample; ``shard`` splits the trials across the
+    processes of a distributed launch (see ``harness.run_trials``).
     """
     check_prefill(prefill)
     records = list(records)
@@ -410,10 +414,7 @@ def run_longbench(
         return 100 * score_sample(record.dataset, prediction, record.answers, record.all_classes)
 
     def trial(item: tuple[int, LongBenchRecord, torch.Tensor], run: Answer) -> LongBenchTrial:
-        number, record, _ = item
-        if progress:
-            print(f"[lacache] {number}/{len(records)} {record.dataset} {run.method}: {run.tokens} tokens, "
-                  f"score {run.score:.1f}", file=sys.stderr)
+        _, record, _ = item
         return LongBenchTrial(run.method, record.dataset, record.id, run.tokens, run.slots, run.text, record.answers,
                               round(run.score, 4), run.seconds)
 
@@ -422,6 +423,8 @@ def run_longbench(
         make_trial=trial, new_tokens=answer_tokens, stop_ids=_stop_ids(model, tokenizer), prefill=prefill,
         prefill_chunk=prefill_chunk, method_options=method_options, answer=greedy_answer,
         trial_key=lambda item, method: (*keys[item[0] - 1], method), finished=finished, on_trial=on_trial,
+        progress=as_progress(progress, "longbench"), shard=shard, prompt_count=len(records),
+        group=lambda item: f"{item[1].dataset} sample {keys[item[0] - 1][1] + 1}, {int(item[2].shape[-1])} tokens",
     )
 
 

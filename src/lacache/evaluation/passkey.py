@@ -15,7 +15,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ..progress import Progress, as_progress
 from .common import greedy_answer
+from .distributed import SINGLE, Shard
 from .harness import Answer, check_prefill, run_trials
 
 __all__ = ["PasskeyPrompt", "build_passkey_prompt", "run_passkey", "PasskeyTrial", "FILLERS"]
@@ -106,12 +108,16 @@ def run_passkey(
     new_tokens: int = 8,
     finished: Mapping[tuple, PasskeyTrial] | None = None,
     on_trial: Callable[[tuple, PasskeyTrial], None] | None = None,
+    progress: bool | Progress = False,
+    shard: Shard = SINGLE,
 ) -> list[PasskeyTrial]:
     """Every method x length x depth x seed; greedy answer; correct if the key appears in it.
 
     ``budget`` below 1 is a fraction of each prompt's length; 1 or more is a number of slots.
     Trials are keyed ``(length, depth, seed, method)``: those in ``finished`` are reused, not run,
     and ``on_trial(key, trial)`` records each new one as it finishes (see ``harness.run_trials``).
+    ``progress`` counts trials, one group per length and depth (a heatmap cell); ``shard`` splits
+    the trials across the processes of a distributed launch (see ``harness.run_trials``).
     """
     check_prefill(prefill)
 
@@ -131,7 +137,9 @@ def run_passkey(
         score=lambda item, answer: item[2].key in answer, make_trial=trial, new_tokens=new_tokens,
         prefill=prefill, prefill_chunk=prefill_chunk, method_options=method_options, answer=greedy_answer,
         trial_key=lambda item, method: (item[0], item[2].depth, item[1], method), finished=finished,
-        on_trial=on_trial,
+        on_trial=on_trial, progress=as_progress(progress, "passkey"),
+        group=lambda item: f"{item[0]} tokens, depth {item[2].depth:g}",
+        prompt_count=len(lengths) * len(depths) * len(seeds), shard=shard,
     )
 
 

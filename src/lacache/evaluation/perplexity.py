@@ -19,7 +19,9 @@ import torch
 
 from ..compat import cache_argument
 from ..generation import next_positions
+from ..progress import Progress, as_progress
 from .common import fresh_cache
+from .distributed import SINGLE, Shard, gather
 from .harness import method_budgets, method_options_for
 
 __all__ = ["PPLResult", "FULL_CACHE_STEP", "streaming_nll", "evaluate_ppl_grid", "window_ppl", "gap_closed"]
@@ -107,10 +109,11 @@ def evaluate_ppl_grid(
     step: int = 1,
     window: int = 500,
     method_options: dict[str, dict] | None = None,
-    progress: bool = True,
+    progress: bool | Progress = True,
     texts: Sequence[str] | None = None,
     finished: Mapping[tuple, list[PPLResult]] | None = None,
     on_run: Callable[[tuple, list[PPLResult]], None] | None = None,
+    shard: Shard = SINGLE,
 ) -> list[PPLResult]:
     """Streaming perplexity for every method x budget (``full`` once, it has no budget).
 
@@ -119,6 +122,10 @@ def evaluate_ppl_grid(
     whatever the step, is fed ``FULL_CACHE_STEP`` tokens per forward. Runs are keyed ``(method,
     budget)``: one in ``finished`` (its results, one per text) is reused, not streamed again, and
     ``on_run(key, results)`` records each new one as it finishes (see :mod:`.checkpoint`).
+
+    ``progress`` counts predicted tokens, one group per run. With a ``shard`` of a distributed
+    launch this process streams only the runs it owns (run ``i`` of the grid's order: see
+    :meth:`Shard.owns`) and every process gets all the results back, in the grid's order.
     """
     runs = method_budgets(methods, budgets)
     finished = finished or {}
@@ -127,49 +134,51 @@ def evaluate_ppl_grid(
     if len(names) != rows.shape[0]:
         raise ValueError(f"texts names {len(names)} texts for {rows.shape[0]} rows of input_ids")
     tokens = int(rows.shape[1])
-    results = []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    mine: list[tuple[tuple[int], list[PPLResult]]] = []
+    owned = [(index, run) for index, run in enumerate(runs) if shard.owns(index)]
+    meter = as_progress(progress, "ppl", unit="tok", units="tok")
+    if meter is not None:
+        meter.start(sum(run not in finished for _, run in owned) * (tokens - 1))
+    try:
+        for index, (method, budget) in owned:
+            if (method, budget) in finished:
+                mine.append(((index,), finished[method, budget]))
+                continue
+            run_results = _stream_run(model, rows, names, method, budget, step, window, method_options, meter)
+            mine.append(((index,), run_results))
+            if on_run is not None:
+                on_run((method, budget), run_results)
+            if meter is not None:
+                meter.group_done(_run_label(method, budget))
+    finally:
+        if meter is not None:
+            meter.close()
+    return [result for run_results in gather(shard, mine) for result in run_results]
 
-        bar = tqdm(total=sum((method, budget) not in finished for method, budget in runs) * (tokens - 1),
-                   unit="tok", desc="ppl")
-    for method, budget in runs:
-        if (method, budget) in finished:
-            results.extend(finished[method, budget])
-            continue
-        options = method_options_for(method_options, method)
-        run_step = max(step, FULL_CACHE_STEP) if budget is None else step
-        with fresh_cache(method, model, budget, options) as cache:
-            if bar is not None:
-                bar.set_postfix_str(f"{method} budget={budget}")
-            started = time.perf_counter()
-            nll = streaming_nll(model, rows, cache, step=run_step, on_progress=bar.update if bar else None)
-            seconds = time.perf_counter() - started
-            describe = cache.describe() if hasattr(cache, "describe") else {"cache": type(cache).__name__}
-        run_results = []
-        for name, text_nll in zip(names, nll):
-            run_results.append(
-                PPLResult(
-                    method=method,
-                    budget=budget,
-                    tokens=tokens,
-                    step=run_step,
-                    ppl=float(math.exp(text_nll.mean())),
-                    window=window,
-                    windows=window_ppl(text_nll, window),
-                    seconds=round(seconds, 2),
-                    options=options,
-                    cache=describe,
-                    text=name,
-                )
-            )
-        results.extend(run_results)
-        if on_run is not None:
-            on_run((method, budget), run_results)
-    if bar is not None:
-        bar.close()
-    return results
+
+def _run_label(method: str, budget: int | None) -> str:
+    return method if budget is None else f"{method} budget={budget}"
+
+
+def _stream_run(model, rows: torch.Tensor, names: list[str], method: str, budget: int | None, step: int,
+                window: int, method_options: dict[str, dict] | None, meter: Progress | None) -> list[PPLResult]:
+    """One run of the grid: every text streamed together under a fresh cache of ``method`` and ``budget``."""
+    tokens = int(rows.shape[1])
+    options = method_options_for(method_options, method)
+    run_step = max(step, FULL_CACHE_STEP) if budget is None else step
+    with fresh_cache(method, model, budget, options) as cache:
+        if meter is not None:
+            meter.working_on(_run_label(method, budget))
+        started = time.perf_counter()
+        nll = streaming_nll(model, rows, cache, step=run_step, on_progress=meter.advance if meter else None)
+        seconds = time.perf_counter() - started
+        describe = cache.describe() if hasattr(cache, "describe") else {"cache": type(cache).__name__}
+    return [
+        PPLResult(method=method, budget=budget, tokens=tokens, step=run_step, ppl=float(math.exp(text_nll.mean())),
+                  window=window, windows=window_ppl(text_nll, window), seconds=round(seconds, 2), options=options,
+                  cache=describe, text=name)
+        for name, text_nll in zip(names, nll)
+    ]
 
 
 def gap_closed(method_ppl: float, streaming_ppl: float, full_ppl: float) -> float | None:

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ..runinfo import with_run_record
 from .checkpoint import atomic_write
 
 __all__ = ["format_table", "write_csv", "write_json", "write_run", "plot_ppl_by_position", "ppl_table_rows"]
@@ -63,8 +64,9 @@ def write_run(
 
     Prints ``table`` (title, headers, rows) on stdout, then writes ``<out_dir>/<name>.csv`` (one
     row per trial), ``<name>.json`` (``payload``) and, when ``plot`` is given, ``<name>.png``
-    (``plot(path)`` draws it); the folder is created if needed. Returns the written paths, which
-    it also names on stderr so a run's log says where its results went.
+    (``plot(path)`` draws it); the folder is created if needed. A dict ``payload`` gains a ``"run"``
+    record (:func:`lacache.runinfo.run_record`: command, versions, machine) for ``lacache report``.
+    Returns the written paths, which it also names on stderr so a run's log says where its results went.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -74,7 +76,7 @@ def write_run(
         print(format_table(headers, rows))
     paths = [out / f"{name}.csv", out / f"{name}.json"]
     write_csv(paths[0], csv_headers, csv_rows)
-    write_json(paths[1], payload)
+    write_json(paths[1], with_run_record(payload))  # plus "run": the command, versions and machine
     if plot is not None:
         paths.append(out / f"{name}.png")
         plot(paths[-1])

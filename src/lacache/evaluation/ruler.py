@@ -23,7 +23,9 @@ import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
+from ..progress import Progress, as_progress
 from .common import greedy_answer
+from .distributed import SINGLE, Shard
 from .harness import Answer, check_prefill, run_trials
 from .ruler_prompts import (  # noqa: F401 (WORDS, _prune_words, _render_list: re-exported for tests)
     TASKS,
@@ -122,6 +124,8 @@ def run_ruler(
     new_tokens: dict[str, int] | None = None,
     finished: Mapping[tuple, RulerTrial] | None = None,
     on_trial: Callable[[tuple, RulerTrial], None] | None = None,
+    progress: bool | Progress = False,
+    shard: Shard = SINGLE,
 ) -> list[RulerTrial]:
     """Every length x task x seed x method, one greedy answer each, scored by ``string_match_all``.
 
@@ -129,6 +133,8 @@ def run_ruler(
     methods see the same prompt for a given (task, length, seed), so their scores pair up. Trials
     are keyed ``(task, length, seed, method)``: those in ``finished`` are reused, not run, and
     ``on_trial(key, trial)`` records each new one as it finishes (see ``harness.run_trials``).
+    ``progress`` counts trials, one group per task and length; ``shard`` splits the trials across
+    the processes of a distributed launch (see ``harness.run_trials``).
     """
     check_prefill(prefill)
     unknown = [t for t in tasks if t not in TASKS]
@@ -155,7 +161,9 @@ def run_ruler(
         new_tokens=lambda item: tokens[item[2].task], stop_ids=lambda item: stop_ids_for(tokenizer, item[2].task),
         prefill=prefill, prefill_chunk=prefill_chunk, method_options=method_options, answer=greedy_answer,
         trial_key=lambda item, method: (item[2].task, item[0], item[1], method), finished=finished,
-        on_trial=on_trial,
+        on_trial=on_trial, progress=as_progress(progress, "ruler"),
+        group=lambda item: f"{item[2].task}, {item[0]} tokens",
+        prompt_count=len(lengths) * len(tasks) * len(seeds), shard=shard,
     )
 
 

@@ -92,6 +92,19 @@ class RetentionPolicy(ABC):
         """The most slots a cache of ``budget`` ever holds between forward passes (memory sizing)."""
         return budget
 
+    def recent_window(self) -> int:
+        """Newest slots no compaction touches (0 if the rule has no such window)."""
+        return int(getattr(self, "window", 0) or 0)
+
+    def slot_roles(self, layer_idx: int, slots: int, batch_index: int = 0) -> list[str]:
+        """What each of a layer's ``slots`` held slots is to this rule, in slot order: ``"sink"`` (the
+        leading slots never compacted), ``"window"`` (the newest slots no compaction touches) or
+        ``"kept"`` (slots that survived, or will face, compaction); a rule with a pool of its own
+        marks its members ``"salient"``. Pictures of the cache (``lacache inspect``) read it."""
+        sinks = min(self.sinks, slots)
+        window = min(self.recent_window(), slots - sinks)
+        return ["sink"] * sinks + ["kept"] * (slots - sinks - window) + ["window"] * window
+
     def reset(self) -> None:
         """Forget per-stream state (a new sequence starts)."""
 

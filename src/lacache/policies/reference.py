@@ -40,6 +40,10 @@ class ReferenceLadderPolicy(IndexPolicy):
     def min_target(self) -> int:
         return reference_min_budget(self.geometry, self.sinks)
 
+    def recent_window(self) -> int:
+        """The authors' recent window: as many slots as the model has layers."""
+        return self.geometry.num_layers
+
     def plan(self, n: int, target: int) -> CompactionPlan:
         key = (n, self.state)
         hit = self._plans.get(key)

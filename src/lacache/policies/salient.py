@@ -103,6 +103,17 @@ class SalientLadderPolicy(RetentionPolicy):
         self._pooled[layer_idx] = take
         return RowPlan(index)
 
+    def slot_roles(self, layer_idx: int, slots: int, batch_index: int = 0) -> list[str]:
+        """The ladder's roles, with this layer's pool members (of sequence ``batch_index``) marked ``"salient"``."""
+        roles = super().slot_roles(layer_idx, slots, batch_index)
+        mask = self.state[layer_idx]
+        if mask is not None:
+            row = mask[batch_index if mask.shape[0] > 1 else 0].tolist()
+            for slot, member in enumerate(row[:slots]):
+                if member:
+                    roles[slot] = "salient"
+        return roles
+
     def reset(self) -> None:
         self.ladder.reset()
         self.state = [None] * self.num_layers

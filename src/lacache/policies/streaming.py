@@ -28,6 +28,10 @@ class StreamingPolicy(IndexPolicy):
         self.sinks = sinks
         self._plans: dict[tuple[int, int], CompactionPlan] = {}
 
+    def recent_window(self) -> int:
+        """Every slot after the sinks is the recent window: StreamingLLM keeps nothing else."""
+        return 1 << 62
+
     def plan(self, n: int, target: int) -> CompactionPlan:
         key = (n, target)
         plan = self._plans.get(key)
