@@ -99,3 +99,39 @@ def _registry_restored():
     registry._BY_NAME.clear()
     registry._BY_NAME.update(saved[0])
     registry.METHODS = saved[1]
+
+
+def save_tiny_model(path, layers: int = 2):
+    """Save a tiny random Llama with the bundled tokenizer into ``path``, so ``--model path`` runs the CLI
+    end to end in seconds with nothing downloaded; skips the test if the bundled model package is missing."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from lacache.models import default_model_dir
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A saved tiny 2-layer model (``save_tiny_model``), one per test module."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Compute on one thread, as launched subprocesses do, so their numbers match these bit for bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

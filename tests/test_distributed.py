@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from lacache.cli.main import main as cli_main
 from lacache.evaluation.checkpoint import RunProgress, part_path, progress_path
@@ -119,35 +118,7 @@ def test_a_resumed_process_keeps_its_own_record_and_sees_everyone_elses(tmp_path
 # --- two processes on the CPU --------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Each launched process computes on one thread; so does the single-process reference here, so the
-    numbers match bit for bit."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A tiny random Llama saved with the bundled tokenizer: --model takes its path, nothing is downloaded."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from lacache.models import default_model_dir
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
-    except FileNotFoundError as err:
-        pytest.skip(str(err))
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         tie_word_embeddings=True)
-    path = tmp_path_factory.mktemp("tiny")
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+pytestmark = pytest.mark.usefixtures("one_thread")  # as the launched processes compute
 
 
 def _free_port() -> int:

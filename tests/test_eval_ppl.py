@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_llama
+from conftest import save_tiny_model, tiny_llama
 from lacache.cli import main as cli_main
 from lacache.cli import parse_method_options
 from lacache.evaluation.perplexity import evaluate_ppl_grid, streaming_nll, window_ppl
@@ -63,21 +63,8 @@ def test_parse_method_options():
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    """A tiny random Llama saved with the bundled tokenizer, so the CLI runs end to end in seconds."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from lacache.models import default_model_dir
-
-    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
-    )
-    path = tmp_path_factory.mktemp("tiny")
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    """A tiny random 4-layer Llama saved with the bundled tokenizer, so the CLI runs end to end in seconds."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny"), layers=4)
 
 
 def test_cli_eval_ppl_writes_table_csv_json_png(tiny_model_dir, tmp_path, capsys):

@@ -4,7 +4,6 @@ log (stderr not a terminal), nothing under --quiet."""
 import io
 
 import pytest
-import torch
 
 import lacache.progress as progress_module
 from lacache.cli.main import main as cli_main
@@ -122,27 +121,6 @@ def test_library_progress_arguments():
 
 
 # --- the commands ------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A tiny random Llama saved with the bundled tokenizer, for --model (nothing downloaded)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from lacache.models import default_model_dir
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
-    except FileNotFoundError as err:
-        pytest.skip(str(err))
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         tie_word_embeddings=True)
-    path = tmp_path_factory.mktemp("tiny")
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def _passkey(model, out, *extra: str) -> list[str]:

@@ -13,12 +13,13 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from numbers import Integral, Real
+from numbers import Real
 
 import torch
 from transformers.cache_utils import Cache
 
 from .cache import BoundedCache
+from .checks import is_integer
 from .compat import cache_argument
 from .memory import current_rss_bytes, peak_rss_bytes
 
@@ -110,14 +111,14 @@ def check_sampling(temperature: float, top_p: float) -> None:
 def _check_stream_settings(max_new_tokens, seed, sample_every) -> None:
     """The counts and seed of ``stream_tokens``: a negative count would silently yield nothing."""
     if max_new_tokens is not None and (
-        not isinstance(max_new_tokens, Integral) or isinstance(max_new_tokens, bool) or max_new_tokens < 0
+        not is_integer(max_new_tokens) or max_new_tokens < 0
     ):
         raise ValueError(
             f"max_new_tokens={max_new_tokens!r} must be an integer >= 0, or None to never stop; e.g. max_new_tokens=256"
         )
-    if seed is not None and (not isinstance(seed, Integral) or isinstance(seed, bool) or not -(2**63) <= seed < 2**64):
+    if seed is not None and (not is_integer(seed) or not -(2**63) <= seed < 2**64):
         raise ValueError(f"seed={seed!r} must be an integer (torch takes -2**63 to 2**64 - 1), e.g. seed=0")
-    if not isinstance(sample_every, Integral) or isinstance(sample_every, bool) or sample_every < 1:
+    if not is_integer(sample_every) or sample_every < 1:
         raise ValueError(f"sample_every={sample_every!r} must be a positive integer, e.g. sample_every=250")
 
 

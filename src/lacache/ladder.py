@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .checks import is_integer
+
 __all__ = [
     "LadderGeometry",
     "default_span_overlap",
@@ -110,7 +112,7 @@ def ladder_geometry(num_layers: int, span: int, overlap: int, layout: str = "lad
     slots and a layer keeps or drops whole runs, so a fact of up to ``g`` tokens that falls inside
     one run survives whole in the layers that keep it (docs/method.md, "Group ladder").
     """
-    if not isinstance(group, int) or isinstance(group, bool) or group < 1:
+    if not is_integer(group) or group < 1:
         raise ValueError(f"group={group!r} must be a positive integer (slots per ladder unit), e.g. group=1")
     if num_layers < 1:
         raise ValueError(f"num_layers must be >= 1, got {num_layers}")

@@ -142,7 +142,7 @@ class ModelHooks:
             with _LOCK:
                 if cache._hooks is None:
                     self.acquire(cache)
-                    cache._hooks = self
+                    cache._hooks, cache.signature = self, self.signature
         return cache._enter_forward(self.signature, args, kwargs)
 
 
@@ -181,4 +181,5 @@ def attach_cache(model: nn.Module, cache: BoundedCache, signature: ModelSignatur
             hooks = _REGISTRY[model] = ModelHooks(model, signature)
         hooks.acquire(cache)
     cache._hooks = hooks
-    cache.signature = signature
+    # the hooks' own (equal) object: the check before every forward is then an identity test
+    cache.signature = hooks.signature if hooks.signature == signature else signature

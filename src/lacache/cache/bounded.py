@@ -186,6 +186,8 @@ class BoundedCache(Cache):
         hooks = self._hooks
         if hooks is not None:
             memo[id(hooks)] = hooks
+        if self.signature is not None:  # immutable: shared, so the per-forward check stays an identity test
+            memo[id(self.signature)] = self.signature
         for name, value in self.__dict__.items():
             setattr(twin, name, copy.deepcopy(value, memo))
         if hooks is not None:
@@ -293,7 +295,7 @@ class BoundedCache(Cache):
                 f"dims but got {heads} x {dim}: build a new cache for this model with from_model(model, ...)"
             )
 
-    def _check_continues(self, position_ids: torch.Tensor) -> None:
+    def _check_continues(self, step: StepPositions) -> None:
         """Refuse a forward whose positions go back into the stream already held (a second ``generate()``).
 
         A continuation's first new token sits at ``seen`` (absolute positions, as ``generate()`` counts)
@@ -302,9 +304,8 @@ class BoundedCache(Cache):
         """
         if not self.seen:
             return
-        first = position_ids[:, 0].tolist() if position_ids.dim() == 2 else [int(position_ids[0])]
         slots = self.num_slots
-        bad = [p for p in first if p < self.seen and p != slots]
+        bad = [p for p in step.first_positions if p < self.seen and p != slots]
         if bad:
             raise self._misuse(
                 f"already holds a stream of {self.seen} tokens and this forward starts at position {bad[0]} "
@@ -318,7 +319,7 @@ class BoundedCache(Cache):
         stream, then lets a left-padded batch replace the attention mask; returns new
         ``(args, kwargs)`` for the decoder, or None to leave them as they are.
         """
-        if self.signature is not None and signature != self.signature:
+        if self.signature is not None and signature is not self.signature and signature != self.signature:
             raise ValueError(
                 f"this {type(self).__name__} was built for another model ({'; '.join(self.signature.differences(signature))}): "
                 f"build a new cache for this model with {type(self).__name__}.from_model(model, ...)"
@@ -354,7 +355,6 @@ class BoundedCache(Cache):
             position_ids = torch.arange(self.seen, self.seen + q, device=key_states.device)[None]
         elif position_ids.dim() == 1:
             position_ids = position_ids[None]
-        self._check_continues(position_ids)
         if self._rotation is None:
             self._rotation = rotation_for(self.positions, key_states.dtype)
         if self._forwards == 0:  # each layer gets its own instance of the stream's strategy
@@ -362,9 +362,10 @@ class BoundedCache(Cache):
             for layer, rotator in zip(self.layers, self.rotators):
                 layer.shift = strategy(rotator)
         slots_before = self.num_slots
+        positions = StepPositions(position_ids, slots_before, q, int(key_states.shape[0]))
+        self._check_continues(positions)  # shares the step's one host read of its positions
         self.seen += q
         self._forwards += 1
-        positions = StepPositions(position_ids, slots_before, q, int(key_states.shape[0]))
         over = slots_before + q > self.policy.capacity(self.budget)
         return _Step(self._forwards, q, positions, self.budget - self.chunk, over)
 

@@ -62,6 +62,11 @@ class StepPositions:
         rows = self.positions.tolist()
         return rows * self.batch if len(rows) == 1 and self.batch > 1 else rows
 
+    @property
+    def first_positions(self) -> list[int]:
+        """Per row, the position of this pass's first new token."""
+        return [row[0] for row in self._host_rows]
+
     @cached_property
     def frame(self) -> list[int]:
         """Per row, the position slot 0 sits at after this pass."""
