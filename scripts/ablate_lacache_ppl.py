@@ -12,11 +12,11 @@ import math
 import time
 from pathlib import Path
 
-from lacache.evaluation.perplexity import streaming_nll
-from lacache.evaluation.report import format_table, write_csv, write_json
-from lacache.models import load_model
+from lacache.lab.evaluation.perplexity import streaming_nll
+from lacache.lab.evaluation.report import format_table, write_csv, write_json
+from lacache.lab.models import load_model
+from lacache.lab.texts import load_essays
 from lacache.registry import make_cache
-from lacache.texts import load_essays
 
 # window is a fraction of the budget ("eighth" = budget // 8, the first default; "quarter" = the current one)
 CONFIGS = [

@@ -15,7 +15,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from lacache import LaCache, load_model
-from lacache.texts import load_essays
+from lacache.lab.texts import load_essays
 
 
 class _Clock(LogitsProcessor):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from lacache import LaCache, load_model
-from lacache.texts import load_essays
+from lacache.lab.texts import load_essays
 
 
 def main() -> None:

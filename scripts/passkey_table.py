@@ -24,7 +24,7 @@ def main(path: str) -> None:
 
 
 def plot(path: str, out: str, title: str) -> None:
-    from lacache.evaluation.passkey import PasskeyTrial, plot_heatmaps
+    from lacache.lab.evaluation.passkey import PasskeyTrial, plot_heatmaps
 
     with open(path) as fh:
         trials = [PasskeyTrial(r["method"], int(r["length"]), float(r["depth"]), int(r["seed"]),

@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from lacache.evaluation.passkey import run_passkey
-from lacache.models import load_model
+from lacache.lab.evaluation.passkey import run_passkey
+from lacache.lab.models import load_model
 
 
 def parse_variant(text: str) -> tuple[str, str, dict]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from lacache.evaluation.perplexity import gap_closed
+from lacache.lab.evaluation.perplexity import gap_closed
 
 
 def main() -> int:

@@ -57,7 +57,7 @@ def bundled_tokenizer_and_tiny_model(layers: int = 4):
     skips the test if the bundled model package is missing."""
     from transformers import AutoTokenizer
 
-    from lacache.models import default_model_dir
+    from lacache.lab.models import default_model_dir
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
@@ -106,7 +106,7 @@ def save_tiny_model(path, layers: int = 2):
     end to end in seconds with nothing downloaded; skips the test if the bundled model package is missing."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from lacache.models import default_model_dir
+    from lacache.lab.models import default_model_dir
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(default_model_dir())

@@ -23,7 +23,7 @@ def tiny_model_dir(path: Path) -> Path:
     """A tiny random Llama saved with the bundled tokenizer, so the commands run end to end in seconds."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from lacache.models import default_model_dir
+    from lacache.lab.models import default_model_dir
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
     torch.manual_seed(0)

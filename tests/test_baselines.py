@@ -5,7 +5,7 @@ import torch
 
 from conftest import policy_observe, policy_select, tiny_llama
 from lacache import H2OCache, KNormCache, TOVACache, make_cache
-from lacache.observe import attention_probs
+from lacache.cache.observe import attention_probs
 from lacache.policies.scores import H2OPolicy, KNormPolicy, TOVAPolicy, keep_top
 from reference import ReferenceStream
 

@@ -10,7 +10,10 @@ import torch
 
 from conftest import tiny_llama
 from lacache import LaCache, StreamingLLMCache
-from lacache.bench import (
+from lacache.cache import SlotLayer
+from lacache.cache.generation import stream_generate
+from lacache.cli import bench as bench_cli
+from lacache.lab.bench import (
     CacheStandIn,
     ReferenceLadderCache,
     bench_cache_update,
@@ -27,9 +30,6 @@ from lacache.bench import (
     plot_prefill,
     plot_stream,
 )
-from lacache.cache import SlotLayer
-from lacache.cli import bench as bench_cli
-from lacache.generation import stream_generate
 
 PNG = b"\x89PNG"
 
@@ -212,7 +212,7 @@ def test_cli_writes_tables_files_and_plots(tmp_path, capsys):
 
 
 def test_cache_only_stream_is_flat_and_matches_the_formula():
-    from lacache.bench import bench_cache_stream, kv_bytes
+    from lacache.lab.bench import bench_cache_stream, kv_bytes
 
     result = bench_cache_stream(tokens=600, budget=64, layers=2, kv_heads=2, head_dim=16, interval=100)
     assert [s["tokens"] for s in result["samples"]] == [100, 200, 300, 400, 500, 600]

@@ -6,7 +6,7 @@ from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 from conftest import tiny_llama
 from lacache import LaCache, StreamingLLMCache
-from lacache.generation import stream_generate
+from lacache.cache.generation import stream_generate
 from reference import ReferenceStream
 
 CACHES = {

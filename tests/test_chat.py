@@ -116,7 +116,7 @@ def test_eof_and_sampling(monkeypatch, capsys, tok_and_model):
 
 @pytest.mark.integration
 def test_real_model_two_turns(monkeypatch, capsys):
-    from lacache.models import load_model
+    from lacache.lab.models import load_model
 
     torch.set_num_threads(1)
     model, tokenizer = load_model()
@@ -134,7 +134,7 @@ def test_real_model_two_turns(monkeypatch, capsys):
 def test_demo_asks_the_shipped_questions_and_keeps_memory_flat(monkeypatch, capsys, tok_and_model):
     """The endless-conversation demo: shipped questions, cycled past their number, a stats line per
     turn with a flat cache size once the budget is reached, a repetition measure at the end."""
-    from lacache.demo import DEMO_QUESTIONS
+    from lacache.lab.demo import DEMO_QUESTIONS
 
     turns = len(DEMO_QUESTIONS) + 2
     records, out = _run(monkeypatch, capsys, [], tok_and_model, "--demo", "--turns", str(turns), "--budget", "48",
@@ -156,7 +156,7 @@ def test_turns_needs_the_demo(monkeypatch, capsys, tok_and_model):
 
 
 def test_distinct_ngram_share():
-    from lacache.demo import distinct_ngram_share, repetition_summary
+    from lacache.lab.demo import distinct_ngram_share, repetition_summary
 
     assert distinct_ngram_share(list(range(1000)), n=4, window=500) == [1.0, 1.0]
     loop = [1, 2, 3, 4, 5] * 200

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lacache import LaCache, StreamingLLMCache
-from lacache.bench import CacheStandIn
+from lacache.lab.bench import CacheStandIn
 
 DEVICES = [torch.device("cpu"), torch.device("meta"), torch.device("cpu"), torch.device("meta")]
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from lacache.cli.main import main as cli_main
-from lacache.evaluation.checkpoint import RunProgress, part_path, progress_path
-from lacache.evaluation.distributed import SINGLE, Shard, merge, shard_from_environment
+from lacache.lab.evaluation.checkpoint import RunProgress, part_path, progress_path
+from lacache.lab.evaluation.distributed import SINGLE, Shard, merge, shard_from_environment
 
 # --- assignment and merge ------------------------------------------------------------------------------------
 
@@ -163,7 +163,7 @@ def _payload(path: Path, rows: str) -> dict:
 # KeyboardInterrupt (as Ctrl-C would) at its third answer of the last command, as an interrupted run.
 DRIVER = """
 import json, os, sys
-import lacache.evaluation.passkey as passkey
+import lacache.lab.evaluation.passkey as passkey
 from lacache.cli.main import main
 commands = json.loads(sys.argv[1])
 for argv in commands[:-1]:

@@ -106,7 +106,7 @@ def test_crop_is_refused_clearly(model):
 def test_stream_generate_refuses_bad_sampling_settings(model, kwargs, pattern):
     """Before, a negative count silently returned [] and NaN/negative sampling settings failed inside
     torch.multinomial (or quietly meant greedy); each is now one ValueError naming the parameter."""
-    from lacache.generation import stream_generate
+    from lacache.cache.generation import stream_generate
 
     kwargs = {"max_new_tokens": 4, **kwargs}
     with pytest.raises(ValueError, match=pattern):
@@ -114,7 +114,7 @@ def test_stream_generate_refuses_bad_sampling_settings(model, kwargs, pattern):
 
 
 def test_stream_generate_with_zero_new_tokens_returns_nothing(model):
-    from lacache.generation import stream_generate
+    from lacache.cache.generation import stream_generate
 
     ids, stats = stream_generate(model, torch.randint(0, 96, (1, 6)), LaCache.from_model(model, budget=64), 0,
                                  temperature=0.7, top_p=1.0, seed=3)

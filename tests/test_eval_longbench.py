@@ -12,9 +12,9 @@ from transformers import AutoTokenizer
 
 from conftest import tiny_llama
 from lacache.cli import eval_longbench as lb_cli
-from lacache.evaluation import longbench as lb
-from lacache.evaluation import metrics as m
-from lacache.models import default_model_dir
+from lacache.lab.evaluation import longbench as lb
+from lacache.lab.evaluation import metrics as m
+from lacache.lab.models import default_model_dir
 
 FIXTURE = Path(__file__).parent / "fixtures" / "longbench"
 
@@ -289,9 +289,9 @@ def test_cli_parser_defaults_and_exclusive_sources():
 
 
 def test_run_cli_on_fixture_with_injected_tiny_model(tokenizer, tiny, tmp_path, monkeypatch, capsys):
-    import lacache.models
+    import lacache.lab.models
 
-    monkeypatch.setattr(lacache.models, "load_model", lambda *a, **k: (tiny, tokenizer))
+    monkeypatch.setattr(lacache.lab.models, "load_model", lambda *a, **k: (tiny, tokenizer))
     args = _parse(["--data", str(FIXTURE), "--datasets", "trec, lcc", "--limit", "1", "--methods", "full,lacache",
                    "--budget", "40", "--option", "lacache.sinks=2", "--max-length", "90", "--out", str(tmp_path)])
     trials = lb_cli.run_cli(args)
@@ -309,9 +309,9 @@ def test_run_cli_on_fixture_with_injected_tiny_model(tokenizer, tiny, tmp_path, 
 
 
 def test_run_cli_rejects_unknown_method_before_loading(monkeypatch):
-    import lacache.models
+    import lacache.lab.models
 
-    monkeypatch.setattr(lacache.models, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(lacache.lab.models, "load_model", lambda *a, **k: pytest.fail("model loaded"))
     with pytest.raises(ValueError, match="not known"):
         lb_cli.run_cli(_parse(["--data", str(FIXTURE), "--methods", "full,bogus"]))
     with pytest.raises(ValueError, match="not supported"):

@@ -6,8 +6,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from conftest import tiny_llama
-from lacache.evaluation.passkey import accuracy_grid, build_passkey_prompt, plot_heatmaps, run_passkey
-from lacache.models import default_model_dir
+from lacache.lab.evaluation.passkey import accuracy_grid, build_passkey_prompt, plot_heatmaps, run_passkey
+from lacache.lab.models import default_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_harness_end_to_end_on_tiny_model(tokenizer, tmp_path):
 
 
 def test_scoring_counts_a_key_anywhere_in_the_answer():
-    from lacache.evaluation.passkey import PasskeyTrial
+    from lacache.lab.evaluation.passkey import PasskeyTrial
 
     t = PasskeyTrial("x", 10, 0.5, 0, 5, "12345", " 12345. Remember", True, 0.1)
     _, _, grid = accuracy_grid([t, PasskeyTrial("x", 10, 0.5, 1, 5, "54321", " 5432", False, 0.1)], "x")

@@ -10,8 +10,8 @@ import torch
 from conftest import save_tiny_model, tiny_llama
 from lacache.cli import main as cli_main
 from lacache.cli import parse_method_options
-from lacache.evaluation.perplexity import evaluate_ppl_grid, streaming_nll, window_ppl
-from lacache.evaluation.report import format_table, ppl_table_rows
+from lacache.lab.evaluation.perplexity import evaluate_ppl_grid, streaming_nll, window_ppl
+from lacache.lab.evaluation.report import format_table, ppl_table_rows
 from lacache.registry import make_cache
 
 
@@ -114,7 +114,7 @@ def test_a_batch_of_texts_gives_each_text_its_own_stream():
     assert results[0].step == 256  # the full cache is exact at any step, so it is fed in big forwards
     headers, table = ppl_table_rows(results)
     assert headers[:2] == ["text", "method"] and len(table) == 9
-    from lacache.evaluation.report import gap_table_rows
+    from lacache.lab.evaluation.report import gap_table_rows
 
     gap_headers, gaps = gap_table_rows(results)
     assert gap_headers == ["text", "method", "budget 24"] and [row[:2] for row in gaps] == [
@@ -124,7 +124,7 @@ def test_a_batch_of_texts_gives_each_text_its_own_stream():
 
 
 def test_gap_closed():
-    from lacache.evaluation.perplexity import gap_closed
+    from lacache.lab.evaluation.perplexity import gap_closed
 
     assert gap_closed(8.0, 10.0, 6.0) == pytest.approx(0.5)
     assert gap_closed(6.0, 10.0, 6.0) == pytest.approx(1.0)

@@ -11,8 +11,8 @@ from transformers import AutoTokenizer
 
 from conftest import tiny_llama
 from lacache.cli import eval_ruler as ruler_cli
-from lacache.evaluation import ruler
-from lacache.evaluation.ruler import (
+from lacache.lab.evaluation import ruler
+from lacache.lab.evaluation.ruler import (
     TASK_NEW_TOKENS,
     TASKS,
     RulerTrial,
@@ -23,7 +23,7 @@ from lacache.evaluation.ruler import (
     string_match_all,
     summary_table,
 )
-from lacache.models import default_model_dir
+from lacache.lab.models import default_model_dir
 
 LENGTH = 320
 

@@ -22,13 +22,13 @@ def prompt():
 def built(monkeypatch):
     """Every cache lacache.generate builds during the test, in order."""
     caches = []
-    real = lacache.hub_generate.make_cache
+    real = lacache.cache.hub_generate.make_cache
 
     def spy(*args, **kwargs):
         caches.append(real(*args, **kwargs))
         return caches[-1]
 
-    monkeypatch.setattr(lacache.hub_generate, "make_cache", spy)
+    monkeypatch.setattr(lacache.cache.hub_generate, "make_cache", spy)
     return caches
 
 
@@ -133,7 +133,7 @@ def test_hub_folder_contract(model, prompt, tmp_path):
     """What transformers does with custom_generate="<repo or folder>": load custom_generate/generate.py."""
     folder = tmp_path / "repo" / "custom_generate"
     folder.mkdir(parents=True)
-    (folder / "generate.py").write_text("from lacache.hub_generate import generate  # noqa: F401\n")
+    (folder / "generate.py").write_text("from lacache.cache.hub_generate import generate  # noqa: F401\n")
     (folder / "requirements.txt").write_text("lacache\n")
     expected = model.generate(prompt, cache=LaCache.from_model(model, budget=32), max_new_tokens=30, do_sample=False)
     got = model.generate(

@@ -8,7 +8,7 @@ import torch
 
 from conftest import bundled_tokenizer_and_tiny_model, tiny_llama
 from lacache import make_cache
-from lacache.inspect import ROLES, RetentionMap, draw, retention, watch
+from lacache.lab.inspect import ROLES, RetentionMap, draw, retention, watch
 
 CODE = {role: code for code, role in enumerate(ROLES)}
 
@@ -124,10 +124,10 @@ def test_draw_writes_png_and_svg(tmp_path):
 
 @pytest.fixture
 def tiny_pair(monkeypatch):
-    import lacache.models
+    import lacache.lab.models
 
     tokenizer, model = bundled_tokenizer_and_tiny_model(layers=6)
-    monkeypatch.setattr(lacache.models, "load_model", lambda *a, **k: (model, tokenizer))
+    monkeypatch.setattr(lacache.lab.models, "load_model", lambda *a, **k: (model, tokenizer))
     return model, tokenizer
 
 

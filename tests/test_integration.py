@@ -8,7 +8,7 @@ import torch
 from conftest import generate_like_full_cache
 from lacache import LaCache, StreamingLLMCache, load_model
 from lacache.cli import main as cli_main
-from lacache.texts import load_essays
+from lacache.lab.texts import load_essays
 from reference import ReferenceStream
 
 pytestmark = pytest.mark.integration

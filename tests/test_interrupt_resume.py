@@ -18,7 +18,12 @@ from pathlib import Path
 import pytest
 
 from lacache.cli.main import main as cli_main
-from lacache.evaluation.checkpoint import RunProgress, atomic_write, check_output_file, check_output_folder
+from lacache.lab.evaluation.checkpoint import (
+    RunProgress,
+    atomic_write,
+    check_output_file,
+    check_output_folder,
+)
 
 FIXTURE = Path(__file__).parent / "fixtures" / "longbench"
 
@@ -86,9 +91,9 @@ def interrupted(tiny_model_dir, tmp_path_factory):
         "ppl": Interrupted(_ppl_argv(tiny_model_dir, text, root / "ppl"), root / "ppl", "ppl", 2),
         "decode": Interrupted(_decode_argv(root / "decode"), root / "decode", "decode", 1),
     }
-    plan = {"paced": [["lacache.evaluation.passkey", "greedy_answer", 0.3],
-                      ["lacache.evaluation.perplexity", "streaming_nll", 0.6],
-                      ["lacache.bench.decode", "stream_tokens", 0.6]],
+    plan = {"paced": [["lacache.lab.evaluation.passkey", "greedy_answer", 0.3],
+                      ["lacache.lab.evaluation.perplexity", "streaming_nll", 0.6],
+                      ["lacache.lab.bench.decode", "stream_tokens", 0.6]],
             "commands": [run.argv for run in runs.values()]}
     stdout, stderr = root / "stdout.txt", root / "stderr.txt"
     with open(stdout, "w") as out, open(stderr, "w") as err:
@@ -189,7 +194,7 @@ def test_sigint_during_bench_decode_keeps_methods_and_resume_completes(interrupt
 
 def test_interrupted_longbench_resumes_to_the_same_scores(tiny_model_dir, tmp_path, monkeypatch, capsys):
     """The LongBench trial keys (dataset, position, id, method): Ctrl-C after two answers, then --resume."""
-    import lacache.evaluation.longbench as longbench
+    import lacache.lab.evaluation.longbench as longbench
 
     argv = ["eval", "longbench", "--model", str(tiny_model_dir), "--data", str(FIXTURE), "--datasets", "trec,lcc",
             "--limit", "2", "--methods", "full,lacache", "--budget", "40", "--max-length", "90",
@@ -215,7 +220,7 @@ def test_interrupted_longbench_resumes_to_the_same_scores(tiny_model_dir, tmp_pa
 
 
 def test_resume_refuses_other_settings_and_runs_only_new_methods(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    import lacache.evaluation.passkey as passkey
+    import lacache.lab.evaluation.passkey as passkey
 
     argv = ["eval", "passkey", "--model", str(tiny_model_dir), "--lengths", "100", "--depths", "0.5", "--seeds", "1",
             "--methods", "full", "--out", str(tmp_path)]
@@ -248,12 +253,12 @@ def test_resume_refuses_other_settings_and_runs_only_new_methods(tiny_model_dir,
 @pytest.fixture
 def no_model(monkeypatch):
     """Loading a model fails the test: a bad destination must be refused before that."""
-    import lacache.bench
-    import lacache.models
+    import lacache.lab.bench
+    import lacache.lab.models
 
-    monkeypatch.setattr(lacache.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
-    monkeypatch.setattr(lacache.bench, "tiny_model", lambda *a, **k: pytest.fail("the model was built"))
-    monkeypatch.setattr(lacache.bench, "bench_cache_update", lambda *a, **k: pytest.fail("the benchmark ran"))
+    monkeypatch.setattr(lacache.lab.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(lacache.lab.bench, "tiny_model", lambda *a, **k: pytest.fail("the model was built"))
+    monkeypatch.setattr(lacache.lab.bench, "bench_cache_update", lambda *a, **k: pytest.fail("the benchmark ran"))
 
 
 @pytest.mark.parametrize("command", [
@@ -344,7 +349,7 @@ def test_atomic_write_replaces_the_whole_file_or_leaves_the_old_one(tmp_path):
 
 
 def test_write_csv_interrupted_keeps_the_previous_results(tmp_path):
-    from lacache.evaluation.report import write_csv
+    from lacache.lab.evaluation.report import write_csv
 
     path = tmp_path / "rows.csv"
     write_csv(path, ["a"], [[1]])

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lacache.ladder import default_span_overlap, ladder_geometry
 from lacache.policies.ladder import ladder_plan
+from lacache.policies.ladder_geometry import default_span_overlap, ladder_geometry
 from lacache.policies.plan import identity_plan
 from lacache.policies.streaming import window_plan
 

@@ -220,7 +220,7 @@ def test_a_second_generate_is_refused_and_reset_gives_a_fresh_cache(model, metho
 
 
 def test_continuing_a_stream_in_pieces_is_not_refused(model):
-    """The legitimate continuations: absolute positions (generate) and slot positions (lacache.generation)."""
+    """The legitimate continuations: absolute positions (generate) and slot positions (lacache.cache.generation)."""
     cache = make_cache("lacache", model, budget=24)
     with torch.no_grad():
         model(_ids(14, 40), cache=cache)

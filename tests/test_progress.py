@@ -5,9 +5,9 @@ import io
 
 import pytest
 
-import lacache.progress as progress_module
+import lacache.lab.progress as progress_module
 from lacache.cli.main import main as cli_main
-from lacache.progress import Progress, as_progress, progress_mode
+from lacache.lab.progress import Progress, as_progress, progress_mode
 
 
 class Terminal(io.StringIO):

@@ -3,7 +3,7 @@
 ``AuthorsReplay`` re-plays, with plain Python lists, what the authors' ``LaCache.__call__`` does to
 a cache of ``n`` slots (read from their code and restated here, including what goes wrong in it: it
 reports duplicate or out-of-order slots and reads past the cache instead of raising). It shares no
-code with ``lacache.ladder_reference``; the tests compare the two on index streams, then the cache
+code with ``lacache.policies.authors_schedule``; the tests compare the two on index streams, then the cache
 built with ``schedule="reference"`` on a model.
 """
 
@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 
 from conftest import tiny_llama
 from lacache import LaCache, make_cache
-from lacache.ladder import ladder_geometry
-from lacache.ladder_reference import ReferenceState, reference_compaction
+from lacache.policies.authors_schedule import ReferenceState, reference_compaction
+from lacache.policies.ladder_geometry import ladder_geometry
 from reference import ReferenceStream
 
 

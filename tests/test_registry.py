@@ -8,7 +8,7 @@ import lacache
 from conftest import tiny_llama
 from lacache import registry
 from lacache.cache import BoundedCache, build_bounded_cache
-from lacache.generation import stream_generate
+from lacache.cache.generation import stream_generate
 from lacache.policies import CompactionPlan, IndexPolicy
 
 

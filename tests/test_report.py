@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 from lacache.cli import main as cli_main
-from lacache.report.discover import discover
-from lacache.report.markdown import REGION, markdown_table, regenerate_markdown
-from lacache.report.records import PplRecord, ppl_from_csv, ppl_from_payload
-from lacache.report.tables import Cell, Table, ppl_table
-from lacache.runinfo import command_context, run_record, with_run_record
+from lacache.lab.report.discover import discover
+from lacache.lab.report.markdown import REGION, markdown_table, regenerate_markdown
+from lacache.lab.report.records import PplRecord, ppl_from_csv, ppl_from_payload
+from lacache.lab.report.tables import Cell, Table, ppl_table
+from lacache.lab.runinfo import command_context, run_record, with_run_record
 from report_runs import OLD_PROBLEMS, make_runs, tiny_model_dir
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"

@@ -5,8 +5,8 @@ import torch
 
 from conftest import policy_observe, policy_select, tiny_llama
 from lacache import LaCache
-from lacache.ladder import ladder_geometry
 from lacache.policies.ladder import ladder_plan
+from lacache.policies.ladder_geometry import ladder_geometry
 from lacache.policies.salient import SalientLadderPolicy
 from test_cache import kept_sets, run_against_reference
 

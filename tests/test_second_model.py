@@ -6,7 +6,7 @@ import pytest
 
 from conftest import generate_like_full_cache
 from lacache import LaCache, load_model
-from lacache.models import SECOND_GGUF_PACKAGE, SECOND_MODEL_NAME
+from lacache.lab.models import SECOND_GGUF_PACKAGE, SECOND_MODEL_NAME
 from test_families import kept_sets, replay_error
 
 pytestmark = [

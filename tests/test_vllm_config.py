@@ -5,7 +5,7 @@ import torch
 
 from conftest import tiny_llama
 from lacache import LaCache
-from lacache.generation import stream_generate
+from lacache.cache.generation import stream_generate
 from lacache.vllm.config import parse_config
 from lacache.vllm.slots import RequestSlots
 

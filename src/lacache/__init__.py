@@ -1,8 +1,19 @@
-"""lacache: fixed-memory, ladder-shaped KV caches for Hugging Face transformers causal LMs."""
+"""lacache: fixed-memory, ladder-shaped KV caches for Hugging Face transformers causal LMs.
 
+The package reads in three parts, with the command line on top:
+
+* the rule — ``lacache.policies`` (which slots survive; pure slot arithmetic) and ``lacache.registry``
+  (every method: its policy, what it reads, its options, whether vLLM serves it);
+* the two backends — ``lacache.cache`` (a transformers ``Cache`` and its generation loops) and
+  ``lacache.vllm`` (a plugin for vLLM's paged KV cache), both applying the same rule;
+* the lab — ``lacache.lab`` (bundled models and texts, evaluations, benchmarks, reports, inspector,
+  chat), and ``lacache.cli`` over all of it.
+"""
+
+from . import _moved
 from .cache import BoundedCache, H2OCache, KNormCache, LaCache, StreamingLLMCache, TOVACache
-from .hub_generate import generate
-from .ladder import default_span_overlap, ladder_geometry
+from .cache.hub_generate import generate
+from .policies.ladder_geometry import default_span_overlap, ladder_geometry
 from .registry import make_cache
 
 __all__ = [
@@ -23,6 +34,8 @@ __all__ = [
 
 __version__ = "0.1.0"
 
+_moved.install()  # old module paths (lacache.models, lacache.evaluation, ...) keep working
+
 
 def __getattr__(name):
     # Heavy or optional pieces load on first use, so `import lacache` stays quick.
@@ -31,11 +44,11 @@ def __getattr__(name):
 
         return registry.METHODS
     if name == "load_model":
-        from .models import load_model
+        from .lab.models import load_model
 
         return load_model
     if name == "stream_generate":
-        from .generation import stream_generate
+        from .cache.generation import stream_generate
 
         return stream_generate
     raise AttributeError(f"module 'lacache' has no attribute {name!r}")

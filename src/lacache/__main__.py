@@ -7,7 +7,7 @@ outside :mod:`lacache.cli` that may import the command line.
 
 import sys
 
-from lacache.cli.main import main
+from .cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main())

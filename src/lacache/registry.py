@@ -15,7 +15,7 @@ from transformers import DynamicCache
 
 from .cache import H2OCache, KNormCache, LaCache, StreamingLLMCache, TOVACache
 
-__all__ = ["Method", "METHODS", "SUITES", "method_spec", "variant", "default_methods", "check_methods", "make_cache", "register",
+__all__ = ["Method", "METHODS", "unbounded_method", "baseline_method", "default_method", "SUITES", "method_spec", "variant", "default_methods", "check_methods", "make_cache", "register",
            "option_names"]
 
 #: the runs whose default method list a method can be part of
@@ -45,6 +45,10 @@ class Method:
     bounded: bool = True
     #: default method lists (see ``SUITES``) this method is part of
     suites: frozenset = _ALL
+    #: the bounded baseline of gap-closed tables (one entry)
+    baseline: bool = False
+    #: what commands run when no method is named (one entry)
+    default: bool = False
 
     def make(self, model, budget: int | None = None, **options):
         """A fresh cache of this method for ``model`` (``budget`` slots per layer if bounded)."""
@@ -57,9 +61,10 @@ class Method:
 
 _SPECS = (
     Method("full", _full_cache, "every token (transformers' DynamicCache): the unbounded reference", bounded=False),
-    Method("streaming", StreamingLLMCache.from_model, "StreamingLLM: sinks + the most recent tokens"),
+    Method("streaming", StreamingLLMCache.from_model, "StreamingLLM: sinks + the most recent tokens", baseline=True),
     Method("lacache", LaCache.from_model,
-           "LaCache at its defaults: the ladder on the authors' schedule (chosen on held-out perplexity)"),
+           "LaCache at its defaults: the ladder on the authors' schedule (chosen on held-out perplexity)",
+           default=True),
     Method("lacache-capped", LaCache.from_model,
            "LaCache on the capped schedule: never over budget, window budget/4, compaction every budget/16 tokens",
            defaults=MappingProxyType({"schedule": "capped"}), suites=frozenset({"ppl", "passkey", "ruler"})),
@@ -115,6 +120,22 @@ def method_spec(name: str) -> Method:
     if spec is None:
         raise ValueError(f"method={name!r} is not one of {METHODS}; e.g. method='lacache'")
     return spec
+
+
+def unbounded_method() -> str:
+    """The method every bounded one is compared with: the one entry that takes no budget (``full``)."""
+    return next(spec.name for spec in _BY_NAME.values() if not spec.bounded)
+
+
+def baseline_method() -> str:
+    """The bounded baseline of gap-closed tables (how much of the gap between it and the unbounded
+    cache a method closes): the entry marked ``baseline`` (``streaming``)."""
+    return next(spec.name for spec in _BY_NAME.values() if spec.baseline)
+
+
+def default_method() -> str:
+    """The method a command runs when none is named: the entry marked ``default`` (``lacache``)."""
+    return next(spec.name for spec in _BY_NAME.values() if spec.default)
 
 
 def default_methods(suite: str) -> tuple[str, ...]:

@@ -11,7 +11,7 @@ def main() -> None:
     from vllm import LLM, SamplingParams
 
     from lacache import load_model, make_cache
-    from lacache.models import default_model_dir
+    from lacache.lab.models import default_model_dir
 
     new = int(sys.argv[1])
     model, tokenizer = load_model(None)

@@ -15,7 +15,7 @@ _ENGINES = []  # kept alive: tearing an engine down in-process breaks the next o
 def _engine(budget: int, blocks: int):
     from vllm import LLM
 
-    from lacache.models import default_model_dir
+    from lacache.lab.models import default_model_dir
 
     llm = LLM(model=str(default_model_dir()), dtype="float32", enforce_eager=True, max_model_len=2048,
               enable_prefix_caching=False, gpu_memory_utilization=0.3, num_gpu_blocks_override=blocks,

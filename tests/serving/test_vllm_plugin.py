@@ -36,7 +36,7 @@ def _engine(model_dir, **lacache):
 @pytest.fixture(scope="module")
 def bundled():
     from lacache import load_model
-    from lacache.models import default_model_dir
+    from lacache.lab.models import default_model_dir
 
     model, tokenizer = load_model(None)
     return model, tokenizer, default_model_dir()

@@ -30,7 +30,7 @@ def test_openai_server_serves_bounded_requests(tmp_path):
     import torch
 
     from lacache import load_model, make_cache
-    from lacache.models import default_model_dir
+    from lacache.lab.models import default_model_dir
 
     model, tokenizer = load_model(None)
     model_dir, port = str(default_model_dir()), _free_port()

@@ -8,7 +8,7 @@
 """
 
 from .bounded import POSITION_MODES, BoundedCache
-from .methods import H2OCache, KNormCache, LaCache, StreamingLLMCache, TOVACache, build_bounded_cache
+from .classes import H2OCache, KNormCache, LaCache, StreamingLLMCache, TOVACache, build_bounded_cache
 from .storage import SlotLayer
 
 __all__ = ["BoundedCache", "LaCache", "StreamingLLMCache", "TOVACache", "H2OCache", "KNormCache", "SlotLayer",

@@ -6,7 +6,7 @@ A ``Cache.update`` sees keys and values only. Three things need more of the forw
 * refusing misuse needs to know that a forward comes from a model like the one the cache was built
   for (layer count, head shape, RoPE frequencies) and that it continues the cache's stream;
 * attention-score policies (TOVA, H2O) need each attention layer's input, to recompute the query
-  (``lacache.observe``).
+  (``lacache.cache.observe``).
 
 Forward pre-hooks provide them. They are installed once per model, not once per cache, and each
 one acts on the cache found in the forward's *own* keyword arguments (``cache=`` or
@@ -26,9 +26,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..observe import attention_modules
 from ..rope import Rotator
 from .bounded import BoundedCache
+from .observe import attention_modules
 
 __all__ = ["ModelSignature", "ModelHooks", "attach_cache", "model_signature", "hooks_for"]
 

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache
 
-from ..observe import QueryObserver, attention_probs
 from ..policies.base import LayerView, RetentionPolicy
 from ..rope import Rotator
+from .observe import QueryObserver, attention_probs
 from .padded import PaddedRows
 from .positions import STRATEGIES, StepPositions, rotation_for
 from .storage import SlotLayer
@@ -299,7 +299,7 @@ class BoundedCache(Cache):
         """Refuse a forward whose positions go back into the stream already held (a second ``generate()``).
 
         A continuation's first new token sits at ``seen`` (absolute positions, as ``generate()`` counts)
-        or at ``num_slots`` (positions counted by slot, as ``lacache.generation`` does); later positions
+        or at ``num_slots`` (positions counted by slot, as ``lacache.cache.generation`` does); later positions
         are allowed (gaps are the caller's choice).
         """
         if not self.seen:

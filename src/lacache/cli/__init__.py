@@ -1,7 +1,7 @@
 """The ``lacache`` command line: ``generate``, ``eval``, ``bench`` and ``chat``.
 
 Only this package parses arguments; it turns them into plain values for the library
-(:mod:`lacache.evaluation`, :mod:`lacache.bench`, :mod:`lacache.chat`), which never imports it.
+(:mod:`lacache.lab.evaluation`, :mod:`lacache.lab.bench`, :mod:`lacache.lab.chat`), which never imports it.
 """
 
 from .common import parse_method_options

@@ -3,7 +3,7 @@
 Wire it into the top-level parser with ``add_parser(subparsers)`` and run the parsed arguments with
 ``run_cli(args)`` (``args.command == "bench"``). Sub-commands: ``decode``, ``memory``, ``stream``,
 ``cache``, ``prefill`` and ``all`` (a quick version of each); each writes ``<out>/<name>.csv``,
-``.json`` and ``.png`` and prints a table. The measurements live in :mod:`lacache.bench`.
+``.json`` and ``.png`` and prints a table. The measurements live in :mod:`lacache.lab.bench`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..evaluation.checkpoint import RunProgress, check_output_folder
+from ..lab.evaluation.checkpoint import RunProgress, check_output_folder
 from . import bench_vllm, values
 from .common import (
     add_dtype_argument,
@@ -156,7 +156,7 @@ def _model_description(args) -> str:
     """How reports name the model ``_load`` gives (known before loading it, so a run's record can hold it)."""
     if getattr(args, "tiny", False):
         return f"random tiny Llama ({args.tiny_layers} layers, hidden {args.tiny_hidden})"
-    from ..models import model_label
+    from ..lab.models import model_label
 
     return model_label(args.model)
 
@@ -187,7 +187,7 @@ def _token_ids(model, tokenizer, n: int, seed: int, random_ids: bool = False):
     import torch
 
     if tokenizer is not None and not random_ids:
-        from ..texts import ESSAY_SEPARATOR, load_essays
+        from ..lab.texts import ESSAY_SEPARATOR, load_essays
 
         chars = 8 * n + 64
         ids = None
@@ -217,8 +217,8 @@ def _mb(x) -> float | None:
 
 
 def _write(out: Path, name: str, rows: list[dict], payload: dict) -> None:
-    from ..evaluation.report import write_csv, write_json
-    from ..runinfo import with_run_record
+    from ..lab.evaluation.report import write_csv, write_json
+    from ..lab.runinfo import with_run_record
 
     out.mkdir(parents=True, exist_ok=True)
     headers = list(dict.fromkeys(k for r in rows for k in r))
@@ -228,7 +228,7 @@ def _write(out: Path, name: str, rows: list[dict], payload: dict) -> None:
 
 def _table(rows: list[dict], columns: list[tuple[str, str, object]]) -> str:
     """Rows as a text table; ``columns`` are (header, key, transform or None)."""
-    from ..evaluation.report import format_table
+    from ..lab.evaluation.report import format_table
 
     body = []
     for r in rows:
@@ -268,7 +268,7 @@ MEMORY_KEYS = ["method", "budget", "last", "context", "cache_slots", "cache_byte
 
 
 def _write_memory(out: Path, payload: dict) -> None:
-    from ..bench import plot_memory
+    from ..lab.bench import plot_memory
 
     rows = [{k: r.get(k) for k in MEMORY_KEYS} for r in payload["rows"]]
     _write(out, "memory", rows, {**payload, "rows": rows})
@@ -636,7 +636,7 @@ def run_all(args: argparse.Namespace) -> dict:
 
 def run_cli(args: argparse.Namespace) -> dict:
     """Run the benchmark named by ``args.benchmark``; raises ``ValueError`` for bad options."""
-    from ..evaluation.distributed import shard_from_environment
+    from ..lab.evaluation.distributed import shard_from_environment
 
     runners = {"decode": lambda a: run_decode(a, write_memory=True), "memory": run_memory, "stream": run_stream,
                "cache": run_cache, "prefill": run_prefill, "all": run_all, "vllm": bench_vllm.run_cli}

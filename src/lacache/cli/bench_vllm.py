@@ -45,8 +45,8 @@ def run_cli(args: argparse.Namespace) -> dict:
     except ImportError:
         raise ValueError("bench vllm needs vLLM: run it in the environment `make test-vllm` builds "
                          "(.venv-vllm/bin/lacache bench vllm)") from None
-    from ..models import default_model_dir, load_model, model_label
-    from ..texts import load_essays
+    from ..lab.models import default_model_dir, load_model, model_label
+    from ..lab.texts import load_essays
 
     settings = {name: getattr(args, name) for name in ("dtype", "budget", "tokens", "batch", "window", "prompt_tokens",
                                                         "requests", "request_tokens", "pool_blocks", "step_tokens")}
@@ -92,10 +92,10 @@ def _capacity_meter(args: argparse.Namespace):
 
 def _run_parts(args: argparse.Namespace, model_dir: str, ids: list[int], record, out: Path) -> dict:
     """Run (or reuse from ``record``) the parts ``--part`` asks for; write their CSV, plot and vllm.json."""
-    from ..bench.vllm_serving import bench_vllm_capacity, bench_vllm_stream
-    from ..evaluation.report import format_table, write_csv, write_json
-    from ..models import model_label
-    from ..runinfo import with_run_record
+    from ..lab.bench.vllm_serving import bench_vllm_capacity, bench_vllm_stream
+    from ..lab.evaluation.report import format_table, write_csv, write_json
+    from ..lab.models import model_label
+    from ..lab.runinfo import with_run_record
 
     def part(name: str, run) -> list[dict]:
         if (name,) not in record.finished:

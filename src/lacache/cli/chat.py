@@ -1,6 +1,6 @@
 """``lacache chat``: an interactive multi-turn chat whose whole conversation lives in one bounded cache.
 
-Each user line becomes a chat-template turn fed to a :class:`lacache.chat.ChatSession`, and the
+Each user line becomes a chat-template turn fed to a :class:`lacache.lab.chat.ChatSession`, and the
 reply is streamed token by token through lacache's own ``stream_tokens``. Commands: ``/stats``,
 ``/reset`` (a new conversation with a fresh cache), ``/quit`` (or end of input).
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..chat import ChatSession, TurnRecord, eos_ids, stats_line
+from ..lab.chat import ChatSession, TurnRecord, eos_ids, stats_line
 from ..registry import METHODS
 from . import values
 from .common import add_dtype_argument, add_model_argument, load_model_for, positive_int
@@ -174,7 +174,7 @@ def _demo_lines(turns: int | None):
     """The demo's user lines: each shipped question once, ``turns`` of them cycling, or forever (0)."""
     from itertools import cycle, islice
 
-    from ..demo import DEMO_QUESTIONS
+    from ..lab.demo import DEMO_QUESTIONS
 
     if turns is None:
         turns = len(DEMO_QUESTIONS)
@@ -184,7 +184,7 @@ def _demo_lines(turns: int | None):
 
 def _demo_summary(records: list[TurnRecord], replies: list[int], args) -> str:
     """The demo's last line: how far past the budget the conversation went, and how repetitive the replies were."""
-    from ..demo import repetition_summary
+    from ..lab.demo import repetition_summary
 
     seen = records[-1].seen
     budget = "" if args.method == "full" else f" = {seen / args.budget:.1f}x the budget of {args.budget}"

@@ -211,7 +211,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, suite: str, out: str, out
 
 def add_prefill_arguments(parser: argparse.ArgumentParser, budget: float, prefill: str, chunk: int) -> None:
     """``--budget`` (a fraction of each prompt or slots), ``--prefill`` and ``--prefill-chunk``."""
-    from ..evaluation.common import PREFILLS
+    from ..lab.evaluation.common import PREFILLS
 
     parser.add_argument("--budget", type=float, default=budget, help="< 1: fraction of the prompt; >= 1: slots per layer")
     parser.add_argument("--prefill", choices=list(PREFILLS), default=prefill)
@@ -229,8 +229,8 @@ def load_model_for(args: argparse.Namespace, device=None, shard=None):
     """
     from transformers.utils import logging
 
-    from ..evaluation.distributed import SINGLE, device_for, main_first
-    from ..models import load_model, model_label
+    from ..lab.evaluation.distributed import SINGLE, device_for, main_first
+    from ..lab.models import load_model, model_label
 
     shard = shard or SINGLE
     if not shard.main:  # the main process speaks for the run; the others stay quiet
@@ -251,11 +251,11 @@ def load_model_for(args: argparse.Namespace, device=None, shard=None):
 
 
 def progress_for(args: argparse.Namespace, desc: str, unit: str = "trial", units: str | None = None, shard=None):
-    """How a command shows its progress (:class:`lacache.progress.Progress`): nothing under ``--quiet``
+    """How a command shows its progress (:class:`lacache.lab.progress.Progress`): nothing under ``--quiet``
     (or ``--no-progress``), nor in the processes of a distributed launch but the main one, whose
     counts are of its own share."""
-    from ..evaluation.distributed import SINGLE
-    from ..progress import Progress
+    from ..lab.evaluation.distributed import SINGLE
+    from ..lab.progress import Progress
 
     shard = shard or SINGLE
     if shard.distributed:

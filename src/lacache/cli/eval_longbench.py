@@ -6,7 +6,7 @@ import argparse
 import json
 from collections.abc import Sequence
 
-from ..evaluation.longbench import (
+from ..lab.evaluation.longbench import (
     PROMPTS,
     LongBenchRecord,
     LongBenchTrial,
@@ -69,8 +69,8 @@ def run_cli(args) -> list[LongBenchTrial]:
     from dataclasses import asdict
 
     from .. import models
-    from ..evaluation.distributed import join
-    from ..evaluation.report import write_run
+    from ..lab.evaluation.distributed import join
+    from ..lab.evaluation.report import write_run
 
     values.check_values(args)
     methods = common.run_methods(args)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..evaluation.passkey import FILLERS
+from ..lab.evaluation.passkey import FILLERS
 from . import common, values
 from .resume import method_settings, open_run
 
@@ -43,9 +43,9 @@ def run_cli(args) -> list:
     from dataclasses import asdict
 
     from .. import models
-    from ..evaluation.distributed import join
-    from ..evaluation.passkey import PasskeyTrial, plot_heatmaps, run_passkey, trial_dicts
-    from ..evaluation.report import write_run
+    from ..lab.evaluation.distributed import join
+    from ..lab.evaluation.passkey import PasskeyTrial, plot_heatmaps, run_passkey, trial_dicts
+    from ..lab.evaluation.report import write_run
 
     values.check_values(args)
     methods = common.run_methods(args)

@@ -18,7 +18,7 @@ def add_parser(tasks_subparsers) -> argparse.ArgumentParser:
     ppl.add_argument("--tokens", type=common.positive_int, default=4000, help="tokens of text to evaluate")
     ppl.add_argument("--texts", default=None,
                      help="comma-separated offline texts streamed together as one batch, from "
-                          "essays,tempest,kjv (default: essays); see lacache.texts")
+                          "essays,tempest,kjv (default: essays); see lacache.lab.texts")
     ppl.add_argument("--text-file", default=None, help="plain-text file (default: the bundled Paul Graham essays)")
     ppl.add_argument("--dataset", default=None,
                      help="NAME[:CONFIG] through `datasets` (needs internet), e.g. wikitext:wikitext-2-raw-v1")
@@ -35,7 +35,7 @@ def load_eval_texts(names: str | None, text_file: str | None, dataset: str | Non
         return {text_file or dataset or "essays": load_eval_text(text_file, dataset)}
     if text_file or dataset:
         raise ValueError("give --texts, --text-file or --dataset, not several")
-    from ..texts import TEXTS, load_text
+    from ..lab.texts import TEXTS, load_text
 
     chosen = common.names(names, sorted(TEXTS), "texts")
     return {name: load_text(name, chars) for name in chosen}
@@ -61,7 +61,7 @@ def load_eval_text(text_file: str | None, dataset: str | None) -> str:
         name, _, config = dataset.partition(":")
         data = datasets.load_dataset(name, config or None, split="test")
         return "\n\n".join(row["text"] for row in data)
-    from ..texts import load_essays
+    from ..lab.texts import load_essays
 
     return load_essays()
 
@@ -79,8 +79,8 @@ def tokenize_prefix(tokenizer, text: str, tokens: int):
 def run_cli(args) -> list:
     """``lacache eval ppl``: run the grid, print the table, write ppl.csv/json/png into ``--out``."""
     from .. import models
-    from ..evaluation.distributed import join
-    from ..evaluation.perplexity import PPLResult, evaluate_ppl_grid
+    from ..lab.evaluation.distributed import join
+    from ..lab.evaluation.perplexity import PPLResult, evaluate_ppl_grid
 
     values.check_values(args)
     methods = common.run_methods(args)
@@ -119,7 +119,7 @@ def run_cli(args) -> list:
 def _report(args, model, methods, texts: dict[str, str], length: int, results: list) -> None:
     """Print the tables and write ppl.csv/json/png into ``--out``."""
     from .. import models
-    from ..evaluation.report import (
+    from ..lab.evaluation.report import (
         format_table,
         gap_table_rows,
         plot_ppl_by_position,

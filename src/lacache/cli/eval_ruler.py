@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..evaluation.passkey import FILLERS
-from ..evaluation.ruler import DEFAULT_LENGTHS, TASKS, plot_scores, run_ruler, summary_table, trial_dicts
+from ..lab.evaluation.passkey import FILLERS
+from ..lab.evaluation.ruler import DEFAULT_LENGTHS, TASKS, plot_scores, run_ruler, summary_table, trial_dicts
 from . import common, values
 from .resume import method_settings, open_run
 
@@ -37,9 +37,9 @@ def run_cli(args, model=None, tokenizer=None) -> list:
     from dataclasses import asdict
 
     from .. import models
-    from ..evaluation.distributed import join
-    from ..evaluation.report import write_run
-    from ..evaluation.ruler import RulerTrial
+    from ..lab.evaluation.distributed import join
+    from ..lab.evaluation.report import write_run
+    from ..lab.evaluation.ruler import RulerTrial
 
     values.check_values(args)
     methods = common.run_methods(args)

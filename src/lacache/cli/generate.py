@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..evaluation.checkpoint import atomic_write, check_output_file
+from ..lab.evaluation.checkpoint import atomic_write, check_output_file
 from ..registry import METHODS, method_spec, option_names
 from . import values
 from .common import (
@@ -103,7 +103,7 @@ def run_cli(args) -> dict:
     import torch
 
     from .. import models
-    from ..generation import IncrementalText, StreamStats, stream_tokens
+    from ..cache.generation import IncrementalText, StreamStats, stream_tokens
     from ..registry import make_cache
 
     values.check_values(args)

@@ -61,7 +61,7 @@ def _prompt_text(args) -> str:
         values.check_text_file(args.prompt_file)
         with open(args.prompt_file, encoding="utf-8") as fh:
             return fh.read()
-    from ..texts import load_essays
+    from ..lab.texts import load_essays
 
     return load_essays()
 
@@ -69,10 +69,10 @@ def _prompt_text(args) -> str:
 def run_cli(args: argparse.Namespace) -> dict:
     """Run the prompt through each method, draw the maps, write inspect.{png,svg,json}; returns the JSON payload."""
     from .. import models
-    from ..evaluation.checkpoint import check_output_folder
-    from ..evaluation.report import write_json
-    from ..inspect import ROLES, draw, watch
-    from ..runinfo import with_run_record
+    from ..lab.evaluation.checkpoint import check_output_folder
+    from ..lab.evaluation.report import write_json
+    from ..lab.inspect import ROLES, draw, watch
+    from ..lab.runinfo import with_run_record
 
     values.check_values(args)
     methods = common.method_list(args.compare if args.compare is not None else args.method,

@@ -23,7 +23,8 @@ import lacache.cli.eval_ruler as eval_ruler
 import lacache.cli.generate as generate
 import lacache.cli.inspect as inspect_command
 import lacache.cli.report as report
-from lacache.runinfo import command_context
+
+from ..lab.runinfo import command_context
 
 __all__ = ["EVALUATIONS", "build_parser", "main"]
 

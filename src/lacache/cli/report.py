@@ -1,7 +1,7 @@
 """``lacache report``: one HTML page for many run folders, and the generated tables of a markdown document.
 
 ``lacache report RUN_DIR [RUN_DIR ...] -o report.html`` collects every evaluation and benchmark
-result below the folders into one self-contained page (:mod:`lacache.report`).
+result below the folders into one self-contained page (:mod:`lacache.lab.report`).
 ``lacache report --markdown docs/results.md`` rebuilds the tables marked as generated in that
 document from the CSV files beside it (``--check``: only say whether any would change, for CI).
 """
@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..evaluation.checkpoint import atomic_write, check_output_file
+from ..lab.evaluation.checkpoint import atomic_write, check_output_file
 
 __all__ = ["add_parser", "run_cli"]
 
@@ -38,7 +38,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def _markdown(path: str, check: bool) -> None:
-    from ..report.markdown import changed_regions, regenerate_markdown
+    from ..lab.report.markdown import changed_regions, regenerate_markdown
 
     target = Path(path)
     if not target.is_file():
@@ -70,7 +70,7 @@ def run_cli(args: argparse.Namespace) -> None:
         raise ValueError("--check applies to --markdown; e.g. lacache report --markdown docs/results.md --check")
     if args.runs:
         out = check_output_file(args.out, "-o", example=DEFAULT_OUT)
-        from ..report import write_report
+        from ..lab.report import write_report
 
         found = write_report(args.runs, out, title=args.title)
         skipped = len(found.unrecognised) + len(found.foreign)

@@ -1,7 +1,7 @@
 """The command-line side of keeping finished work: ``--resume``, and opening a run's record from its arguments.
 
 Every ``lacache eval`` and ``lacache bench`` command checks its ``--out`` folder and opens its record
-(:class:`lacache.evaluation.checkpoint.RunProgress`) the same way, before any model is loaded, so a
+(:class:`lacache.lab.evaluation.checkpoint.RunProgress`) the same way, before any model is loaded, so a
 bad destination or a mismatched ``--resume`` costs nothing.
 """
 
@@ -11,8 +11,8 @@ import argparse
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from ..evaluation.checkpoint import RunProgress, check_output_folder
-from ..evaluation.distributed import SINGLE, Shard, barrier
+from ..lab.evaluation.checkpoint import RunProgress, check_output_folder
+from ..lab.evaluation.distributed import SINGLE, Shard, barrier
 
 __all__ = ["add_resume_argument", "method_settings", "open_run"]
 

@@ -68,7 +68,7 @@ def check_model(value: str | None) -> None:
     """
     if not value:
         return
-    from ..models import DEFAULT_MODEL_NAME, SECOND_MODEL_NAME
+    from ..lab.models import DEFAULT_MODEL_NAME, SECOND_MODEL_NAME
 
     if Path(value).expanduser().exists() or value in (DEFAULT_MODEL_NAME, SECOND_MODEL_NAME):
         return

@@ -1,9 +1,9 @@
 """Which slots survive: one small module per retention rule, all answering ``RetentionPolicy.retain``."""
 
+from .authors_ladder import ReferenceLadderPolicy
 from .base import IndexPolicy, LayerView, RetentionPolicy
 from .ladder import LadderPolicy, ladder_plan
 from .plan import CompactionPlan, RowPlan, identity_plan
-from .reference import ReferenceLadderPolicy
 from .salient import SalientLadderPolicy
 from .scores import H2OPolicy, KNormPolicy, ScorePolicy, TOVAPolicy, keep_top
 from .streaming import StreamingPolicy, window_plan

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..ladder import LadderGeometry, ladder_compaction
 from .base import IndexPolicy
+from .ladder_geometry import LadderGeometry, ladder_compaction
 from .plan import CompactionPlan
 
 __all__ = ["LadderPolicy", "ladder_plan"]

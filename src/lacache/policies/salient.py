@@ -17,9 +17,9 @@ import copy
 
 import torch
 
-from ..ladder import LadderGeometry
 from .base import LayerView, RetentionPolicy
 from .ladder import LadderPolicy
+from .ladder_geometry import LadderGeometry
 from .plan import RowPlan
 
 __all__ = ["SalientLadderPolicy"]

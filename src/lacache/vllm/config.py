@@ -14,7 +14,7 @@ import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from ..cache.methods import LaCache, StreamingLLMCache, ladder_policy, resolve_chunk, streaming_policy
+from ..cache.classes import LaCache, StreamingLLMCache, ladder_policy, resolve_chunk, streaming_policy
 from ..policies.base import RetentionPolicy
 
 __all__ = ["KEY", "SERVED_METHODS", "ServingConfig", "parse_config", "serving_config"]

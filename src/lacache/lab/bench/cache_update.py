@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from ..registry import make_cache
+from ...registry import make_cache
 from .memory import _sync
 from .reference import ReferenceLadderCache
 from .standins import CacheStandIn

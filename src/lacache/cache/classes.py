@@ -14,9 +14,6 @@ from collections.abc import Callable
 from torch import nn
 
 from .. import checks
-from ..ladder import default_span_overlap, ladder_geometry
-from ..ladder_reference import reference_min_budget
-from ..observe import QueryObserver
 from ..policies import (
     H2OPolicy,
     KNormPolicy,
@@ -28,9 +25,12 @@ from ..policies import (
     StreamingPolicy,
     TOVAPolicy,
 )
+from ..policies.authors_schedule import reference_min_budget
+from ..policies.ladder_geometry import default_span_overlap, ladder_geometry
 from ..rope import Rotator, check_supported_model, layer_rotators
 from .attach import attach_cache, model_signature
 from .bounded import POSITION_MODES, BoundedCache
+from .observe import QueryObserver
 
 __all__ = ["SCHEDULES", "resolve_schedule", "ModelCache", "LaCache", "StreamingLLMCache", "TOVACache", "H2OCache", "KNormCache", "build_bounded_cache",
            "validate_common", "resolve_chunk", "ladder_policy", "streaming_policy"]
@@ -290,7 +290,7 @@ class LaCache(ModelCache):
             schedule: ``"reference"`` (the LaCache authors' released schedule: recent window of the layer
                 count, ``floor(R/2)`` extra slots after the first overflow, so ``budget + floor(R/2)``
                 slots at most, none extra with one-slot rungs; wide rungs for long prompts; see
-                ``lacache.ladder_reference``) or ``"capped"`` (a hard cap of ``budget`` slots, the
+                ``lacache.policies.authors_schedule``) or ``"capped"`` (a hard cap of ``budget`` slots, the
                 ``window`` above, compaction every ``chunk`` tokens). Default: ``"reference"``, which
                 the held-out perplexity comparison favoured (docs/results.md), unless one of ``window``,
                 ``chunk``, ``salient``, ``group`` or ``layout="band"`` is given: those exist only in the

@@ -17,8 +17,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from ...registry import method_spec
 from ..progress import Progress
-from ..registry import method_spec
 from .common import PREFILLS, greedy_answer, resolve_budget
 from .distributed import SINGLE, Shard, gather
 

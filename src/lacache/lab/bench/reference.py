@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ladder import default_span_overlap, ladder_geometry
+from ...policies.ladder_geometry import default_span_overlap, ladder_geometry
 
 __all__ = ["ReferenceLadderCache"]
 
@@ -31,7 +31,7 @@ class ReferenceLadderCache:
        values of every layer into new tensors.
 
     The ladder schedule (cursor, wrap-around to the sinks when a rung would reach the recent window,
-    ``B``/``A`` from :func:`lacache.ladder.ladder_geometry`) is the same as LaCache's with no salient
+    ``B``/``A`` from :func:`lacache.policies.ladder_geometry.ladder_geometry`) is the same as LaCache's with no salient
     pool and no chunking, so both keep the same tokens (``tests/test_bench.py`` checks it); only the
     mechanics differ. ``track_tokens`` records which original token each slot holds (off for timing).
     """

@@ -6,7 +6,7 @@ Records come in the official layout, one JSON object per line with ``input``, ``
 hub dataset through ``datasets``. Each record is filled into its dataset's official template,
 wrapped in the model's chat template except for the few-shot and code datasets (as the official
 code does for chat models), answered greedily with a fresh cache of each method, and scored with
-:mod:`lacache.evaluation.metrics`.
+:mod:`lacache.lab.evaluation.metrics`.
 
 The official code middle-truncates every prompt to the model's context length. That is off by
 default here: a bounded cache is meant to read the whole context, and truncating would hide what it

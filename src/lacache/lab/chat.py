@@ -47,7 +47,7 @@ class ChatSession:
         self.reset()
 
     def reset(self) -> None:
-        from .registry import make_cache
+        from ..registry import make_cache
 
         close = getattr(self.cache, "close", None)
         if callable(close):
@@ -111,7 +111,7 @@ def eos_ids(model, tokenizer) -> set[int]:
 
 def stats_line(session: ChatSession) -> str:
     """The ``/stats`` line: slots per layer against the budget, tokens seen, cache size and memory."""
-    from .generation import cache_bytes, cache_slots
+    from ..cache.generation import cache_bytes, cache_slots
     from .memory import current_rss_bytes, peak_rss_bytes
 
     cache = session.cache

@@ -200,7 +200,7 @@ def convert_gguf_to_folder(
 
     The GGUF's own chat template is kept; ``fallback_chat_template`` is used only if it has none.
     """
-    from accelerate import init_empty_weights  # only needed here; keeps `import lacache.models` light
+    from accelerate import init_empty_weights  # only needed here; keeps `import lacache.lab.models` light
 
     gguf_path = Path(gguf_path)
     dest = Path(dest)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .checks import is_integer
+from ..checks import is_integer
 
 __all__ = [
     "LadderGeometry",

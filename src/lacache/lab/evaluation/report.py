@@ -65,7 +65,7 @@ def write_run(
     Prints ``table`` (title, headers, rows) on stdout, then writes ``<out_dir>/<name>.csv`` (one
     row per trial), ``<name>.json`` (``payload``) and, when ``plot`` is given, ``<name>.png``
     (``plot(path)`` draws it); the folder is created if needed. A dict ``payload`` gains a ``"run"``
-    record (:func:`lacache.runinfo.run_record`: command, versions, machine) for ``lacache report``.
+    record (:func:`lacache.lab.runinfo.run_record`: command, versions, machine) for ``lacache report``.
     Returns the written paths, which it also names on stderr so a run's log says where its results went.
     """
     out = Path(out_dir)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cache import BoundedCache
+from ..cache import BoundedCache
 
 __all__ = ["ROLES", "COLOURS", "RetentionMap", "retention", "watch", "draw"]
 
@@ -105,11 +105,11 @@ def watch(model, ids: torch.Tensor, method: str, budget: int | None, steps: Sequ
     ``s`` decode steps for each ``s`` in ``steps`` (0: right after the prompt).
 
     The prompt is fed in one forward, as ``generate()`` does (attention-score methods observe while
-    prefilling); decode steps give positions by slot (``lacache.generation``), so a long watch never
+    prefilling); decode steps give positions by slot (``lacache.cache.generation``), so a long watch never
     passes the model's trained context.
     """
-    from .generation import next_positions
-    from .registry import make_cache
+    from ..cache.generation import next_positions
+    from ..registry import make_cache
 
     if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] < 1:
         raise ValueError(f"ids must be one prompt of at least one token ([1, n]); got shape {tuple(ids.shape)}")

@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from ..compat import cache_argument
-from ..generation import next_positions
+from ...cache.compat import cache_argument
+from ...cache.generation import next_positions
 from ..progress import Progress, as_progress
 from .common import fresh_cache
 from .distributed import SINGLE, Shard, gather
@@ -40,7 +40,7 @@ class PPLResult:
     seconds: float
     options: dict = field(default_factory=dict)
     cache: dict = field(default_factory=dict)
-    #: which text (``lacache.texts.TEXTS`` name, or "" for a single unnamed text)
+    #: which text (``lacache.lab.texts.TEXTS`` name, or "" for a single unnamed text)
     text: str = ""
 
     def to_dict(self) -> dict:

@@ -23,7 +23,7 @@ Models that need no download are in :mod:`.standins`; plots in :mod:`.plots`.
 
 from __future__ import annotations
 
-from ..generation import cache_bytes
+from ...cache.generation import cache_bytes
 from .cache_update import CACHE_METHODS, EVERY_STEP_METHODS, bench_cache_update, cache_summary
 from .decode import DECODE_METHODS, bench_decode, decode_summary
 from .memory import kv_bytes, model_geometry, peak_rss_since_reset, reset_peak_rss

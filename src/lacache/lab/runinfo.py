@@ -4,7 +4,7 @@ A table of numbers is only worth comparing with another when both say what produ
 command, the versions of lacache, torch and transformers, and the machine. Each writer used to
 record a different subset (the benchmarks an ``environment`` block, the evaluations nothing), so
 ``lacache report`` could not show where a number came from. :func:`run_record` builds one record
-the same way for every writer (:func:`lacache.evaluation.report.write_run` and the benchmark
+the same way for every writer (:func:`lacache.lab.evaluation.report.write_run` and the benchmark
 writers call :func:`with_run_record`), and :func:`command_context` lets the command line say which
 command is running, since the library cannot know how it was called.
 """

@@ -1,7 +1,7 @@
 """The LaCache authors' own compaction schedule, as slot arithmetic (``schedule="reference"``).
 
 The ladder's geometry (rung ``B``, ``A`` slots kept per rung, layer ``l`` at offset
-``l % (B - A + 1)``) is the same as lacache's own schedule (``lacache.ladder``); what differs is
+``l % (B - A + 1)``) is the same as lacache's own schedule (``lacache.policies.ladder_geometry``); what differs is
 *when* and *where* rungs are taken. Their released code does it this way (read from their
 ``kv_cache.py``; written again here from that reading):
 
@@ -35,7 +35,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .ladder import LadderGeometry
+from .ladder_geometry import LadderGeometry
 
 __all__ = ["ReferenceState", "reference_compaction", "reference_min_budget"]
 

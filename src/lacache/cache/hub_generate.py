@@ -33,7 +33,7 @@ Publishing it as a hub ``custom_generate`` folder (see docs/custom_generate.md):
     my-repo/
       README.md                       # model card; tag it `custom_generate`
       custom_generate/
-        generate.py                   # from lacache.hub_generate import generate  # noqa: F401
+        generate.py                   # from lacache.cache.hub_generate import generate  # noqa: F401
         requirements.txt              # lacache
 
 Either way a cache holds one conversation, so every call (every pipeline prompt) gets its own.
@@ -52,10 +52,10 @@ from transformers.generation.logits_process import LogitsProcessorList
 from transformers.generation.stopping_criteria import StoppingCriteriaList
 from transformers.generation.utils import GENERATION_MODES_MAPPING, GenerationMode
 
-from .cache import BoundedCache
+from ..registry import make_cache, option_names
+from . import BoundedCache
 from .compat import cache_argument
 from .generation import check_sampling
-from .registry import make_cache, option_names
 
 __all__ = ["generate"]
 
@@ -107,7 +107,7 @@ def _options(lacache_options, method: str) -> dict:
 
 def _check_top_p(top_p) -> None:
     """transformers refuses most bad sampling values itself but lets ``top_p=nan`` through, silently
-    sampling from the whole distribution; refuse it as :func:`lacache.generation.check_sampling` does."""
+    sampling from the whole distribution; refuse it as :func:`lacache.cache.generation.check_sampling` does."""
     if top_p is not None:
         check_sampling(0.0, top_p)
 
@@ -157,7 +157,7 @@ def generate(model, *args, lacache_method: str = "lacache", lacache_budget: int 
     With a callable ``custom_generate`` the cache is not returned (pass ``cache=`` to ``model.generate``
     yourself to inspect it afterwards).
 
-    To publish this on the hub, put ``from lacache.hub_generate import generate`` in
+    To publish this on the hub, put ``from lacache.cache.hub_generate import generate`` in
     ``custom_generate/generate.py`` and ``lacache`` in ``custom_generate/requirements.txt`` of a model
     repo; users then call ``model.generate(ids, custom_generate="you/repo", trust_remote_code=True,
     lacache_budget=256)``. See docs/custom_generate.md.

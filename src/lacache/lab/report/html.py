@@ -302,7 +302,7 @@ def _problems(bad: Sequence[Result], foreign: Sequence[Result]) -> str:
 
 def build_report(found: Discovery, out: str | Path, title: str = "lacache report") -> str:
     """The HTML page for everything in ``found``; links are relative to where ``out`` will be written."""
-    from .. import __version__
+    from ... import __version__
 
     out_dir = Path(out).parent
     good, bad = _checked(found)
@@ -325,7 +325,7 @@ def build_report(found: Discovery, out: str | Path, title: str = "lacache report
 def write_report(folders: Sequence[str | Path], out: str | Path, title: str = "lacache report") -> Discovery:
     """Find the results in ``folders`` and write the page to ``out`` (atomically); returns what was found.
 
-    Raises ``ValueError`` (see :func:`lacache.report.discover.discover`) when there is nothing to show.
+    Raises ``ValueError`` (see :func:`lacache.lab.report.discover.discover`) when there is nothing to show.
     """
     found = discover(folders)
     page = build_report(found, out, title)
