@@ -6,8 +6,8 @@ import torch
 from conftest import policy_observe, policy_select, tiny_llama
 from lacache import H2OCache, KNormCache, TOVACache, make_cache
 from lacache.cache.observe import attention_probs
-from lacache.policies.scores import H2OPolicy, KNormPolicy, TOVAPolicy, keep_top
-from reference import ReferenceStream
+from lacache.policies import H2OPolicy, KNormPolicy, TOVAPolicy, keep_top
+from oracle_forward import ReferenceStream
 
 
 def test_keep_top_forces_sinks_and_window_and_sorts():

@@ -7,7 +7,7 @@ from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 from conftest import tiny_llama
 from lacache import LaCache, StreamingLLMCache
 from lacache.cache.generation import stream_generate
-from reference import ReferenceStream
+from oracle_forward import ReferenceStream
 
 CACHES = {
     "lacache": lambda m, budget, **kw: LaCache.from_model(m, budget=budget, sinks=2, **kw),

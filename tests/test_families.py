@@ -10,7 +10,7 @@ Three oracles, none of which is lacache code:
 * ``dynamic``: a budget above the stream length evicts nothing, so logits equal ``DynamicCache``'s
   (which uses transformers' own sliding-window cache layers for Gemma/Mistral).
 * ``replay``: multi-layer LaCache (layers keep different tokens) and StreamingLLMCache under
-  eviction against ``family_reference.ReplayCache``: the model's own forward, with each layer shown
+  eviction against ``oracle_families.ReplayCache``: the model's own forward, with each layer shown
   exactly the tokens the cache under test reports, keys re-rotated to slot positions by the layer's
   own ``inv_freq``, and an explicit position-space mask (sliding windows included).
 """
@@ -22,7 +22,7 @@ import torch
 import transformers as tf
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
-from family_reference import ReplayCache, layer_inv_freqs
+from oracle_families import ReplayCache, layer_inv_freqs
 from lacache import LaCache, StreamingLLMCache
 
 VOCAB = 96

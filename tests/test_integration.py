@@ -9,7 +9,7 @@ from conftest import generate_like_full_cache
 from lacache import LaCache, StreamingLLMCache, load_model
 from lacache.cli import main as cli_main
 from lacache.lab.texts import load_essays
-from reference import ReferenceStream
+from oracle_forward import ReferenceStream
 
 pytestmark = pytest.mark.integration
 

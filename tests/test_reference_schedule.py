@@ -21,7 +21,7 @@ from conftest import tiny_llama
 from lacache import LaCache, make_cache
 from lacache.policies.authors_schedule import ReferenceState, reference_compaction
 from lacache.policies.ladder_geometry import ladder_geometry
-from reference import ReferenceStream
+from oracle_forward import ReferenceStream
 
 
 class AuthorsReplay:

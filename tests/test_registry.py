@@ -26,13 +26,13 @@ class _NewestHalfPolicy(IndexPolicy):
         return CompactionPlan(np.concatenate([np.arange(self.sinks), body])[None].astype(np.int64), 0)
 
 
-def _build(model, budget, sinks=2, chunk=None):
-    return build_bounded_cache(BoundedCache, model, budget, lambda layers: _NewestHalfPolicy(sinks), sinks=sinks,
-                               chunk=chunk)
+def _newest_half(num_layers, budget, sinks=2):
+    return _NewestHalfPolicy(sinks)
 
 
 def test_a_registered_method_reaches_make_cache_the_default_lists_and_custom_generate():
-    spec = registry.Method("test-newest-half", _build, "made up for the registry test", suites=frozenset({"ppl"}))
+    spec = registry.Method("test-newest-half", _newest_half, "made up for the registry test",
+                           suites=frozenset({"ppl"}))
     registry.register(spec)
     try:
         assert "test-newest-half" in lacache.METHODS and "test-newest-half" in registry.default_methods("ppl")
@@ -50,8 +50,7 @@ def test_a_registered_method_reaches_make_cache_the_default_lists_and_custom_gen
         with pytest.raises(ValueError, match="already registered"):
             registry.register(spec)
     finally:
-        registry._BY_NAME.pop("test-newest-half", None)
-        registry.METHODS = tuple(registry._BY_NAME)
+        registry.unregister("test-newest-half")
 
 
 def test_method_specs_say_what_each_needs():
@@ -76,5 +75,41 @@ def test_a_variant_is_a_named_method_with_other_defaults():
         cache = registry.make_cache("test-g2", tiny_llama("sdpa"), 32)
         assert cache.describe()["schedule"] == "reference" and cache.policy.sinks == 2
     finally:
-        registry._BY_NAME.pop("test-g2", None)
-        registry.METHODS = tuple(registry._BY_NAME)
+        registry.unregister("test-g2")
+
+
+def test_build_bounded_cache_still_builds_a_cache_from_any_policy():
+    """The lower-level builder a notebook may call directly, with no registry entry."""
+    cache = build_bounded_cache(BoundedCache, tiny_llama("sdpa"), 24, lambda layers: _NewestHalfPolicy(2), sinks=2)
+    assert cache.budget == 24 and cache.chunk == 1
+
+
+def test_entries_say_what_their_rule_reads_and_whether_vllm_serves_it():
+    sees = {name: registry.method_spec(name).sees for name in registry.METHODS}
+    assert sees["tova"] == sees["h2o"] == "attention" and sees["knorm"] == sees["lacache-salient"] == "keys"
+    assert sees["lacache"] == sees["streaming"] == "slots"
+    assert set(registry.served_methods()) == {"streaming", "lacache", "lacache-capped", "lacache-reference"}
+    assert (registry.unbounded_method(), registry.baseline_method(), registry.default_method()) == (
+        "full", "streaming", "lacache")
+    with pytest.raises(ValueError, match="served=True needs an index-only rule"):
+        registry.Method("x", _newest_half, "x", sees="keys", served=True)
+    with pytest.raises(ValueError, match="sees='everything'"):
+        registry.Method("x", _newest_half, "x", sees="everything")
+    with pytest.raises(ValueError, match="base='nope' is not registered"):
+        registry.register(registry.Method("x", _newest_half, "x", base="nope"))
+    with pytest.raises(ValueError, match="is the baseline already"):
+        registry.register(registry.Method("x", _newest_half, "x", baseline=True))
+
+
+def test_the_named_classes_are_their_methods_cache_classes():
+    model = tiny_llama("sdpa")
+    assert type(lacache.make_cache("lacache-capped", model, 48)) is lacache.LaCache
+    assert type(lacache.make_cache("h2o", model, 48)) is lacache.H2OCache
+    assert type(lacache.StreamingLLMCache.from_model(model, 48, sinks=2)) is lacache.StreamingLLMCache
+
+    class Mine(lacache.LaCache):
+        pass
+
+    assert type(Mine.from_model(model, 48)) is Mine
+    with pytest.raises(ValueError, match="takes no option bogus"):
+        lacache.LaCache.from_model(model, 48, bogus=1)

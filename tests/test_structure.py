@@ -4,6 +4,8 @@ imports its command line, so evaluations and benchmarks stay usable (and testabl
 import ast
 from pathlib import Path
 
+import pytest
+
 import lacache
 
 SRC = Path(lacache.__file__).parent
@@ -87,3 +89,58 @@ def test_nothing_outside_the_cli_imports_the_cli():
     offenders = {name: sorted(m for m in deps if m == "lacache.cli" or m.startswith("lacache.cli."))
                  for name, deps in _graph().items() if not name.startswith("lacache.cli") and name not in ENTRY_POINTS}
     assert not {k: v for k, v in offenders.items() if v}
+
+
+def _part(module: str) -> str:
+    """Which part of the package ``module`` belongs to: rule, backend, lab, cli, or the package root."""
+    parts = module.split(".")
+    if len(parts) == 1:
+        return "root"
+    head = parts[1]
+    if head in ("policies", "registry", "checks"):
+        return "rule"
+    if head in ("cache", "vllm", "rope"):
+        return "backend"
+    return {"lab": "lab", "cli": "cli", "__main__": "cli", "_moved": "root"}.get(head, f"unplaced:{head}")
+
+
+def test_every_module_belongs_to_one_part():
+    unplaced = sorted(name for name in _modules() if _part(name).startswith("unplaced"))
+    assert not unplaced, f"modules outside the rule / backends / lab / cli: {unplaced}"
+
+
+@pytest.mark.parametrize("part, may_not_import", [
+    ("rule", {"backend", "lab", "cli"}),
+    ("backend", {"lab", "cli"}),
+    ("lab", {"cli"}),
+])
+def test_each_part_imports_only_what_is_beneath_it(part, may_not_import):
+    """The rule knows no backend, the backends know no lab, and only the CLI knows the CLI."""
+    offenders = {name: sorted(m for m in deps if _part(m) in may_not_import)
+                 for name, deps in _graph().items() if _part(name) == part}
+    assert not {k: v for k, v in offenders.items() if v}
+
+
+def test_the_rule_imports_no_torch_at_its_core():
+    """The registry and the slot arithmetic stay torch-free, so a vLLM scheduler or a property test reads
+    them cheaply (policies that score tensors import torch in their own files)."""
+    for name in ("registry", "checks", "policies/ladder_geometry", "policies/authors_schedule", "policies/plan"):
+        tree = ast.parse((SRC / f"{name}.py").read_text(encoding="utf-8"))
+        top = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
+        modules = {alias.name for node in top if isinstance(node, ast.Import) for alias in node.names}
+        modules |= {node.module for node in top if isinstance(node, ast.ImportFrom) and node.module}
+        assert not {m for m in modules if m.split(".")[0] in ("torch", "transformers")}, name
+
+
+def test_old_module_paths_import_the_same_modules():
+    import importlib
+
+    from lacache._moved import MOVED
+
+    for old, new in MOVED.items():
+        assert importlib.import_module(old) is importlib.import_module(new), old
+    import lacache.evaluation.perplexity as old_submodule
+
+    import lacache.lab.evaluation.perplexity as new_submodule
+
+    assert old_submodule is new_submodule

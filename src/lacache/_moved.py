@@ -30,7 +30,7 @@ MOVED = {
     "lacache.texts": "lacache.lab.texts",
     "lacache.runinfo": "lacache.lab.runinfo",
     "lacache.progress": "lacache.lab.progress",
-    "lacache.memory": "lacache.lab.memory",
+    "lacache.memory": "lacache.cache.memory",
     "lacache.inspect": "lacache.lab.inspect",
     "lacache.chat": "lacache.lab.chat",
     "lacache.demo": "lacache.lab.demo",

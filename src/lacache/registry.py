@@ -1,101 +1,186 @@
-"""The one place that defines a cache method: its name, builder, defaults and what it needs.
+"""The one table of cache methods: a method is a retention policy plus one ``register(Method(...))``.
 
-Every command, evaluation and benchmark reads this table, so a method added here (with its policy
-file under ``policies/``) appears in ``make_cache``, ``lacache generate|chat|eval|bench``,
-``custom_generate`` and the default method lists without touching anything else.
+A method's entry says everything the rest of lacache needs to know about it:
+
+* ``policy(num_layers, budget, **options)`` builds its rule, validated (the rule lives in one file
+  under ``lacache/policies/``, which also holds this registration);
+* ``sees`` — what the rule reads: slot counts only (``"slots"``), the stored keys (``"keys"``) or
+  the new queries' attention (``"attention"``). It decides what the backends must provide: the
+  transformers cache observes queries for ``"attention"``; vLLM serves only ``"slots"`` rules;
+* its option names and defaults (the factory's keyword parameters, plus the backend's
+  ``positions`` and ``chunk``), the defaults a variant fixes, and the default method lists
+  (``SUITES``) it is part of.
+
+Everything else derives from this table: ``make_cache`` and ``custom_generate`` (through the
+transformers backend, which installs itself as ``cache_builder``), the vLLM plugin's settings,
+every command's method lists, the benchmarks, the inspector and the report. The module imports no
+torch and no backend, so both backends (and a vLLM process) read it cheaply.
+
+Built-in methods register when ``lacache`` is imported (``lacache.policies`` imports each method
+file); methods of other packages register through the ``lacache.methods`` entry-point group
+(``my_methods = "my_package.my_module"``), loaded on the first look-up.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
-from transformers import DynamicCache
+if TYPE_CHECKING:
+    from .policies.base import RetentionPolicy
 
-from .cache import H2OCache, KNormCache, LaCache, StreamingLLMCache, TOVACache
-
-__all__ = ["Method", "METHODS", "unbounded_method", "baseline_method", "default_method", "SUITES", "method_spec", "variant", "default_methods", "check_methods", "make_cache", "register",
-           "option_names"]
+__all__ = ["Method", "METHODS", "SUITES", "SEES", "BACKEND_OPTIONS", "method_spec", "variant", "default_methods",
+           "check_methods", "make_cache", "register", "option_names", "unbounded_method", "baseline_method",
+           "default_method", "served_methods", "set_cache_builder"]
 
 #: the runs whose default method list a method can be part of
 SUITES = ("ppl", "passkey", "ruler", "longbench", "decode")
-_ALL = frozenset(SUITES)
+ALL_SUITES = frozenset(SUITES)
+#: what a rule may read, cheapest first
+SEES = ("slots", "keys", "attention")
+#: options every bounded method takes from its backend, besides its policy's own: where keys are
+#: positioned, and how many extra slots a compaction frees
+BACKEND_OPTIONS: Mapping[str, object] = MappingProxyType({"positions": "shift", "chunk": None})
 
-
-def _full_cache(model, budget=None, **options):
-    if options:
-        raise ValueError(f"method='full' takes no options; got {sorted(options)}")
-    return DynamicCache(config=model.config)
+#: the entry-point group through which other packages add methods
+ENTRY_POINT_GROUP = "lacache.methods"
 
 
 @dataclass(frozen=True)
 class Method:
-    """One cache method as the rest of lacache sees it."""
+    """One cache method as every part of lacache sees it."""
 
     name: str
-    #: ``build(model, budget=..., **options)`` -> a transformers ``Cache``
-    build: Callable
+    #: ``policy(num_layers, budget, **options)`` -> a validated ``RetentionPolicy``; None for the
+    #: unbounded full cache
+    policy: Callable[..., RetentionPolicy] | None
     summary: str
-    #: options this method name sets unless the caller gives them (a variant of another method)
+    #: what the rule reads: ``"slots"`` (index-only), ``"keys"`` or ``"attention"``
+    sees: str = "slots"
+    #: options this name fixes unless the caller gives them (a variant of another method)
     defaults: Mapping[str, object] = field(default_factory=dict)
-    #: whether the cache must observe each new query's attention (hooks, extra cost per step)
-    needs_attention: bool = False
-    #: False only for the full cache, which takes no budget
-    bounded: bool = True
     #: default method lists (see ``SUITES``) this method is part of
-    suites: frozenset = _ALL
+    suites: frozenset = ALL_SUITES
+    #: ``chunk=None`` frees ``budget // 16`` slots per compaction (True: amortised) or none (False:
+    #: the rule evicts to exactly the budget every step, as score rules do)
+    chunked: bool = True
+    #: the method this one is a variant of (its cache class, its family in tables)
+    base: str | None = None
+    #: served in vLLM: True by default for index-only rules, which need nothing but slot counts
+    served: bool | None = None
     #: the bounded baseline of gap-closed tables (one entry)
     baseline: bool = False
     #: what commands run when no method is named (one entry)
     default: bool = False
 
-    def make(self, model, budget: int | None = None, **options):
-        """A fresh cache of this method for ``model`` (``budget`` slots per layer if bounded)."""
+    def __post_init__(self):
+        if self.sees not in SEES:
+            raise ValueError(f"Method {self.name!r}: sees={self.sees!r} must be one of {SEES}, e.g. sees='slots'")
+        if self.served is None:
+            object.__setattr__(self, "served", self.bounded and self.sees == "slots")
+        elif self.served and self.sees != "slots":
+            raise ValueError(f"Method {self.name!r}: served=True needs an index-only rule (sees='slots'); vLLM's "
+                             f"fused attention exposes no {self.sees}")
+
+    @property
+    def bounded(self) -> bool:
+        """False only for the full cache, which takes no budget."""
+        return self.policy is not None
+
+    @property
+    def needs_attention(self) -> bool:
+        """The cache must observe each new query's attention (hooks, extra cost per step)."""
+        return self.sees == "attention"
+
+    @property
+    def family(self) -> str:
+        """The method this one varies (itself for a base method): what its cache class is named for."""
+        return self.base or self.name
+
+    def options(self) -> dict[str, object]:
+        """Every option name this method takes, with the default it gets when not given."""
         if not self.bounded:
-            return self.build(model, **options)
-        if budget is None:
+            return {}
+        params = list(inspect.signature(self.policy).parameters.values())[2:]  # after num_layers, budget
+        own = {p.name: p.default for p in params
+               if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)}
+        return {**BACKEND_OPTIONS, **own, **self.defaults}
+
+    def make_policy(self, num_layers: int, budget: int, **options) -> RetentionPolicy:
+        """This method's rule for ``num_layers`` layers and ``budget`` slots, with the variant's defaults
+        applied; the backend's options go to the rule only when its factory takes them (the ladder
+        checks ``chunk`` against its schedule), never ``positions``."""
+        if not self.bounded:
+            raise ValueError(f"method={self.name!r} keeps every token: it has no retention rule")
+        settings = {**self.defaults, **options}
+        unknown = sorted(set(settings) - set(self.options()))
+        if unknown:
+            raise ValueError(f"method={self.name!r} takes no option {', '.join(unknown)}; it takes "
+                             f"{', '.join(sorted(self.options()))}")
+        takes = inspect.signature(self.policy).parameters
+        return self.policy(num_layers, budget, **{k: v for k, v in settings.items()
+                                                  if k not in BACKEND_OPTIONS or k in takes})
+
+    def make(self, model, budget: int | None = None, **options):
+        """A fresh transformers cache of this method for ``model`` (``budget`` slots per layer if bounded)."""
+        if _CACHE_BUILDER is None:
+            raise RuntimeError("no cache backend is installed: import lacache (it installs lacache.cache)")
+        if self.bounded and budget is None:
             raise ValueError(f"method={self.name!r} needs a budget (slots per layer), e.g. budget=512")
-        return self.build(model, budget=budget, **{**self.defaults, **options})
+        return _CACHE_BUILDER(self, model, budget, {**self.defaults, **options})
 
 
-_SPECS = (
-    Method("full", _full_cache, "every token (transformers' DynamicCache): the unbounded reference", bounded=False),
-    Method("streaming", StreamingLLMCache.from_model, "StreamingLLM: sinks + the most recent tokens", baseline=True),
-    Method("lacache", LaCache.from_model,
-           "LaCache at its defaults: the ladder on the authors' schedule (chosen on held-out perplexity)",
-           default=True),
-    Method("lacache-capped", LaCache.from_model,
-           "LaCache on the capped schedule: never over budget, window budget/4, compaction every budget/16 tokens",
-           defaults=MappingProxyType({"schedule": "capped"}), suites=frozenset({"ppl", "passkey", "ruler"})),
-    Method("lacache-reference", LaCache.from_model,
-           "LaCache with the authors' released schedule: recent window of L slots, floor(R/2) extra slots, "
-           "wide rungs for long prompts",
-           defaults=MappingProxyType({"schedule": "reference"}), suites=frozenset()),  # = lacache today
-    Method("lacache-salient", LaCache.from_model,
-           "the ladder plus a pool of the lowest-key-norm evicted tokens (an eighth of the budget)",
-           defaults=MappingProxyType({"salient": 0.125}), suites=_ALL - {"decode"}),
-    Method("lacache-group", LaCache.from_model,
-           "research: the ladder over runs of 8 tokens plus a key-norm pool (budget/8) that keeps neighbours",
-           defaults=MappingProxyType({"group": 8, "salient": 0.125, "salient_radius": 3}),
-           suites=frozenset({"ppl", "passkey", "ruler"})),
-    Method("tova", TOVACache.from_model, "TOVA: the slots the newest query attends to most", needs_attention=True),
-    Method("h2o", H2OCache.from_model, "H2O: heavy hitters by accumulated attention + a recent window",
-           needs_attention=True),
-    Method("knorm", KNormCache.from_model, "key-norm: the smallest key norms + sinks + a recent window",
-           suites=frozenset({"ppl", "passkey"})),
-)
-_BY_NAME: dict[str, Method] = {spec.name: spec for spec in _SPECS}
-METHODS: tuple[str, ...] = tuple(_BY_NAME)
+_BY_NAME: dict[str, Method] = {}
+METHODS: tuple[str, ...] = ()
+_CACHE_BUILDER: Callable | None = None
+_PLUGINS_LOADED = False
 
 
-def register(spec: Method) -> None:
-    """Add a method from outside the package (a plugin, a notebook experiment); names are unique."""
+def set_cache_builder(build: Callable) -> None:
+    """Called by the transformers backend (``lacache.cache``) when it is imported: ``build(method,
+    model, budget, options)`` makes its caches. The registry stays free of any backend import."""
+    global _CACHE_BUILDER
+    _CACHE_BUILDER = build
+
+
+def register(spec: Method) -> Method:
+    """Add a method (a built-in policy file, a plugin, a notebook experiment); names are unique."""
     global METHODS
+    if not isinstance(spec, Method):
+        raise TypeError(f"register() takes a lacache.registry.Method; got {type(spec).__name__}")
     if spec.name in _BY_NAME:
         raise ValueError(f"method {spec.name!r} is already registered; pick another name")
+    if spec.base is not None and spec.base not in _BY_NAME:
+        raise ValueError(f"method {spec.name!r}: base={spec.base!r} is not registered; register it first")
+    if spec.baseline and any(s.baseline for s in _BY_NAME.values()):
+        raise ValueError(f"method {spec.name!r}: baseline=True, but {baseline_method()!r} is the baseline already")
+    if spec.default and any(s.default for s in _BY_NAME.values()):
+        raise ValueError(f"method {spec.name!r}: default=True, but {default_method()!r} is the default already")
     _BY_NAME[spec.name] = spec
     METHODS = tuple(_BY_NAME)
+    return spec
+
+
+def unregister(name: str) -> None:
+    """Remove a method (tests and notebooks that registered one for a while)."""
+    global METHODS
+    _BY_NAME.pop(name, None)
+    METHODS = tuple(_BY_NAME)
+
+
+def _load_plugins() -> None:
+    """Import the modules other packages name in the ``lacache.methods`` entry-point group (once)."""
+    global _PLUGINS_LOADED
+    if _PLUGINS_LOADED:
+        return
+    _PLUGINS_LOADED = True
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        entry.load()
 
 
 def variant(name: str, base: str, **options) -> Method:
@@ -104,21 +189,27 @@ def variant(name: str, base: str, **options) -> Method:
     spec = method_spec(base)
     if not spec.bounded:
         raise ValueError(f"variant {name!r}: method {base!r} takes no options")
-    made = Method(name, spec.build, f"{base} with {', '.join(f'{k}={v}' for k, v in options.items())}",
-                  defaults=MappingProxyType({**spec.defaults, **options}), needs_attention=spec.needs_attention,
-                  suites=frozenset())
+    unknown = sorted(set(options) - set(spec.options()))
+    if unknown:
+        raise ValueError(f"variant {name!r}: method {base!r} takes no option {', '.join(unknown)}; it takes "
+                         f"{', '.join(sorted(spec.options()))}")
+    made = Method(name, spec.policy, f"{base} with {', '.join(f'{k}={v}' for k, v in options.items())}",
+                  sees=spec.sees, defaults=MappingProxyType({**spec.defaults, **options}), suites=frozenset(),
+                  chunked=spec.chunked, base=spec.family, served=spec.served)
     existing = _BY_NAME.get(name)
-    if existing is not None and existing.build is made.build and dict(existing.defaults) == dict(made.defaults):
+    if existing is not None and existing.policy is made.policy and dict(existing.defaults) == dict(made.defaults):
         return existing
-    register(made)
-    return made
+    return register(made)
 
 
 def method_spec(name: str) -> Method:
     """The registry entry for ``name``; a ``ValueError`` listing the known names otherwise."""
     spec = _BY_NAME.get(name)
     if spec is None:
-        raise ValueError(f"method={name!r} is not one of {METHODS}; e.g. method='lacache'")
+        _load_plugins()
+        spec = _BY_NAME.get(name)
+    if spec is None:
+        raise ValueError(f"method={name!r} is not one of {METHODS}; e.g. method={default_method()!r}")
     return spec
 
 
@@ -138,16 +229,25 @@ def default_method() -> str:
     return next(spec.name for spec in _BY_NAME.values() if spec.default)
 
 
+def served_methods() -> tuple[str, ...]:
+    """The methods the vLLM plugin serves (index-only rules)."""
+    _load_plugins()
+    return tuple(spec.name for spec in _BY_NAME.values() if spec.served)
+
+
 def default_methods(suite: str) -> tuple[str, ...]:
     """The methods a run of ``suite`` (one of ``SUITES``) compares when none are named."""
     if suite not in SUITES:
         raise ValueError(f"suite={suite!r} is not one of {SUITES}")
+    _load_plugins()
     return tuple(spec.name for spec in _BY_NAME.values() if suite in spec.suites)
 
 
 def check_methods(names: Iterable[str], what: str = "methods") -> list[str]:
     """``names`` as a list, or one ``ValueError`` naming the unknown ones (``what`` names the setting)."""
     names = list(names)
+    if any(n not in _BY_NAME for n in names):
+        _load_plugins()
     unknown = [n for n in names if n not in _BY_NAME]
     if unknown or not names:
         raise ValueError(f"--{what} {','.join(unknown) or '(empty)'} not known; choose from {','.join(METHODS)}")
@@ -157,30 +257,24 @@ def check_methods(names: Iterable[str], what: str = "methods") -> list[str]:
 def make_cache(method: str, model, budget: int | None = None, **kwargs):
     """A fresh cache for ``model``: ``full`` (unbounded ``DynamicCache``) or a bounded method.
 
-    Extra keyword arguments go to the method's builder (e.g. ``span=9, overlap=7`` for lacache,
-    ``window=64`` for h2o); a variant's own defaults (``lacache-salient``: ``salient=0.125``) apply
-    unless given.
+    Extra keyword arguments are the method's options (e.g. ``span=9, overlap=7`` for lacache,
+    ``window=64`` for h2o, ``positions``/``chunk`` for any bounded method); a variant's own defaults
+    (``lacache-salient``: ``salient=0.125``) apply unless given.
     """
+    spec = method_spec(method)
     accepted = option_names(method)
-    unknown = sorted(set(kwargs) - accepted) if accepted is not None else []
+    unknown = sorted(set(kwargs) - accepted)
     if unknown:
         raise ValueError(
             f"method={method!r} takes no option {', '.join(unknown)}; it takes {', '.join(sorted(accepted)) or 'none'}"
         )
-    return method_spec(method).make(model, budget, **kwargs)
+    return spec.make(model, budget, **kwargs)
 
 
-def option_names(name: str) -> frozenset[str] | None:
-    """The option names method ``name`` takes (its builder's keyword parameters besides ``model`` and
-    ``budget``): what a command line checks ``--option`` keys against before any model loads, instead
-    of letting a misspelt key reach the builder as a ``TypeError``. ``None`` when the builder takes
-    ``**kwargs`` and checks them itself; an empty set for the unbounded ``full`` cache."""
-    import inspect
+def option_names(name: str) -> frozenset[str]:
+    """The option names method ``name`` takes: what a command line checks ``--option`` keys against
+    before any model loads (an empty set for the unbounded ``full`` cache)."""
+    return frozenset(method_spec(name).options())
 
-    spec = method_spec(name)
-    if not spec.bounded:
-        return frozenset()
-    parameters = inspect.signature(spec.build).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        return None
-    return frozenset(parameters) - {"model", "budget"}
+
+register(Method("full", None, "every token (transformers' DynamicCache): the unbounded reference", sees="slots"))

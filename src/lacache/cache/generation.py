@@ -19,7 +19,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from ..checks import is_integer
-from ..lab.memory import current_rss_bytes, peak_rss_bytes
+from .memory import current_rss_bytes, peak_rss_bytes
 from . import BoundedCache
 from .compat import cache_argument
 

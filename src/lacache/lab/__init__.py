@@ -6,7 +6,7 @@
 * ``report`` — result files read back into tables, figures and one HTML page;
 * ``inspect`` — retention maps (which tokens each layer holds);
 * ``chat``, ``demo`` — an endless conversation in one bounded cache;
-* ``runinfo``, ``progress``, ``memory`` — run records, progress bars, memory readings.
+* ``runinfo``, ``progress`` — run records, progress bars.
 
 Nothing in the rule (``lacache.policies``) or the backends (``lacache.cache``, ``lacache.vllm``)
 imports the lab.

@@ -112,11 +112,12 @@ def eos_ids(model, tokenizer) -> set[int]:
 def stats_line(session: ChatSession) -> str:
     """The ``/stats`` line: slots per layer against the budget, tokens seen, cache size and memory."""
     from ..cache.generation import cache_bytes, cache_slots
-    from .memory import current_rss_bytes, peak_rss_bytes
+    from ..cache.memory import current_rss_bytes, peak_rss_bytes
+    from ..registry import method_spec
 
     cache = session.cache
     rss = current_rss_bytes()
-    budget = f" (budget {session.budget})" if session.method != "full" else ""
+    budget = f" (budget {session.budget})" if method_spec(session.method).bounded else ""
     seen = getattr(cache, "seen", None)
     seen = cache.get_seq_length() if seen is None else seen
     return (

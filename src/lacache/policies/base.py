@@ -14,12 +14,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from .. import checks
+
 if TYPE_CHECKING:
     import torch
 
     from .plan import CompactionPlan, RowPlan
 
-__all__ = ["LayerView", "RetentionPolicy", "IndexPolicy"]
+__all__ = ["LayerView", "RetentionPolicy", "IndexPolicy", "resolve_chunk"]
 
 
 class LayerView:
@@ -142,3 +144,17 @@ class IndexPolicy(RetentionPolicy):
     def fork(self) -> "IndexPolicy":
         """A copy with this stream's state; memoised plans are pure, so both share them."""
         return copy.copy(self)
+
+
+def resolve_chunk(chunk, budget: int, min_target: int) -> int:
+    """Slots freed below the budget per compaction: ``budget // 16`` by default, within what the policy
+    allows (``min_target``); the same arithmetic for every backend."""
+    room = budget - min_target
+    if chunk is None:
+        return max(0, min(budget // 16, room))
+    if not checks.is_integer(chunk) or chunk < 0 or chunk > room:
+        raise ValueError(
+            f"chunk={chunk!r} must be between 0 and {max(room, 0)} for budget={budget} (it is how many slots "
+            f"below the budget a compaction frees, to amortise it); e.g. chunk={max(0, min(budget // 16, room))}"
+        )
+    return chunk

@@ -1,18 +1,20 @@
-"""Content-aware eviction: TOVA, H2O (attention scores) and key-norm (attention-free).
+"""What content-aware rules share (TOVA, H2O, key-norm): keep each layer's top-scoring slots.
 
 Each layer, and each sequence of a batch, keeps its own top-scoring slots, plus ``sinks`` leading
 slots and a recent ``window`` that are never evicted. Kept slots stay in their original order, so
-the position shift sees them as a contiguous history like any other bounded cache.
+the position shift sees them as a contiguous history like any other bounded cache. A rule is a
+subclass that says how a slot scores (``tova.py``, ``h2o.py``, ``knorm.py``).
 """
 
 from __future__ import annotations
 
 import torch
 
+from .. import checks
 from .base import LayerView, RetentionPolicy
 from .plan import RowPlan
 
-__all__ = ["ScorePolicy", "TOVAPolicy", "H2OPolicy", "KNormPolicy", "keep_top"]
+__all__ = ["ScorePolicy", "keep_top", "score_rule"]
 
 
 def keep_top(score: torch.Tensor, target: int, sinks: int, window: int) -> torch.Tensor:
@@ -64,39 +66,14 @@ class ScorePolicy(RetentionPolicy):
         return {"policy": type(self).__name__.replace("Policy", "").lower(), "sinks": self.sinks, "window": self.window}
 
 
-class TOVAPolicy(ScorePolicy):
-    """TOVA: keep the slots the newest query attends to most (head-averaged), per layer."""
-
-    needs_attention = True
-
-    def score(self, view: LayerView) -> torch.Tensor:
-        return view.attention()[:, -1, :]
-
-
-class H2OPolicy(ScorePolicy):
-    """H2O: heavy hitters by attention accumulated over every query so far, plus a recent window."""
-
-    needs_attention = True
-    observes_every_step = True
-
-    def observe(self, view: LayerView) -> None:
-        acc = self.state[view.layer_idx]
-        total = view.attention().sum(dim=1)  # [B, n]
-        if acc is not None:
-            total[:, : acc.shape[1]] += acc
-        self.state[view.layer_idx] = total
-
-
-class KNormPolicy(ScorePolicy):
-    """Key-norm: keep the slots whose keys have the smallest L2 norm (head-averaged); no attention needed."""
-
-    observes_every_step = True
-
-    def observe(self, view: LayerView) -> None:
-        q = view.query_length
-        new = view.keys()[:, :, -q:].float().norm(dim=-1).mean(dim=1)  # [B, q]
-        old = self.state[view.layer_idx]
-        self.state[view.layer_idx] = new if old is None else torch.cat([old, new], dim=1)
-
-    def score(self, view: LayerView) -> torch.Tensor:
-        return -self.state[view.layer_idx]
+def score_rule(cls: type[ScorePolicy], num_layers: int, budget: int, sinks, window) -> ScorePolicy:
+    """A score rule of class ``cls``, its settings checked against ``budget`` (one ``ValueError`` that
+    names the setting and a value that works)."""
+    budget = checks.integer("budget", budget, minimum=1, example=512)
+    sinks = checks.integer("sinks", sinks, example=4)
+    if not checks.is_integer(window) or window < 1:
+        raise ValueError(f"window={window!r} must be a positive integer (the newest token is always kept), e.g. window=16")
+    if sinks + window > budget:
+        raise ValueError(f"budget={budget} is smaller than sinks={sinks} + window={window}: use budget >= "
+                         f"{sinks + window} or a smaller window")
+    return cls(num_layers, int(sinks), int(window))

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import checks
+from ..registry import Method, register
 from .base import IndexPolicy
 from .plan import CompactionPlan, identity_plan
 
-__all__ = ["StreamingPolicy", "window_plan"]
+__all__ = ["StreamingPolicy", "window_plan", "streaming_policy"]
 
 
 def window_plan(n: int, target: int, sinks: int) -> CompactionPlan:
@@ -40,3 +42,15 @@ class StreamingPolicy(IndexPolicy):
             if n <= 2 * target + 64 and len(self._plans) < 4096:  # one-off prefill plans are not kept
                 self._plans[key] = plan
         return plan
+
+
+def streaming_policy(num_layers: int, budget: int, sinks: int = 4) -> StreamingPolicy:
+    """StreamingLLM's rule (the same in every layer), validated against ``budget``."""
+    budget = checks.integer("budget", budget, minimum=1, example=512)
+    sinks = checks.integer("sinks", sinks, example=4)
+    if budget <= sinks:
+        raise ValueError(f"budget={budget} must exceed sinks={sinks}: e.g. budget={sinks + 64}")
+    return StreamingPolicy(sinks)
+
+
+register(Method("streaming", streaming_policy, "StreamingLLM: sinks + the most recent tokens", baseline=True))

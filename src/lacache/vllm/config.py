@@ -9,37 +9,31 @@ module imports no vLLM: it is tested without it.
 
 from __future__ import annotations
 
-import functools
-import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ..cache.classes import LaCache, StreamingLLMCache, ladder_policy, resolve_chunk, streaming_policy
-from ..policies.base import RetentionPolicy
+from ..policies.base import IndexPolicy, RetentionPolicy, resolve_chunk
+from ..registry import BACKEND_OPTIONS, default_method, method_spec, served_methods
 
-__all__ = ["KEY", "SERVED_METHODS", "ServingConfig", "parse_config", "serving_config"]
+__all__ = ["KEY", "SERVED_METHODS", "ServingConfig", "parse_config", "serving_config", "served_methods"]
 
 #: the key of ``additional_config`` that switches the plugin on
 KEY = "lacache"
 
-# Index-only rules need nothing but slot counts, so a paged engine can run them on the host. The
-# attention-score methods (tova, h2o) need every query's attention over the cache, which vLLM's
-# fused kernels never materialise; key-norm and the salient pool need key norms per slot (left
-# for a later version).
-_BUILDERS: dict[str, tuple[Callable, Callable]] = {
-    "lacache": (LaCache.from_model, ladder_policy),
-    "lacache-reference": (LaCache.from_model, functools.partial(ladder_policy, schedule="reference")),
-    "lacache-capped": (LaCache.from_model, functools.partial(ladder_policy, schedule="capped")),
-    "streaming": (StreamingLLMCache.from_model, streaming_policy),
+# What a rule reads decides whether a paged engine can run it: index-only rules need nothing but
+# slot counts, so the plugin runs them on the host. vLLM's fused attention kernels never
+# materialise the queries' attention, and the paged keys' norms are not tracked (left for a later
+# version).
+_WHY_NOT = {
+    "attention": "it needs attention scores, which vLLM's fused attention does not expose",
+    "keys": "it needs key norms per slot, which the plugin does not track yet",
 }
-SERVED_METHODS = tuple(_BUILDERS)
-_NOT_SERVED = {"tova", "h2o", "knorm", "lacache-salient", "full"}
 
 
-def _options_of(from_model: Callable) -> dict[str, object]:
-    """Option names and defaults of a ``from_model`` (what the plugin accepts besides method/budget)."""
-    params = inspect.signature(from_model).parameters
-    return {name: p.default for name, p in params.items() if name not in ("cls", "model", "budget")}
+def __getattr__(name):
+    if name == "SERVED_METHODS":  # read live: methods can be registered after import
+        return served_methods()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -80,39 +74,47 @@ def parse_config(raw: object, num_layers: int) -> ServingConfig:
     if not isinstance(raw, Mapping):
         raise ValueError(f'additional_config["{KEY}"] must be a JSON object, e.g. {{"method": "lacache", "budget": 256}}')
     settings = dict(raw)
-    method = settings.pop("method", "lacache")
-    if method not in _BUILDERS:
-        why = (" (it needs attention scores or key norms, which vLLM's fused attention does not expose)"
-               if method in _NOT_SERVED else "")
-        raise ValueError(f'{KEY}.method={method!r} is not served in vLLM{why}; use one of {SERVED_METHODS}, '
-                         'e.g. "method": "lacache"')
+    name = settings.pop("method", None)
+    try:
+        spec = method_spec(name) if name is not None else method_spec(default_method())
+    except ValueError:
+        raise ValueError(f"{KEY}.method={name!r} is not served in vLLM; use one of {served_methods()}, "
+                         f'e.g. "method": "{default_method()}"') from None
+    method = spec.name
+    if not spec.served:
+        why = _WHY_NOT.get(spec.sees, "it keeps every token (run vLLM without the plugin)") if spec.bounded else \
+            "it keeps every token (run vLLM without the plugin)"
+        raise ValueError(f"{KEY}.method={method!r} is not served in vLLM ({why}); use one of {served_methods()}, "
+                         f'e.g. "method": "{default_method()}"')
     if "budget" not in settings:
         raise ValueError(f'{KEY}.budget is required: slots per layer per request, e.g. "budget": 256')
     budget = settings.pop("budget")
     if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
         raise ValueError(f'{KEY}.budget={budget!r} must be a positive integer (slots per layer), e.g. "budget": 256')
-    from_model, make_policy = _BUILDERS[method]
-    accepted = _options_of(from_model)
+    accepted = spec.options()
     unknown = sorted(set(settings) - set(accepted))
     if unknown:
         raise ValueError(f"{KEY}: unknown option(s) {unknown} for method {method!r}; accepted: {sorted(accepted)}")
-    positions = settings.pop("positions", "shift")
+    positions = settings.pop("positions", BACKEND_OPTIONS["positions"])
     if positions != "shift":
         raise ValueError(f'{KEY}.positions={positions!r}: vLLM serving re-positions keys by slot only; use "shift"')
-    chunk = settings.pop("chunk", None)
-    if settings.get("salient"):
-        raise ValueError(f"{KEY}.salient: the salient pool needs key norms per slot and is not served in vLLM yet; "
-                         "leave it out (the plain ladder)")
-    if method in ("lacache-reference", "lacache-capped") and "schedule" in settings:
-        raise ValueError(f'{KEY}.schedule: method "{method}" fixes the schedule; leave it out')
-    sinks = settings.get("sinks", accepted.get("sinks", 4))
+    fixed = sorted(set(settings) & set(spec.defaults))
+    if fixed:
+        raise ValueError(f'{KEY}.{fixed[0]}: method "{method}" fixes {fixed[0]}={spec.defaults[fixed[0]]!r}; leave it '
+                         f"out (or serve method {spec.family!r} with it)")
+    sinks = settings.get("sinks", accepted.get("sinks", 0))
     if not isinstance(sinks, int) or isinstance(sinks, bool) or sinks < 0:
         raise ValueError(f'{KEY}.sinks={sinks!r} must be a non-negative integer, e.g. "sinks": 4')
     try:
-        if method.startswith("lacache"):  # ladder rules take the chunk: a given one picks the capped schedule
-            policy = make_policy(num_layers, budget, chunk=chunk, **settings)
-        else:
-            policy = make_policy(num_layers, budget, **settings)
+        policy = spec.make_policy(num_layers, budget, **settings)
+        if not isinstance(policy, IndexPolicy):  # an option made the rule content-aware (the salient pool)
+            given = sorted(k for k in settings if settings[k] != accepted.get(k))
+            raise ValueError(f"{'/'.join(given) or 'these settings'}: the rule they make reads more than slot "
+                             "counts (e.g. the salient pool needs key norms per slot) and is not served in vLLM yet; "
+                             "leave them out")
+        chunk = settings.get("chunk")
+        if chunk is None and not spec.chunked:
+            chunk = 0
         chunk = resolve_chunk(chunk, budget, policy.min_target()) if policy.amortises else 0
     except (TypeError, ValueError) as err:  # the shared builders name the parameter; say where it came from
         raise ValueError(f"{KEY}: {err}") from None

@@ -12,8 +12,8 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from ...cache.generation import StreamStats, cache_bytes, cache_slots, stream_tokens
+from ...cache.memory import current_rss_bytes
 from ...registry import default_methods, make_cache
-from ..memory import current_rss_bytes
 from .memory import MB, _cuda_allocated, _device_of, _fresh_phase, _sync, peak_rss_since_reset
 
 __all__ = ["DECODE_METHODS", "bench_decode", "decode_summary"]

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 
 from ...cache.generation import cache_bytes, cache_slots, next_positions
-from ..memory import current_rss_bytes
+from ...cache.memory import current_rss_bytes
 from .decode import _close, _make_cache
 from .memory import (
     _cuda_allocated,

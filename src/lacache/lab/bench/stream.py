@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 
 from ...cache.generation import StreamStats, cache_bytes, cache_slots, stream_tokens
-from ..memory import current_rss_bytes
+from ...cache.memory import current_rss_bytes
 from .cache_update import _build_cache
 from .decode import _close, _make_cache
 from .memory import (

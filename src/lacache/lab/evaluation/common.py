@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import torch
 
 from ...cache.generation import stream_tokens
-from ...registry import make_cache
+from ...registry import make_cache, method_spec
 
 __all__ = ["PREFILLS", "resolve_budget", "fresh_cache", "greedy_answer"]
 
@@ -27,9 +27,9 @@ def fresh_cache(method: str, model, slots: int | None, options: dict | None = No
     """A new cache of ``method`` for one run, closed however the run ends.
 
     Closing matters for score-based caches: they hook the model's attention, and a hook left behind
-    would keep observing (and slowing) every later run. ``slots`` is ignored for ``method="full"``.
+    would keep observing (and slowing) every later run. ``slots`` is ignored for the unbounded method.
     """
-    cache = make_cache(method, model, None if method == "full" else slots, **(options or {}))
+    cache = make_cache(method, model, slots if method_spec(method).bounded else None, **(options or {}))
     try:
         yield cache
     finally:

@@ -1,4 +1,4 @@
-"""An independent reference forward for bounded caches.
+"""An independent reference forward for bounded caches (a test oracle).
 
 It recomputes a Llama-family forward by hand, one layer at a time, attending in each layer
 exactly the tokens a cache says that layer holds, with keys rotated (by the model's own rotary

@@ -1,12 +1,12 @@
 """A family-independent reference for position-shifted bounded caches.
 
-``tests/reference.py`` re-implements a Llama forward by hand; that does not scale to q/k norms,
+``tests/oracle_forward.py`` re-implements a Llama forward by hand; that does not scale to q/k norms,
 fused projections, partial rotary, soft-capping or sliding-window layers. This reference runs the
 model's *own* forward instead and replaces only the cache and the attention mask:
 
 * ``ReplayCache`` keeps every token's key and value exactly as the model produced them (rotated to
   the position the model was given), forever. For each forward the test tells it which tokens each
-  layer holds (taken from the cache under test *before* the forward, as in ``reference.py``); each
+  layer holds (taken from the cache under test *before* the forward, as in ``oracle_forward.py``); each
   layer then attends exactly those tokens plus the new ones, with every key rotated from its
   original position to its slot position ``p_last - (n - 1 - i)`` by the textbook rotate-half
   formula and *that layer's own* ``inv_freq`` (Gemma 3 has one per layer type).

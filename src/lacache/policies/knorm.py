@@ -1,0 +1,42 @@
+"""Key-norm (Devoto et al., 2024): keep the slots whose keys have the smallest L2 norm.
+
+Attention-free like LaCache: it needs no queries, only one norm per new key.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import checks
+from ..registry import Method, register
+from .base import LayerView
+from .scores import ScorePolicy, score_rule
+
+__all__ = ["KNormPolicy", "knorm_policy"]
+
+
+class KNormPolicy(ScorePolicy):
+    """Key-norm: keep the slots whose keys have the smallest L2 norm (head-averaged); no attention needed."""
+
+    observes_every_step = True
+
+    def observe(self, view: LayerView) -> None:
+        q = view.query_length
+        new = view.keys()[:, :, -q:].float().norm(dim=-1).mean(dim=1)  # [B, q]
+        old = self.state[view.layer_idx]
+        self.state[view.layer_idx] = new if old is None else torch.cat([old, new], dim=1)
+
+    def score(self, view: LayerView) -> torch.Tensor:
+        return -self.state[view.layer_idx]
+
+
+def knorm_policy(num_layers: int, budget: int, sinks: int = 4, window: int | None = None) -> KNormPolicy:
+    """Key-norm for ``budget`` slots: ``sinks``, a recent ``window`` (default an eighth of the budget) and
+    the smallest-norm keys in the rest."""
+    if window is None and checks.is_integer(budget):
+        window = max(1, budget // 8)
+    return score_rule(KNormPolicy, num_layers, budget, sinks, window)
+
+
+register(Method("knorm", knorm_policy, "key-norm: the smallest key norms + sinks + a recent window", sees="keys",
+                chunked=False, suites=frozenset({"ppl", "passkey"})))
