@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Method", "METHODS", "SUITES", "SEES", "BACKEND_OPTIONS", "method_spec", "variant", "default_methods",
            "check_methods", "make_cache", "register", "option_names", "unbounded_method", "baseline_method",
-           "default_method", "served_methods", "set_cache_builder"]
+           "default_method", "served_methods", "set_cache_builder", "load_plugins", "unregister"]
 
 #: the runs whose default method list a method can be part of
 SUITES = ("ppl", "passkey", "ruler", "longbench", "decode")
@@ -171,7 +171,7 @@ def unregister(name: str) -> None:
     METHODS = tuple(_BY_NAME)
 
 
-def _load_plugins() -> None:
+def load_plugins() -> None:
     """Import the modules other packages name in the ``lacache.methods`` entry-point group (once)."""
     global _PLUGINS_LOADED
     if _PLUGINS_LOADED:
@@ -206,7 +206,7 @@ def method_spec(name: str) -> Method:
     """The registry entry for ``name``; a ``ValueError`` listing the known names otherwise."""
     spec = _BY_NAME.get(name)
     if spec is None:
-        _load_plugins()
+        load_plugins()
         spec = _BY_NAME.get(name)
     if spec is None:
         raise ValueError(f"method={name!r} is not one of {METHODS}; e.g. method={default_method()!r}")
@@ -231,7 +231,7 @@ def default_method() -> str:
 
 def served_methods() -> tuple[str, ...]:
     """The methods the vLLM plugin serves (index-only rules)."""
-    _load_plugins()
+    load_plugins()
     return tuple(spec.name for spec in _BY_NAME.values() if spec.served)
 
 
@@ -239,7 +239,7 @@ def default_methods(suite: str) -> tuple[str, ...]:
     """The methods a run of ``suite`` (one of ``SUITES``) compares when none are named."""
     if suite not in SUITES:
         raise ValueError(f"suite={suite!r} is not one of {SUITES}")
-    _load_plugins()
+    load_plugins()
     return tuple(spec.name for spec in _BY_NAME.values() if suite in spec.suites)
 
 
@@ -247,7 +247,7 @@ def check_methods(names: Iterable[str], what: str = "methods") -> list[str]:
     """``names`` as a list, or one ``ValueError`` naming the unknown ones (``what`` names the setting)."""
     names = list(names)
     if any(n not in _BY_NAME for n in names):
-        _load_plugins()
+        load_plugins()
     unknown = [n for n in names if n not in _BY_NAME]
     if unknown or not names:
         raise ValueError(f"--{what} {','.join(unknown) or '(empty)'} not known; choose from {','.join(METHODS)}")

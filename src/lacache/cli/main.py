@@ -24,6 +24,7 @@ import lacache.cli.generate as generate
 import lacache.cli.inspect as inspect_command
 import lacache.cli.report as report
 
+from .. import registry
 from ..lab.runinfo import command_context
 
 __all__ = ["EVALUATIONS", "build_parser", "main"]
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (default: ``sys.argv[1:]``), run the command; 0 on success, 2 on a usage error."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    registry.load_plugins()  # methods of other packages (the lacache.methods entry points) before the choices are listed
     args = build_parser().parse_args(argv)
     module = EVALUATIONS[args.task] if args.command == "eval" else _COMMANDS[args.command]
     try:
