@@ -3,8 +3,8 @@
 ``make_runs(root)`` fills ``root`` with what ``lacache eval ppl|passkey|ruler`` and ``lacache bench
 decode|cache`` write, an inspector folder with the files ``lacache inspect`` leaves (``inspect.json``
 with its documented keys, ``inspect.png``, ``inspect.svg``), and ``old/``: results as an older
-lacache left them (no run record, no figure, layouts this version does not write, a damaged file)
-plus files that are no lacache result at all.
+lacache left them (no kind, no run record, no figure, layouts this version does not write, a
+damaged file) plus files that are no lacache result at all.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def _older(folder: Path, ppl_json: Path) -> None:
     """Results as an older lacache left them, and files that are no lacache result."""
     folder.mkdir(parents=True)
     old = json.loads(ppl_json.read_text())
-    del old["run"]  # written before runs recorded their command; and no ppl.png beside it
+    del old["run"], old["kind"], old["schema"]  # written before results said what they are; no ppl.png beside it
     (folder / "ppl.json").write_text(json.dumps(old))
     (folder / "passkey.json").write_text(json.dumps({"budget": 0.5, "trials": [{"method": "full", "correct": True}]}))
     (folder / "decode.json").write_text(json.dumps({"benchmark": "decode", "results": {"full": 12.5}}))

@@ -157,6 +157,23 @@ def test_bench_cache_update_rows(tmp_path):
     assert _is_png(tmp_path / "cache.png")
 
 
+def test_cache_benchmark_methods_come_from_the_registry():
+    """Its real methods are the registry's bounded rules that need no attention; its own mechanisms
+    (``reference``, ``ladder-step``) are named once, in the benchmark; the command's default is unchanged."""
+    from lacache import registry
+    from lacache.lab.bench import PSEUDO_METHODS, cache_methods, default_cache_methods
+
+    real = [m for m in cache_methods() if m not in PSEUDO_METHODS]
+    assert real == [m for m in registry.METHODS
+                    if registry.method_spec(m).bounded and not registry.method_spec(m).needs_attention]
+    assert {"lacache", "lacache-capped", "lacache-reference", "lacache-salient", "streaming"} <= set(real)
+    assert registry.unbounded_method() not in real and not {"tova", "h2o"} & set(real)
+    assert default_cache_methods() == (registry.default_method(), "reference", registry.baseline_method())
+    assert _parse(["bench", "cache"]).methods == "lacache,reference,streaming"  # the same runs as before
+    with pytest.raises(ValueError, match="not one of"):
+        bench_cache_update([64], [2], methods=("h2o",))
+
+
 def test_bench_prefill_beyond_trained_context(tmp_path):
     model = tiny_llama(layers=4, seed=2, max_position_embeddings=256)
     ids = torch.randint(0, 96, (1, 600), generator=torch.Generator().manual_seed(0))
@@ -199,10 +216,15 @@ def test_cli_writes_tables_files_and_plots(tmp_path, capsys):
     bench_cli.run_cli(_parse(["bench", "prefill", "--tokens", "200", "--budget", "32", "--prefill-chunk", "64",
                               "--random", *tiny]))
     printed = capsys.readouterr().out
+    from lacache.lab.runinfo import environment
+
     for name in ("decode", "memory", "stream", "cache", "prefill"):
         assert _is_png(tmp_path / f"{name}.png"), name
         assert _read_csv(tmp_path / f"{name}.csv"), name
-        assert json.loads((tmp_path / f"{name}.json").read_text())["rows" if name != "stream" else "samples"]
+        payload = json.loads((tmp_path / f"{name}.json").read_text())
+        assert payload["rows" if name != "stream" else "samples"]
+        assert payload["kind"] == f"bench.{name}" and payload["schema"] == 1, name
+        assert set(payload["environment"]) == set(environment("cpu")) and payload["run"]["torch"], name
     assert "ms/tok mean" in printed and "ref/lacache" in printed and "verdict:" in printed and "FLAT" in printed
     assert {r["method"] for r in _read_csv(tmp_path / "memory.csv")} == {"full", "lacache"}
     with pytest.raises(ValueError, match="not known"):

@@ -304,6 +304,7 @@ def test_run_cli_on_fixture_with_injected_tiny_model(tokenizer, tiny, tmp_path, 
         rows = list(csv.DictReader(fh))
     assert len(rows) == 4 and rows[1]["slots"] == "40" and json.loads(rows[0]["answers"]) == ["Other location"]
     saved = json.loads((tmp_path / "longbench.json").read_text())
+    assert saved["kind"] == "eval.longbench" and saved["schema"] == 1
     assert saved["max_length"] == 90 and saved["options"] == {"lacache": {"sinks": 2}}
     assert set(saved["summary"]) == {"full", "lacache"} and len(saved["samples"]) == 4
 

@@ -22,8 +22,8 @@ import torch
 import transformers as tf
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
-from oracle_families import ReplayCache, layer_inv_freqs
 from lacache import LaCache, StreamingLLMCache
+from oracle_families import ReplayCache, layer_inv_freqs
 
 VOCAB = 96
 COMMON = dict(

@@ -139,7 +139,7 @@ def test_cli_draws_methods_side_by_side(tiny_pair, tmp_path, capsys):
                  "--at", "0,10", "--out", str(out), "--quiet"])
     assert code == 0
     payload = json.loads((out / "inspect.json").read_text())
-    assert payload["kind"] == "inspect" and payload["figures"] == ["inspect.png", "inspect.svg"]
+    assert payload["kind"] == "inspect" and payload["schema"] == 1 and payload["figures"] == ["inspect.png", "inspect.svg"]
     assert payload["run"]["command"][:2] == ["lacache", "inspect"]  # the run record the report shows
     assert [(m["method"], m["step"]) for m in payload["maps"]] == [
         (name, step) for name in ("lacache", "streaming", "h2o", "full") for step in (0, 10)]

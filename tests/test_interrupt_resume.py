@@ -3,7 +3,9 @@
 A real SIGINT to a running ``lacache eval``/``bench`` keeps every finished trial on disk, exits 130
 and says where they are; ``--resume`` then runs only what is missing and ends with the same results
 as an uninterrupted run. A destination that cannot be written is refused before any model loads.
-The files themselves are written atomically.
+The files themselves are written atomically, and a run's journal is appended to (one line per
+finished item), so keeping N items writes O(N) bytes; a line cut short by the interrupt is ignored,
+and the one-document record of an earlier lacache still resumes.
 """
 
 import csv
@@ -23,6 +25,8 @@ from lacache.lab.evaluation.checkpoint import (
     atomic_write,
     check_output_file,
     check_output_folder,
+    progress_path,
+    read_record,
 )
 
 FIXTURE = Path(__file__).parent / "fixtures" / "longbench"
@@ -71,11 +75,11 @@ class Interrupted:
     """What one interrupted command left: its argv, folder, record, exit status and stderr."""
 
     def __init__(self, argv: list[str], out: Path, name: str, at_least: int):
-        self.argv, self.out, self.record, self.at_least = argv, out, out / f"{name}.progress.json", at_least
+        self.argv, self.out, self.record, self.at_least = argv, out, out / f"{name}.progress.jsonl", at_least
 
     def recorded(self) -> int:
         try:
-            return len(json.loads(self.record.read_text())["finished"])
+            return len(read_record(self.record)["finished"])
         except (OSError, ValueError):
             return 0
 
@@ -129,7 +133,7 @@ def _check_interrupted(run: Interrupted, total: int, final: str) -> None:
     assert run.returncode == 130, run.stderr[-2000:]
     message = run.stderr.strip().splitlines()[-1]
     assert "interrupted" in message and str(run.out) in message and "--resume" in message
-    record = json.loads(run.record.read_text())
+    record = read_record(run.record)
     assert run.at_least <= len(record["finished"]) < total and record["complete"] is False
     assert not (run.out / final).exists()
 
@@ -157,7 +161,7 @@ def test_sigint_during_eval_passkey_keeps_trials_and_resume_matches_an_uninterru
         for trial in payload["trials"]:
             trial.pop("seconds")
     assert resumed == whole
-    assert json.loads(run.record.read_text())["complete"] is True
+    assert read_record(run.record)["complete"] is True
     assert (run.out / "passkey.png").stat().st_size > 1000
 
 
@@ -210,7 +214,7 @@ def test_interrupted_longbench_resumes_to_the_same_scores(tiny_model_dir, tmp_pa
     monkeypatch.setattr(longbench, "greedy_answer", interrupt_at_the_third)
     assert cli_main(argv) == 130
     assert str(tmp_path / "run") in capsys.readouterr().err
-    assert len(json.loads((tmp_path / "run" / "longbench.progress.json").read_text())["finished"]) == 2
+    assert len(read_record(tmp_path / "run" / "longbench.progress.jsonl")["finished"]) == 2
     monkeypatch.setattr(longbench, "greedy_answer", real)
     assert cli_main([*argv, "--resume"]) == 0
     assert cli_main([*argv[:-1], str(tmp_path / "reference")]) == 0
@@ -378,6 +382,89 @@ def test_run_progress_round_trip_and_refusals(tmp_path, capsys):
         RunProgress.open(tmp_path, "demo", "bench demo", settings, resume=True)
     again.finish()
     assert RunProgress.open(tmp_path, "demo", "eval demo", settings).finished == {}  # finished: start over
-    (tmp_path / "demo.progress.json").write_text("{broken")
+    (tmp_path / "demo.progress.jsonl").write_text("{broken")
     with pytest.raises(ValueError, match="delete it"):
         RunProgress.open(tmp_path, "demo", "eval demo", settings, resume=True)
+
+
+# --- the journal: appended, torn lines ignored, earlier records resumed --------------------------------------
+
+
+def _written_bytes() -> int | None:
+    """Bytes this process has passed to write() so far (Linux), or None where the kernel does not say."""
+    try:
+        with open("/proc/self/io") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("wchar:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def test_the_journal_is_appended_so_a_run_writes_bytes_in_proportion_to_its_items(tmp_path):
+    row = {"score": 1.0, "answer": "x" * 40}
+
+    def run(items: int) -> tuple[int, int | None]:
+        folder = tmp_path / str(items)
+        progress = RunProgress.open(folder, "demo", "eval demo", {"model": "m"}, method_settings={"full": {}})
+        before = _written_bytes()
+        progress.add((0, "full"), row)
+        path = progress_path(folder, "demo")
+        inode, size = path.stat().st_ino, path.stat().st_size
+        for i in range(1, items):
+            progress.add((i, "full"), row)
+            stat = path.stat()
+            assert stat.st_ino == inode and stat.st_size > size  # the same file, grown: appended, not rewritten
+            size = stat.st_size
+        progress.finish()
+        written = None if before is None else _written_bytes() - before
+        assert len(read_record(path)["finished"]) == items
+        return path.stat().st_size, written
+
+    small, large = run(10), run(1000)
+    line = len(json.dumps({"key": [999, "full"], "row": row}, separators=(",", ":"))) + 1
+    assert (large[0] - small[0]) / 990 <= line  # each item costs its own line, whatever came before
+    if small[1] is not None:  # the bytes actually written: O(N), where rewriting the record was O(N^2)
+        assert large[1] < 2 * large[0] and small[1] < 2 * small[0] + 4096
+
+
+def test_a_torn_last_line_is_ignored_and_the_item_runs_again(tmp_path, capsys):
+    settings = {"model": "m"}
+    progress = RunProgress.open(tmp_path, "demo", "eval demo", settings)
+    progress.add((1,), {"score": 1})
+    progress.add((2,), {"score": 2})
+    path = progress_path(tmp_path, "demo")
+    whole = path.read_bytes()
+    with open(path, "ab") as fh:
+        fh.write(b'{"key":[3],"row":{"sco')  # the interrupt landed while this line was being written
+    assert len(read_record(path)["finished"]) == 2
+    with pytest.raises(ValueError, match="2 finished trials"):
+        RunProgress.open(tmp_path, "demo", "eval demo", settings)
+    again = RunProgress.open(tmp_path, "demo", "eval demo", settings, resume=True)
+    assert again.finished == {(1,): {"score": 1}, (2,): {"score": 2}}
+    again.add((3,), {"score": 3})  # the journal is written afresh first: the torn bytes are gone
+    assert path.read_bytes().startswith(whole) and b"sco\n" not in path.read_bytes()
+    assert [e["key"] for e in read_record(path)["finished"]] == [[1], [2], [3]]
+    # a garbled line that is not the last one is damage, not an interruption: refused, with the way out
+    path.write_bytes(whole.replace(b'{"key":[1]', b'{"kex":[1]'))
+    with pytest.raises(ValueError, match="line 2 .*delete it"):
+        RunProgress.open(tmp_path, "demo", "eval demo", settings, resume=True)
+
+
+def test_an_earlier_lacache_record_still_resumes(tmp_path, capsys):
+    settings = {"model": "m", "budget": 0.5}
+    legacy = tmp_path / "demo.progress.json"
+    legacy.write_text(json.dumps({"format": 1, "command": "eval demo", "complete": False, "settings": settings,
+                                  "method_settings": {"full": {"options": {}, "variant": None}},
+                                  "finished": [{"key": [100, 0.5, 0, "full"], "row": {"score": 1}}]}, indent=1))
+    with pytest.raises(ValueError, match="unfinished run .*demo.progress.json.*--resume"):
+        RunProgress.open(tmp_path, "demo", "eval demo", settings)
+    with pytest.raises(ValueError, match="budget: recorded 0.5, now 0.25"):
+        RunProgress.open(tmp_path, "demo", "eval demo", {**settings, "budget": 0.25}, resume=True)
+    again = RunProgress.open(tmp_path, "demo", "eval demo", settings, resume=True)
+    assert again.finished == {(100, 0.5, 0, "full"): {"score": 1}}
+    assert "1 finished trial recorded in" in capsys.readouterr().err
+    again.add((100, 0.5, 0, "lacache"), {"score": 0})
+    assert not legacy.exists()  # the journal now holds what the record kept
+    again.finish()
+    record = read_record(progress_path(tmp_path, "demo"))
+    assert record["complete"] and [e["key"][-1] for e in record["finished"]] == ["full", "lacache"]
+    assert record["method_settings"] == {"full": {"options": {}, "variant": None}}

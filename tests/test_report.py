@@ -49,6 +49,44 @@ def test_every_writer_adds_the_run_record_and_keeps_its_fields(runs):
     assert "environment" in json.loads((runs / "bench" / "cache.json").read_text())  # the benchmarks' own block stays
 
 
+def test_every_result_says_its_kind_and_schema_first(runs):
+    from lacache.lab.results import KINDS, SCHEMA
+
+    for path, kind in (("ppl/ppl.json", "eval.ppl"), ("passkey/passkey.json", "eval.passkey"),
+                       ("ruler/ruler.json", "eval.ruler"), ("bench/decode.json", "bench.decode"),
+                       ("bench/memory.json", "bench.memory"), ("bench/cache.json", "bench.cache")):
+        payload = json.loads((runs / path).read_text())
+        assert list(payload)[:2] == ["kind", "schema"], path
+        assert payload["kind"] == kind and payload["schema"] == SCHEMA == 1 and kind in KINDS, path
+
+
+def test_the_environment_block_comes_from_the_run_record_module(runs):
+    from lacache.lab.runinfo import environment
+
+    block = json.loads((runs / "bench" / "cache.json").read_text())["environment"]
+    assert set(block) == set(environment("cpu")) and block["device"] == "cpu"
+
+
+def test_discovery_reads_the_declared_kind_and_falls_back_for_older_files(runs, tmp_path):
+    folder = tmp_path / "renamed"
+    folder.mkdir()
+    ppl = json.loads((runs / "ppl" / "ppl.json").read_text())
+    (folder / "my run.json").write_text(json.dumps(ppl))  # any name: the kind says what it is
+    (folder / "later.json").write_text(json.dumps({**ppl, "schema": 2}))
+    (folder / "other.json").write_text(json.dumps({"kind": "eval.future", "schema": 1}))
+    memory = json.loads((runs / "bench" / "memory.json").read_text())
+    (folder / "decode.json").write_text(json.dumps(memory))  # a memory result under decode's name: still memory
+    found = discover([folder])
+    kinds = {r.path.name: r.kind for r in found.results}
+    assert kinds == {"my run.json": "ppl", "decode.json": "memory"}
+    problems = {r.path.name: r.problem for r in found.unrecognised}
+    assert "newer than this lacache reads" in problems["later.json"]
+    assert "'eval.future' is not one this lacache reads" in problems["other.json"]
+    # the fallback, for files without a kind: the old ppl.json is still read as a ppl result
+    assert "kind" not in json.loads((runs / "old" / "ppl.json").read_text())
+    assert [r.kind for r in discover([runs / "old"]).results] == ["ppl"]
+
+
 def test_run_record_outside_a_command_and_payloads_it_leaves_alone():
     assert run_record()["command"] is None  # a library call has no command to name
     with command_context(["bench", "cache"], {"dtype": "float32", "device": object()}):

@@ -19,9 +19,9 @@ import torch
 from transformers.cache_utils import Cache
 
 from ..checks import is_integer
-from .memory import current_rss_bytes, peak_rss_bytes
 from . import BoundedCache
 from .compat import cache_argument
+from .memory import current_rss_bytes, peak_rss_bytes
 
 __all__ = ["StreamStats", "check_sampling", "stream_tokens", "stream_generate", "cache_slots", "cache_bytes",
            "next_positions"]

@@ -3,19 +3,20 @@
 Wire it into the top-level parser with ``add_parser(subparsers)`` and run the parsed arguments with
 ``run_cli(args)`` (``args.command == "bench"``). Sub-commands: ``decode``, ``memory``, ``stream``,
 ``cache``, ``prefill`` and ``all`` (a quick version of each); each writes ``<out>/<name>.csv``,
-``.json`` and ``.png`` and prints a table. The measurements live in :mod:`lacache.lab.bench`.
+``.json`` and ``.png`` and prints a table. This module only parses arguments, keeps the run's
+record (``--resume``) and dispatches: the measurements live in :mod:`lacache.lab.bench`, the
+result documents, files and printed tables in :mod:`lacache.lab.bench.report`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import sys
 from pathlib import Path
 
 from ..lab.evaluation.checkpoint import RunProgress, check_output_folder
+from ..registry import default_method, method_spec, unbounded_method
 from . import bench_vllm, values
 from .common import (
     add_dtype_argument,
@@ -38,7 +39,7 @@ __all__ = ["add_parser", "run_cli", "BENCHMARKS"]
 #: the ``lacache bench`` sub-commands
 BENCHMARKS = ("decode", "memory", "stream", "cache", "prefill", "vllm", "all")
 DEFAULT_OUT = "runs/bench"
-MB = 2**20
+MB = 2**20  # progress lines show megabytes
 
 
 def _common(parser: argparse.ArgumentParser, model: bool = True) -> None:
@@ -72,6 +73,8 @@ def _decode_args(parser: argparse.ArgumentParser) -> None:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``bench`` (with its sub-benchmarks) on the top-level sub-parsers; return its parser."""
+    from ..lab.bench.cache_update import LADDER_STEP, REFERENCE, cache_methods, default_cache_methods
+
     bench = subparsers.add_parser(
         "bench", help="performance benchmarks: decode speed, memory, constant-memory stream, cache updates, prefill"
     )
@@ -87,7 +90,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="plot the memory columns of an earlier decode.json instead of running")
 
     stream = kinds.add_parser("stream", help="continuous generation at constant memory, sampled at intervals")
-    stream.add_argument("--method", default="lacache", help="a bounded method (lacache, lacache-salient, streaming, ...)")
+    stream.add_argument("--method", default=default_method(), help="a bounded method (default: %(default)s)")
     stream.add_argument("--budget", type=positive_int, default=512)
     stream.add_argument("--tokens", type=positive_int, default=None,
                         help="tokens to generate (default 1,000,000 with --tiny, 20,000 otherwise)")
@@ -105,9 +108,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
     cache = kinds.add_parser("cache", help="time per token inside cache.update (synthetic K/V, no model) vs the "
                                            "reference implementation's per-step strategy")
-    cache.add_argument("--methods", default="lacache,reference,streaming",
-                       help="from lacache, ladder (no salient pool), ladder-step (no pool, compaction every step), "
-                            "streaming, reference")
+    cache.add_argument("--methods", default=",".join(default_cache_methods()),
+                       help=f"comma-separated, from {', '.join(cache_methods())} ({LADDER_STEP}: the capped ladder "
+                            f"compacting every step; {REFERENCE}: the authors' per-step mechanics re-implemented; "
+                            "default: %(default)s)")
     cache.add_argument("--budgets", default="256,1024,4096")
     cache.add_argument("--layers", default="30,80")
     cache.add_argument("--kv-heads", type=positive_int, default=8)
@@ -122,7 +126,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     _common(cache, model=False)
 
     prefill = kinds.add_parser("prefill", help="chunked prefill of a long prompt vs the computed full-cache size")
-    prefill.add_argument("--method", default="lacache")
+    prefill.add_argument("--method", default=default_method(), help="the cache method (default: %(default)s)")
     prefill.add_argument("--budget", type=positive_int, default=512)
     prefill.add_argument("--tokens", type=positive_int, default=32768, help="prompt length")
     prefill.add_argument("--prefill-chunk", type=positive_int, default=512)
@@ -144,14 +148,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 # --------------------------------------------------------------------------- helpers
-def _ints(text: str, what: str) -> list[int]:
-    return positive_ints(text, what)
-
-
-def _device(name: str):
-    return values.device(name)
-
-
 def _model_description(args) -> str:
     """How reports name the model ``_load`` gives (known before loading it, so a run's record can hold it)."""
     if getattr(args, "tiny", False):
@@ -165,7 +161,7 @@ def _load(args):
     """(model, tokenizer or None, description) on the requested device."""
     from .. import bench
 
-    device = _device(args.device)
+    device = values.device(args.device)
     dtype = torch_dtype(args.dtype)
     if getattr(args, "tiny", False):
         model = bench.tiny_model(layers=args.tiny_layers, hidden=args.tiny_hidden, seed=args.seed, dtype=dtype)
@@ -176,109 +172,31 @@ def _load(args):
 
 def _run_settings(args, *names: str) -> dict:
     """What gives a benchmark's rows their meaning, for its record: the model, dtype, device and ``names``."""
-    settings = {"dtype": args.dtype, "device": str(_device(args.device)), "seed": args.seed}
+    settings = {"dtype": args.dtype, "device": str(values.device(args.device)), "seed": args.seed}
     if hasattr(args, "tiny"):
         settings["model"] = _model_description(args)
     return {**settings, **{name: getattr(args, name) for name in names}}
 
 
-def _token_ids(model, tokenizer, n: int, seed: int, random_ids: bool = False):
-    """``n`` prompt ids: the bundled essays (repeated as needed), or random ids without a tokenizer."""
-    import torch
+def _logger(args):
+    """Where a benchmark's notes go: stderr, unless ``--quiet``."""
+    def log(text: str) -> None:
+        if not getattr(args, "quiet", False):
+            print(text, file=sys.stderr, flush=True)
 
-    if tokenizer is not None and not random_ids:
-        from ..lab.texts import ESSAY_SEPARATOR, load_essays
-
-        chars = 8 * n + 64
-        ids = None
-        while True:
-            text = load_essays(max_chars=chars)
-            ids = tokenizer(text, return_tensors="pt", verbose=False)["input_ids"][0]
-            if ids.numel() >= n or len(text) < chars:
-                break
-            chars *= 2
-        if ids.numel() < n:  # the whole collection is shorter than asked: repeat it
-            sep = tokenizer(ESSAY_SEPARATOR, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
-            piece = torch.cat([ids, sep])
-            ids = piece.repeat(math.ceil(n / piece.numel()))
-        return ids[:n][None]
-    vocab = int(model.config.vocab_size)
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (1, n), generator=generator)
+    return log
 
 
-def _log(args, text: str) -> None:
-    if not getattr(args, "quiet", False):
-        print(text, file=sys.stderr, flush=True)
-
-
-def _mb(x) -> float | None:
-    return None if x is None else x / MB
-
-
-def _write(out: Path, name: str, rows: list[dict], payload: dict) -> None:
-    from ..lab.evaluation.report import write_csv, write_json
-    from ..lab.runinfo import with_run_record
-
-    out.mkdir(parents=True, exist_ok=True)
-    headers = list(dict.fromkeys(k for r in rows for k in r))
-    write_csv(out / f"{name}.csv", headers, [[r.get(h) for h in headers] for r in rows])
-    write_json(out / f"{name}.json", with_run_record(payload))  # plus "run": command, versions, machine
-
-
-def _table(rows: list[dict], columns: list[tuple[str, str, object]]) -> str:
-    """Rows as a text table; ``columns`` are (header, key, transform or None)."""
-    from ..lab.evaluation.report import format_table
-
-    body = []
-    for r in rows:
-        line = []
-        for _, key, fn in columns:
-            value = r.get(key)
-            line.append(fn(value) if fn is not None and value is not None else value)
-        body.append(line)
-    return format_table([c[0] for c in columns], body)
-
-
-def _environment(device) -> dict:
-    import platform
-
-    import torch
-
-    return {
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "device": str(device),
-        "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-    }
+def _device_of(model):
+    return next(model.parameters()).device
 
 
 # --------------------------------------------------------------------------- sub-commands
-DECODE_COLUMNS = [
-    ("method", "method", None), ("budget", "budget", None), ("tokens", "tokens", None),
-    ("ms/tok first", "ms_per_token_first", None), ("ms/tok last", "ms_per_token_last", None),
-    ("ms/tok mean", "ms_per_token_mean", None), ("tok/s", "tokens_per_s", None),
-    ("cache MB", "cache_mb_last", None), ("RSS MB", "rss_mb_last", None), ("peak RSS MB", "peak_rss_mb", None),
-]
-MEMORY_KEYS = ["method", "budget", "last", "context", "cache_slots", "cache_bytes", "rss_bytes", "peak_rss_bytes",
-               "cuda_allocated_bytes"]
-
-
-def _write_memory(out: Path, payload: dict) -> None:
-    from ..lab.bench import plot_memory
-
-    rows = [{k: r.get(k) for k in MEMORY_KEYS} for r in payload["rows"]]
-    _write(out, "memory", rows, {**payload, "rows": rows})
-    plot_memory(rows, out / "memory.png",
-                title=f"Memory while decoding (budget {payload['budget']}, {payload['model']})")
-
-
 def run_decode(args: argparse.Namespace, write_memory: bool = True) -> dict:
     """``bench decode``: one decode run per method; also writes ``memory.*`` since the same run measured it."""
     from .. import bench
+    from ..lab.bench.prompts import prompt_ids
+    from ..lab.bench.report import decode_result, report_decode
 
     methods = method_list(args.methods)
     options = parse_method_options(args.option, methods)
@@ -286,10 +204,11 @@ def run_decode(args: argparse.Namespace, write_memory: bool = True) -> dict:
                         _run_settings(args, "budget", "tokens", "window", "prompt_tokens", "temperature"),
                         per_method={m: options.get(m, {}) for m in methods}, noun="methods")
     model, tokenizer, desc = _load(args)
-    prompt = _token_ids(model, tokenizer, args.prompt_tokens, args.seed)
+    prompt = prompt_ids(model, tokenizer, args.prompt_tokens, args.seed)
     geometry = bench.model_geometry(model)
-    _log(args, f"[bench decode] {desc}: {', '.join(methods)}, budget {args.budget}, {args.tokens} tokens, "
-               f"prompt {prompt.shape[1]} tokens")
+    log = _logger(args)
+    log(f"[bench decode] {desc}: {', '.join(methods)}, budget {args.budget}, {args.tokens} tokens, "
+        f"prompt {prompt.shape[1]} tokens")
 
     finished = {key[0]: value for key, value in progress.finished.items()}
     meter = progress_for(args, "bench decode", unit="tok", units="tok")
@@ -309,42 +228,18 @@ def run_decode(args: argparse.Namespace, write_memory: bool = True) -> dict:
                                       window=args.window, temperature=args.temperature, seed=args.seed,
                                       method_options=options, on_row=log_row, finished=finished,
                                       on_method=method_done)
-        payload = _report_decode(args, model, methods, desc, geometry, prompt, options, rows, write_memory)
+        payload = decode_result(rows, model=desc, dtype=args.dtype, geometry=geometry, budget=args.budget,
+                                tokens=args.tokens, window=args.window, prompt_tokens=int(prompt.shape[1]),
+                                temperature=args.temperature, method_options=options, device=_device_of(model))
+        report_decode(payload, Path(args.out), memory=write_memory, log=log)
     progress.finish()
-    return payload
-
-
-def _report_decode(args, model, methods, desc: str, geometry: dict, prompt, options: dict, rows: list[dict],
-                   write_memory: bool) -> dict:
-    """Print the decode table and write decode.* (and memory.*) into ``--out``."""
-    from .. import bench
-
-    summary = bench.decode_summary(rows)
-    device = next(model.parameters()).device
-    payload = {
-        "benchmark": "decode", "model": desc, "dtype": args.dtype, **geometry, "budget": args.budget,
-        "tokens": args.tokens, "window": args.window, "prompt_tokens": int(prompt.shape[1]),
-        "temperature": args.temperature, "method_options": options, "environment": _environment(device),
-        "summary": summary, "rows": rows,
-    }
-    out = Path(args.out)
-    _write(out, "decode", rows, payload)
-    bench.plot_decode(rows, out / "decode.png", title=f"Decode ms/token (budget {args.budget}, {desc})")
-    if write_memory:
-        _write_memory(out, payload)
-    print(f"Decode, {args.tokens} tokens after a {prompt.shape[1]}-token prompt, budget {args.budget} ({desc}, "
-          f"{args.dtype}, {device})")
-    print(_table(summary, DECODE_COLUMNS))
-    context = geometry["trained_context"]
-    if context and "full" in methods and prompt.shape[1] + args.tokens > context:
-        _log(args, f"[bench decode] note: the full cache went past the trained context ({context})")
-    written = ["decode"] + (["memory"] if write_memory else [])
-    _log(args, f"[bench] wrote {', '.join(str(out / f'{n}.{e}') for n in written for e in ('csv', 'json', 'png'))}")
     return payload
 
 
 def _read_decode_json(path: str) -> dict:
     """``--from``: a decode.json written by ``bench decode``, or a ``ValueError`` saying what it is instead."""
+    from ..lab.results import bench_kind, declared_kind
+
     hint = "give the decode.json that `lacache bench decode --out DIR` wrote, e.g. --from runs/bench/decode.json"
     try:
         with open(path, encoding="utf-8") as fh:
@@ -353,35 +248,36 @@ def _read_decode_json(path: str) -> dict:
         raise ValueError(f"--from {path} does not exist; {hint}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"--from {path} could not be read as JSON ({err}); {hint}") from None
-    if not isinstance(payload, dict) or payload.get("benchmark") != "decode" or not all(
-        isinstance(payload.get(key), list) for key in ("rows", "summary")
-    ):
+    if not isinstance(payload, dict):
+        raise ValueError(f"--from {path} is not a decode.json written by `lacache bench decode`; {hint}")
+    kind, _ = declared_kind(payload)
+    decode = kind == bench_kind("decode") if kind is not None else payload.get("benchmark") == "decode"  # or older
+    if not decode or not all(isinstance(payload.get(key), list) for key in ("rows", "summary")):
         raise ValueError(f"--from {path} is not a decode.json written by `lacache bench decode`; {hint}")
     return payload
 
 
 def run_memory(args: argparse.Namespace) -> dict:
     """``bench memory``: the decode run's memory columns, re-plotted from ``--from`` without re-running if given."""
+    from ..lab.bench.report import report_memory
+
     if args.from_json is None:
         return run_decode(args, write_memory=True)
     check_output_folder(args.out, "--out", example=DEFAULT_OUT)
     payload = _read_decode_json(args.from_json)
-    out = Path(args.out)
-    _write_memory(out, payload)
-    rows = [r for r in payload["summary"]]
-    print(f"Memory while decoding (from {args.from_json})")
-    print(_table(rows, [c for c in DECODE_COLUMNS if c[1] in ("method", "budget", "tokens", "cache_mb_last",
-                                                              "rss_mb_last", "peak_rss_mb")]))
-    _log(args, f"[bench] wrote {out / 'memory.csv'}, {out / 'memory.json'}, {out / 'memory.png'}")
+    report_memory(payload, Path(args.out), args.from_json, log=_logger(args))
     return payload
 
 
 def run_stream(args: argparse.Namespace) -> dict:
     """``bench stream``: a long stream (or ``--cache-only`` updates) and the flat-memory verdict."""
-    if args.method == "full":
-        raise ValueError("--method full has no bound; the stream benchmark needs a bounded cache, e.g. lacache")
-    tokens = args.tokens or (1_000_000 if args.tiny or args.cache_only else 20_000)
+    from ..lab.bench.report import report_stream
+
     options = parse_method_options(args.option, method_list(args.method, "method")).get(args.method)
+    if not method_spec(args.method).bounded:
+        raise ValueError(f"--method {args.method} has no bound; the stream benchmark needs a bounded cache, e.g. "
+                         f"{default_method()}")
+    tokens = args.tokens or (1_000_000 if args.tiny or args.cache_only else 20_000)
     shape = ("layers", "kv_heads", "head_dim") if args.cache_only else ("prompt_tokens", "temperature")
     settings = {**_run_settings(args, "method", "budget", "interval", "tolerance", "cache_only", *shape),
                 "tokens": tokens, "options": options}
@@ -392,21 +288,23 @@ def run_stream(args: argparse.Namespace) -> dict:
         if payload is None:
             payload = _run_stream(args, tokens, options)
             progress.add(("stream",), payload)
-        _report_stream(args, payload)
+        report_stream(payload, Path(args.out), log=_logger(args))
     progress.finish()
     return payload
 
 
 def _run_stream(args: argparse.Namespace, tokens: int, options: dict | None) -> dict:
-    """The stream itself (or ``--cache-only`` updates): the payload ``stream.json`` holds."""
+    """The stream itself (or ``--cache-only`` updates): the document ``stream.json`` holds."""
     from .. import bench
+    from ..lab.bench.prompts import prompt_ids
+    from ..lab.bench.report import stream_result
 
     if args.cache_only:
         desc = f"cache only, {args.layers} layers x {args.kv_heads} KV heads x {args.head_dim} (float32, random K/V)"
     else:
         model, tokenizer, desc = _load(args)
-        prompt = _token_ids(model, tokenizer, args.prompt_tokens, args.seed)
-    _log(args, f"[bench stream] {desc}: {args.method}, budget {args.budget}, {tokens:,} tokens")
+        prompt = prompt_ids(model, tokenizer, args.prompt_tokens, args.seed)
+    _logger(args)(f"[bench stream] {desc}: {args.method}, budget {args.budget}, {tokens:,} tokens")
     meter = progress_for(args, "bench stream", unit="tok", units="tok").start(tokens)
 
     def progress(s):
@@ -417,78 +315,36 @@ def _run_stream(args: argparse.Namespace, tokens: int, options: dict | None) -> 
 
     with meter:
         if args.cache_only:
-            import torch
-
             result = bench.bench_cache_stream(tokens, args.budget, args.layers, args.kv_heads, args.head_dim,
                                               method=args.method, interval=args.interval, tolerance=args.tolerance,
                                               seed=args.seed, on_sample=progress)
-            device = torch.device("cpu")
-            geometry = result["shape"]
+            device, geometry = "cpu", result["shape"]
         else:
             result = bench.bench_stream(model, prompt, tokens, budget=args.budget, interval=args.interval,
                                         method=args.method, method_options=options, temperature=args.temperature,
                                         seed=args.seed, tolerance=args.tolerance, on_sample=progress)
-            device = next(model.parameters()).device
-            geometry = bench.model_geometry(model)
+            device, geometry = _device_of(model), bench.model_geometry(model)
         meter.group_done(f"{args.method} budget={args.budget}")
-    return {"benchmark": "stream", "model": desc, "dtype": args.dtype, **geometry,
-            "environment": _environment(device), **result}
-
-
-def _report_stream(args: argparse.Namespace, payload: dict) -> None:
-    """Write stream.csv/json/png into ``--out`` and print the samples and the flat-memory verdict."""
-    from .. import bench
-
-    result, desc, device = payload, payload["model"], payload["environment"]["device"]
-    out = Path(args.out)
-    _write(out, "stream", result["samples"], payload)
-    bench.plot_stream(result, out / "stream.png")
-    columns = [("tokens", "tokens", None), ("tok/s", "tokens_per_s", None), ("cache MB", "cache_bytes", _mb),
-               ("RSS MB", "rss_bytes", _mb), ("CUDA MB", "cuda_allocated_bytes", _mb), ("slots", "num_slots", None)]
-    shown = result["samples"]
-    if len(shown) > 12:  # the table shows a dozen samples; the CSV has them all
-        step = math.ceil(len(shown) / 12)
-        shown = shown[::step] + ([shown[-1]] if (len(shown) - 1) % step else [])
-    print(f"Constant-memory stream: {args.method}, budget {args.budget}, {result['tokens']:,} tokens ({desc}, "
-          f"{args.dtype}, {device}); {result['tokens_per_s']:.1f} tokens/s overall")
-    print(_table(shown, columns))
-    v, ref = result["verdict"], result["reference"]
-    if ref is None:
-        print("verdict: the cache never filled (tokens <= budget): nothing to compare")
-    else:
-        parts = [f"{name} x{v[key]:.4f}" for name, key in (("cache bytes", "cache_bytes_ratio"),
-                                                            ("RSS", "rss_bytes_ratio"),
-                                                            ("CUDA allocated", "cuda_allocated_bytes_ratio"))
-                 if key in v]
-        filled = [f"{name} x{v[key]:.4f}" for name, key in (("cache bytes", "cache_bytes_ratio_vs_filled"),
-                                                             ("RSS", "rss_bytes_ratio_vs_filled"),
-                                                             ("CUDA allocated", "cuda_allocated_bytes_ratio_vs_filled"))
-                  if key in v]
-        print(f"verdict: memory after {v['final_tokens']:,} tokens vs once the first compaction was applied "
-              f"({ref['tokens']:,} tokens): {', '.join(parts)} -> {'FLAT' if v['flat'] else 'NOT FLAT'} "
-              f"(tolerance {100 * v['tolerance']:g}%); cache {result['final']['cache_bytes']:,} B, expected "
-              f"kv_bytes(budget + headroom) = {result['expected_cache_bytes']:,} B")
-        print(f"         vs the first overflow, before any compaction ({v['filled_tokens']:,} tokens): {', '.join(filled)}")
-    _log(args, f"[bench] wrote {out / 'stream.csv'}, {out / 'stream.json'}, {out / 'stream.png'}")
+    return stream_result(result, model=desc, dtype=args.dtype, geometry=geometry, device=device)
 
 
 def run_cache(args: argparse.Namespace) -> dict:
     """``bench cache``: time inside ``cache.update`` per token against the reference strategy (no model)."""
     from .. import bench
+    from ..lab.bench.report import cache_result, report_cache
 
-    methods = names(args.methods, bench.CACHE_METHODS, "methods")
+    methods = names(args.methods, bench.cache_methods(), "methods")
     positions = names(args.positions, ("absolute", "slots"), "positions")
-    budgets, layers = _ints(args.budgets, "budgets"), _ints(args.layers, "layers")
-    device = _device(args.device)
+    budgets, layers = positive_ints(args.budgets, "budgets"), positive_ints(args.layers, "layers")
+    device = values.device(args.device)
     dtype = torch_dtype(args.dtype)
     progress = open_run(args, "cache", "bench cache",
                         _run_settings(args, "kv_heads", "head_dim", "steps", "ref_steps", "warmup"),
                         noun="configurations")
-    _log(args, f"[bench cache] budgets {budgets}, layers {layers}, {args.kv_heads} KV heads x {args.head_dim}, "
-               f"{args.dtype} on {device}; methods {', '.join(methods)}")
-
-    configurations = [(n, b, m, mode) for n in layers for b in budgets for m in methods
-                      for mode in (["slots 0..n-1"] if m == "reference" else positions)]
+    log = _logger(args)
+    log(f"[bench cache] budgets {budgets}, layers {layers}, {args.kv_heads} KV heads x {args.head_dim}, "
+        f"{args.dtype} on {device}; methods {', '.join(methods)}")
+    configurations = bench.cache_configurations(layers, budgets, methods, positions)
     meter = progress_for(args, "bench cache", unit="configuration")
     meter.start(sum(key not in progress.finished for key in configurations))
 
@@ -499,55 +355,34 @@ def run_cache(args: argparse.Namespace) -> dict:
                          note=f"{r['ms_per_token']:.3f} ms/token over {r['steps']} steps")
 
     with progress.keep_on_interrupt():
-        payload = _run_cache(args, methods, positions, budgets, layers, device, dtype, record, progress.finished,
-                             meter)
+        with meter:
+            rows = bench.bench_cache_update(budgets, layers, kv_heads=args.kv_heads, head_dim=args.head_dim,
+                                            methods=methods, positions=positions, steps=args.steps,
+                                            ref_steps=args.ref_steps, warmup=args.warmup, dtype=dtype,
+                                            device=device, seed=args.seed, on_row=record, finished=progress.finished)
+        payload = cache_result(rows, bench.cache_summary(rows), kv_heads=args.kv_heads, head_dim=args.head_dim,
+                               dtype=args.dtype, device=device)
+        report_cache(payload, Path(args.out), log=log)
     progress.finish()
-    return payload
-
-
-def _run_cache(args: argparse.Namespace, methods: list[str], positions: list[str], budgets: list[int],
-               layers: list[int], device, dtype, record, finished: dict, meter) -> dict:
-    """Time every configuration not in ``finished`` (``record`` keeps each one, ``meter`` counts them),
-    print and write cache.*."""
-    from .. import bench
-
-    with meter:
-        rows = bench.bench_cache_update(budgets, layers, kv_heads=args.kv_heads, head_dim=args.head_dim,
-                                        methods=methods, positions=positions, steps=args.steps,
-                                        ref_steps=args.ref_steps, warmup=args.warmup, dtype=dtype, device=device,
-                                        seed=args.seed, on_row=record, finished=finished)
-    summary = bench.cache_summary(rows)
-    payload = {"benchmark": "cache", "kv_heads": args.kv_heads, "head_dim": args.head_dim, "dtype": args.dtype,
-               "environment": _environment(device), "summary": summary, "rows": rows}
-    out = Path(args.out)
-    _write(out, "cache", rows, payload)
-    bench.plot_cache(rows, out / "cache.png",
-                     title=f"cache.update per token, all layers ({args.kv_heads} KV heads x {args.head_dim}, "
-                           f"{args.dtype}, {device})")
-    columns = [("layers", "layers", None), ("budget", "budget", None), ("positions", "positions", None)]
-    columns += [(f"{m} ms", f"{m}_ms", None) for m in methods]
-    if "reference" in methods and "lacache" in methods:
-        columns.append(("ref/lacache", "reference_over_lacache", None))
-    print(f"Time per token inside cache.update, all layers ({args.kv_heads} KV heads x {args.head_dim}, "
-          f"{args.dtype}, {device}, batch 1, one token per step)")
-    print(_table(summary, columns))
-    _log(args, f"[bench] wrote {out / 'cache.csv'}, {out / 'cache.json'}, {out / 'cache.png'}")
     return payload
 
 
 def run_prefill(args: argparse.Namespace) -> dict:
     """``bench prefill``: chunked prefill of a long prompt against the computed full-cache size."""
     from .. import bench
+    from ..lab.bench.prompts import prompt_ids
+    from ..lab.bench.report import prefill_result, report_prefill
 
     options = parse_method_options(args.option, method_list(args.method, "method"))
     settings = {**_run_settings(args, "method", "budget", "tokens", "prefill_chunk", "random"),
                 "options": options.get(args.method)}
     record = open_run(args, "prefill", "bench prefill", settings, noun="prefill runs")
     model, tokenizer, desc = _load(args)
-    ids = _token_ids(model, tokenizer, args.tokens, args.seed, random_ids=args.random)
+    ids = prompt_ids(model, tokenizer, args.tokens, args.seed, random_ids=args.random)
     text = "random ids" if args.random or tokenizer is None else "bundled essays"
-    _log(args, f"[bench prefill] {desc}: {args.method}, budget {args.budget}, {ids.shape[1]:,} tokens of {text} "
-               f"in chunks of {args.prefill_chunk}")
+    log = _logger(args)
+    log(f"[bench prefill] {desc}: {args.method}, budget {args.budget}, {ids.shape[1]:,} tokens of {text} "
+        f"in chunks of {args.prefill_chunk}")
 
     meter = progress_for(args, "bench prefill", unit="tok", units="tok")
 
@@ -562,7 +397,7 @@ def run_prefill(args: argparse.Namespace) -> dict:
             with meter.start(int(ids.shape[1])):
                 record.add(key, bench.bench_prefill(model, ids, budget=args.budget, prefill_chunk=args.prefill_chunk,
                                                     method=method, method_options=method_options, on_row=progress))
-                meter.group_done(method if method == "full" else f"{method} budget={args.budget}")
+                meter.group_done(f"{method} budget={args.budget}" if method_spec(method).bounded else method)
         return record.finished[key]
 
     with record.keep_on_interrupt():
@@ -571,38 +406,13 @@ def run_prefill(args: argparse.Namespace) -> dict:
         full = None
         if args.compare_full:
             if s["beyond_trained_context"]:
-                _log(args, f"[bench prefill] --compare-full skipped: {s['tokens']} tokens exceed the trained "
-                           f"context ({s['trained_context']}); the full cache size is computed instead")
+                log(f"[bench prefill] --compare-full skipped: {s['tokens']} tokens exceed the trained "
+                    f"context ({s['trained_context']}); the full cache size is computed instead")
             else:
-                full = prefill(("compare-full",), "full", None)
-        payload = _report_prefill(args, model, desc, text, result, full)
+                full = prefill(("compare-full",), unbounded_method(), None)
+        payload = prefill_result(result, model=desc, dtype=args.dtype, text=text, device=_device_of(model), full=full)
+        report_prefill(payload, Path(args.out), log=log)
     record.finish()
-    return payload
-
-
-def _report_prefill(args: argparse.Namespace, model, desc: str, text: str, result: dict, full: dict | None) -> dict:
-    """Write prefill.csv/json/png into ``--out`` and print the table."""
-    from .. import bench
-
-    s = result["summary"]
-    device = next(model.parameters()).device
-    payload = {"benchmark": "prefill", "model": desc, "dtype": args.dtype, "text": text,
-               "environment": _environment(device), **result, "full": full}
-    out = Path(args.out)
-    _write(out, "prefill", result["rows"], payload)
-    bench.plot_prefill(result, out / "prefill.png", full=full)
-    summaries = [s] + ([full["summary"]] if full else [])
-    for x in summaries:
-        x["full_kv_mb"] = x["full_cache_bytes"] / MB
-    print(f"Chunked prefill of {s['tokens']:,} tokens ({text}), chunk {args.prefill_chunk} ({desc}, {args.dtype}, "
-          f"{device}); trained context {s['trained_context']}")
-    print(_table(summaries, [
-        ("method", "method", None), ("budget", "budget", None), ("tokens", "tokens", None),
-        ("seconds", "seconds", None), ("tok/s", "tokens_per_s", None), ("peak RSS MB", "peak_rss_bytes", _mb),
-        ("CUDA peak MB", "cuda_max_allocated_bytes", _mb), ("cache MB", "cache_bytes", _mb),
-        ("full KV MB (computed)", "full_kv_mb", None),
-    ]))
-    _log(args, f"[bench] wrote {out / 'prefill.csv'}, {out / 'prefill.json'}, {out / 'prefill.png'}")
     return payload
 
 

@@ -93,9 +93,9 @@ def _capacity_meter(args: argparse.Namespace):
 def _run_parts(args: argparse.Namespace, model_dir: str, ids: list[int], record, out: Path) -> dict:
     """Run (or reuse from ``record``) the parts ``--part`` asks for; write their CSV, plot and vllm.json."""
     from ..lab.bench.vllm_serving import bench_vllm_capacity, bench_vllm_stream
-    from ..lab.evaluation.report import format_table, write_csv, write_json
+    from ..lab.evaluation.report import format_table, write_csv
     from ..lab.models import model_label
-    from ..lab.runinfo import with_run_record
+    from ..lab.results import bench_kind, write_result
 
     def part(name: str, run) -> list[dict]:
         if (name,) not in record.finished:
@@ -133,7 +133,7 @@ def _run_parts(args: argparse.Namespace, model_dir: str, ids: list[int], record,
         write_csv(out / "vllm_capacity.csv", headers, [[r[h] for h in headers] for r in rows])
         print(f"vLLM, {args.requests} requests of {len(ids) + new} tokens, one pool of {args.pool_blocks} blocks")
         print(format_table(headers, [[r[h] for h in headers] for r in rows]))
-    write_json(out / "vllm.json", with_run_record(payload))  # plus "run": command, versions, machine
+    write_result(out / "vllm.json", bench_kind("vllm"), payload)  # plus kind, schema, "run": command, versions, machine
     return payload
 
 
@@ -155,7 +155,10 @@ def _plot_stream(rows: list[dict], path: Path, args) -> None:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"vLLM (CPU), {args.batch} requests, full cache vs lacache budget {args.budget}")
+    from ..registry import default_method, unbounded_method
+
+    fig.suptitle(f"vLLM (CPU), {args.batch} requests, {unbounded_method()} cache vs {default_method()} budget "
+                 f"{args.budget}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

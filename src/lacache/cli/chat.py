@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from ..lab.chat import ChatSession, TurnRecord, eos_ids, stats_line
-from ..registry import METHODS
+from ..registry import METHODS, default_method, method_spec
 from . import values
 from .common import add_dtype_argument, add_model_argument, load_model_for, positive_int
 
@@ -23,7 +23,7 @@ __all__ = ["add_parser", "build_parser", "run_cli"]
 
 def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add_model_argument(parser)
-    parser.add_argument("--method", choices=METHODS, default="lacache")
+    parser.add_argument("--method", choices=METHODS, default=default_method())
     parser.add_argument("--budget", type=positive_int, default=512, help="cache slots per layer (the whole chat)")
     parser.add_argument("--sinks", type=int, default=None, help="leading slots never evicted (method default if unset)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=256, help="reply length limit per turn")
@@ -93,7 +93,7 @@ def run_cli(args, model=None, tokenizer=None) -> list[TurnRecord]:
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("the tokenizer has no chat template; lacache chat needs one (use an instruct model)")
     torch.manual_seed(args.seed)
-    options = {} if args.sinks is None or args.method == "full" else {"sinks": args.sinks}
+    options = {} if args.sinks is None or not method_spec(args.method).bounded else {"sinks": args.sinks}
     session = ChatSession(model, tokenizer, args.method, args.budget, options, system=args.system)
     eos = eos_ids(model, tokenizer)
     stdin, out = sys.stdin, sys.stdout
@@ -187,6 +187,6 @@ def _demo_summary(records: list[TurnRecord], replies: list[int], args) -> str:
     from ..lab.demo import repetition_summary
 
     seen = records[-1].seen
-    budget = "" if args.method == "full" else f" = {seen / args.budget:.1f}x the budget of {args.budget}"
+    budget = f" = {seen / args.budget:.1f}x the budget of {args.budget}" if method_spec(args.method).bounded else ""
     return (f"[demo] {args.method}: {len(records)} turns, {seen} tokens seen{budget}; replies: {len(replies)} tokens, "
             f"{repetition_summary(replies)}")

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ..lab.evaluation.checkpoint import atomic_write, check_output_file
-from ..registry import METHODS, method_spec, option_names
+from ..registry import METHODS, default_method, method_spec, option_names
 from . import values
 from .common import (
     add_dtype_argument,
@@ -36,7 +36,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="stream text from a prompt with a fixed-size cache (defaults: bundled SmolLM2-135M, 2,000 tokens)",
     )
     add_model_argument(gen)
-    gen.add_argument("--method", choices=METHODS, default="lacache")
+    gen.add_argument("--method", choices=METHODS, default=default_method())
     gen.add_argument("--budget", type=positive_int, default=256, help="cache slots per layer")
     gen.add_argument("--sinks", type=int, default=None, help="leading slots never evicted (method default if unset)")
     gen.add_argument("--span", type=int, default=None, help="lacache: ladder span (default from the model)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..registry import default_method
 from . import common, values
 
 __all__ = ["add_parser", "run_cli"]
@@ -22,7 +23,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "inspect", help="draw which tokens every layer holds (layers x positions map per method and step)"
     )
     common.add_model_argument(parser)
-    parser.add_argument("--method", default="lacache", help="the cache method to draw (default: %(default)s)")
+    parser.add_argument("--method", default=default_method(), help="the cache method to draw (default: %(default)s)")
     parser.add_argument("--compare", default=None, metavar="METHODS",
                         help="comma-separated methods drawn side by side at the same budget, e.g. lacache,streaming,knorm")
     parser.add_argument("--budget", type=common.positive_int, default=128, help="cache slots per layer")
@@ -70,9 +71,9 @@ def run_cli(args: argparse.Namespace) -> dict:
     """Run the prompt through each method, draw the maps, write inspect.{png,svg,json}; returns the JSON payload."""
     from .. import models
     from ..lab.evaluation.checkpoint import check_output_folder
-    from ..lab.evaluation.report import write_json
     from ..lab.inspect import ROLES, draw, watch
-    from ..lab.runinfo import with_run_record
+    from ..lab.results import INSPECT, write_result
+    from ..registry import method_spec
 
     values.check_values(args)
     methods = common.method_list(args.compare if args.compare is not None else args.method,
@@ -88,7 +89,7 @@ def run_cli(args: argparse.Namespace) -> dict:
     device = next(model.parameters()).device
     maps = []
     for method in methods:
-        budget = None if method == "full" else args.budget
+        budget = args.budget if method_spec(method).bounded else None
         taken = watch(model, ids.to(device), method, budget, steps, options.get(method))
         maps.extend(taken)
         if not args.quiet:
@@ -98,8 +99,7 @@ def run_cli(args: argparse.Namespace) -> dict:
     figures = ["inspect.png", "inspect.svg"]
     title = f"Tokens each layer holds: budget {args.budget}, prompt of {ids.shape[1]} tokens"
     draw(maps, [out / name for name in figures], title=title)
-    payload = with_run_record({  # the "run" record: the command, versions, machine
-        "kind": "inspect",
+    payload = write_result(out / "inspect.json", INSPECT, {  # plus kind, schema, "run": command, versions, machine
         "environment": {"dtype": args.dtype, "device": str(device)},
         "model": models.model_label(args.model),
         "budget": args.budget,
@@ -110,6 +110,5 @@ def run_cli(args: argparse.Namespace) -> dict:
         "figures": figures,
         "maps": [m.to_dict() for m in maps],
     })
-    write_json(out / "inspect.json", payload)
     print(f"[lacache] wrote {', '.join(str(out / name) for name in [*figures, 'inspect.json'])}", file=sys.stderr)
     return payload

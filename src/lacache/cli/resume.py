@@ -21,8 +21,8 @@ def add_resume_argument(parser: argparse.ArgumentParser) -> None:
     """``--resume``: reuse what an earlier run in ``--out`` finished, run only what is missing."""
     parser.add_argument(
         "--resume", action="store_true",
-        help="reuse the finished trials recorded in --out (<name>.progress.json) and run only the missing ones; "
-             "the settings that give them their meaning must match",
+        help="reuse the finished trials recorded in --out (<name>.progress.jsonl, or an earlier lacache's "
+             "<name>.progress.json) and run only the missing ones; the settings that give them their meaning must match",
     )
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..cache import BoundedCache
+from ..registry import unbounded_method
 
 __all__ = ["ROLES", "COLOURS", "RetentionMap", "retention", "watch", "draw"]
 
@@ -84,7 +85,7 @@ def retention(cache, batch_index: int = 0, method: str | None = None, step: int 
     if not isinstance(cache, BoundedCache):
         seen = int(cache.get_seq_length())
         layers = len(getattr(cache, "layers", [])) or 1
-        return RetentionMap(method or "full", step, np.full((layers, seen), _CODE["kept"], dtype=np.int8))
+        return RetentionMap(method or unbounded_method(), step, np.full((layers, seen), _CODE["kept"], dtype=np.int8))
     name = method or type(cache).__name__
     if cache.padded:
         if not 0 <= batch_index < cache.batch_size:

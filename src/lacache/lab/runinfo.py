@@ -4,9 +4,11 @@ A table of numbers is only worth comparing with another when both say what produ
 command, the versions of lacache, torch and transformers, and the machine. Each writer used to
 record a different subset (the benchmarks an ``environment`` block, the evaluations nothing), so
 ``lacache report`` could not show where a number came from. :func:`run_record` builds one record
-the same way for every writer (:func:`lacache.lab.evaluation.report.write_run` and the benchmark
-writers call :func:`with_run_record`), and :func:`command_context` lets the command line say which
-command is running, since the library cannot know how it was called.
+the same way for every writer (every result goes through :func:`lacache.lab.results.write_result`,
+which calls :func:`with_run_record`), and :func:`command_context` lets the command line say which
+command is running, since the library cannot know how it was called. :func:`environment` is the
+benchmarks' own block (threads and the device they timed on), built here beside the record so the
+machine is described in one place.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from typing import Any
 
-__all__ = ["RUN_KEY", "command_context", "run_record", "with_run_record"]
+__all__ = ["RUN_KEY", "command_context", "environment", "run_record", "with_run_record"]
 
 #: the key of the record in a result's JSON (every other key of the payload is left as it was)
 RUN_KEY = "run"
@@ -101,6 +103,23 @@ def run_record() -> dict[str, Any]:
         "gpus": _gpu_names(),
         "world_size": os.environ.get("WORLD_SIZE"),  # set by torchrun / accelerate for distributed runs
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def environment(device) -> dict[str, Any]:
+    """Where a benchmark measured: torch and its thread count, ``device`` (a ``torch.device``) and its
+    CUDA name, cores, platform and Python — stored under ``"environment"`` in every benchmark's JSON."""
+    import torch
+
+    device = torch.device(device)
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+        "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
     }
 
 

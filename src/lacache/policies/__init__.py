@@ -18,7 +18,7 @@ import pkgutil
 
 from .base import IndexPolicy, LayerView, RetentionPolicy, resolve_chunk
 from .plan import CompactionPlan, RowPlan, identity_plan
-from . import streaming, lacache, tova, h2o, knorm
+from . import streaming, lacache, tova, h2o, knorm  # noqa: F401  (each registers its method)
 from .authors_ladder import ReferenceLadderPolicy
 from .h2o import H2OPolicy
 from .knorm import KNormPolicy

@@ -166,15 +166,6 @@ def ladder_policy(num_layers: int, budget: int, *, span: int | None = None, over
     return LadderPolicy(geometry, sinks, window)
 
 
-def streaming_policy(num_layers: int, budget: int, sinks: int = 4) -> RetentionPolicy:
-    """StreamingLLM's rule (the same in every layer), validated against ``budget``."""
-    budget = checks.integer("budget", budget, minimum=1, example=512)
-    sinks = checks.integer("sinks", sinks, example=4)
-    if budget <= sinks:
-        raise ValueError(f"budget={budget} must exceed sinks={sinks}: e.g. budget={sinks + 64}")
-    return StreamingPolicy(sinks)
-
-
 _LADDER_SUMMARY = "LaCache at its defaults: the ladder on the authors' schedule (chosen on held-out perplexity)"
 register(Method("lacache", ladder_policy, _LADDER_SUMMARY, default=True))
 register(Method("lacache-capped", ladder_policy,

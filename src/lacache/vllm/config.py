@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from ..policies.base import IndexPolicy, RetentionPolicy, resolve_chunk
 from ..registry import BACKEND_OPTIONS, default_method, method_spec, served_methods
 
-__all__ = ["KEY", "SERVED_METHODS", "ServingConfig", "parse_config", "serving_config", "served_methods"]
+__all__ = ["KEY", "ServingConfig", "parse_config", "serving_config", "served_methods"]
 
 #: the key of ``additional_config`` that switches the plugin on
 KEY = "lacache"

@@ -18,13 +18,24 @@ call them directly:
 
 Memory is read (:mod:`.memory`) from the process (RSS, and its high-water mark reset per phase
 through ``/proc/self/clear_refs``), from the cache (``memory_bytes``) and from CUDA when on a GPU.
-Models that need no download are in :mod:`.standins`; plots in :mod:`.plots`.
+Models that need no download are in :mod:`.standins`, prompts in :mod:`.prompts`, plots in
+:mod:`.plots`; :mod:`.report` turns rows into the result documents (``kind`` ``bench.<name>``),
+files and printed tables that ``lacache bench`` leaves.
 """
 
 from __future__ import annotations
 
 from ...cache.generation import cache_bytes
-from .cache_update import CACHE_METHODS, EVERY_STEP_METHODS, bench_cache_update, cache_summary
+from .cache_update import (
+    LADDER_STEP,
+    PSEUDO_METHODS,
+    REFERENCE,
+    bench_cache_update,
+    cache_configurations,
+    cache_methods,
+    cache_summary,
+    default_cache_methods,
+)
 from .decode import DECODE_METHODS, bench_decode, decode_summary
 from .memory import kv_bytes, model_geometry, peak_rss_since_reset, reset_peak_rss
 from .plots import plot_cache, plot_decode, plot_memory, plot_prefill, plot_stream
@@ -35,9 +46,10 @@ from .stream import bench_cache_stream as bench_cache_stream  # importable, thou
 from .stream import bench_stream
 
 __all__ = [
-    "CACHE_METHODS",
     "DECODE_METHODS",
-    "EVERY_STEP_METHODS",
+    "LADDER_STEP",
+    "PSEUDO_METHODS",
+    "REFERENCE",
     "CacheStandIn",
     "ReferenceLadderCache",
     "bench_cache_update",
@@ -45,8 +57,11 @@ __all__ = [
     "bench_prefill",
     "bench_stream",
     "cache_bytes",
+    "cache_configurations",
+    "cache_methods",
     "cache_summary",
     "decode_summary",
+    "default_cache_methods",
     "kv_bytes",
     "model_geometry",
     "peak_rss_since_reset",

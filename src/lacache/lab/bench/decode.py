@@ -13,7 +13,7 @@ import torch
 
 from ...cache.generation import StreamStats, cache_bytes, cache_slots, stream_tokens
 from ...cache.memory import current_rss_bytes
-from ...registry import default_methods, make_cache
+from ...registry import default_methods, make_cache, method_spec
 from .memory import MB, _cuda_allocated, _device_of, _fresh_phase, _sync, peak_rss_since_reset
 
 __all__ = ["DECODE_METHODS", "bench_decode", "decode_summary"]
@@ -22,9 +22,14 @@ __all__ = ["DECODE_METHODS", "bench_decode", "decode_summary"]
 DECODE_METHODS = default_methods("decode")
 
 
+def _budget(method: str, budget: int) -> int | None:
+    """``budget`` for a bounded method; None for the unbounded one (``full``), which takes none."""
+    return budget if method_spec(method).bounded else None
+
+
 def _make_cache(method: str, model, budget: int, options: dict | None):
-    """A registry cache for ``method`` (``full`` gets no budget), so benchmarks and generation build alike."""
-    return make_cache(method, model, None if method == "full" else budget, **(options or {}))
+    """A registry cache for ``method`` (the unbounded one gets no budget), so benchmarks and generation build alike."""
+    return make_cache(method, model, _budget(method, budget), **(options or {}))
 
 
 def _close(cache) -> None:
@@ -85,7 +90,7 @@ def bench_decode(
             steps = produced - first + 1
             row = {
                 "method": method,
-                "budget": None if method == "full" else budget,
+                "budget": _budget(method, budget),
                 "first": first,
                 "last": produced,
                 "context": int(prompt_ids.shape[-1]) + produced - 1,

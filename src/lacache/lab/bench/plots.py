@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from .cache_update import REFERENCE
 from .memory import MB
 
 __all__ = ["plot_cache", "plot_decode", "plot_memory", "plot_prefill", "plot_stream"]
@@ -118,7 +119,7 @@ def plot_cache(rows: Sequence[dict], path, title: str = "Time inside cache.updat
     colors = list(dict.fromkeys((method, mode) for method, mode, _ in groups))  # one colour per method/mode
     for (method, mode, num_layers), mine in groups.items():
         mine = sorted(mine, key=lambda r: r["budget"])
-        label = f"{method} ({mode}), {num_layers} layers" if method != "reference" else f"reference, {num_layers} layers"
+        label = f"{method} ({mode}), {num_layers} layers" if method != REFERENCE else f"{method}, {num_layers} layers"
         ax.plot([r["budget"] for r in mine], [r["ms_per_token"] for r in mine], marker="o",
                 color=f"C{colors.index((method, mode)) % 10}",
                 ls=styles[layer_counts.index(num_layers) % len(styles)], label=label)

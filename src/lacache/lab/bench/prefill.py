@@ -13,7 +13,8 @@ import torch
 
 from ...cache.generation import cache_bytes, cache_slots, next_positions
 from ...cache.memory import current_rss_bytes
-from .decode import _close, _make_cache
+from ...registry import default_method
+from .decode import _budget, _close, _make_cache
 from .memory import (
     _cuda_allocated,
     _device_of,
@@ -34,7 +35,7 @@ def bench_prefill(
     input_ids: torch.Tensor,
     budget: int = 512,
     prefill_chunk: int = 512,
-    method: str = "lacache",
+    method: str | None = None,
     method_options: dict | None = None,
     on_row: Callable[[dict], None] | None = None,
 ) -> dict:
@@ -44,8 +45,10 @@ def bench_prefill(
     chunk: tokens so far, tokens/s of the chunk and overall, process RSS, cache bytes, CUDA memory.
     The summary adds the run's peak RSS (high-water mark of this phase), CUDA peak, and the bytes a
     full cache would need for the whole prompt (``kv_bytes``, computed, never allocated).
-    ``method='full'`` runs a ``DynamicCache`` the same way (only sensible within the trained context).
+    ``method`` defaults to the registry's default method; the unbounded one (``full``) runs a
+    ``DynamicCache`` the same way (only sensible within the trained context).
     """
+    method = default_method() if method is None else method
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     if prefill_chunk < 1:
@@ -85,7 +88,7 @@ def bench_prefill(
     cuda = torch.device(device).type == "cuda"
     summary = {
         "method": method,
-        "budget": None if method == "full" else budget,
+        "budget": _budget(method, budget),
         "prefill_chunk": prefill_chunk,
         "tokens": total,
         "seconds": seconds,

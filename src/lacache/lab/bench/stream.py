@@ -13,7 +13,8 @@ import torch
 
 from ...cache.generation import StreamStats, cache_bytes, cache_slots, stream_tokens
 from ...cache.memory import current_rss_bytes
-from .cache_update import _build_cache
+from ...registry import default_method, method_spec
+from .cache_update import REFERENCE, _build_cache
 from .decode import _close, _make_cache
 from .memory import (
     _cuda_allocated,
@@ -116,7 +117,7 @@ def bench_stream(
     tokens: int,
     budget: int = 512,
     interval: int | None = None,
-    method: str = "lacache",
+    method: str | None = None,
     method_options: dict | None = None,
     temperature: float = 0.0,
     seed: int = 0,
@@ -129,10 +130,12 @@ def bench_stream(
     interval, ``cache.memory_bytes()``, CUDA allocated memory (on a GPU), process RSS and the cache's
     slots; the verdict compares the last sample with the reading once the cache's first compaction
     was applied (see ``_StreamMonitor``): each ratio must be within ``tolerance``. Nothing per
-    token is kept.
+    token is kept. ``method`` defaults to the registry's default method.
     """
-    if method == "full":
-        raise ValueError("the stream benchmark needs a bounded cache; e.g. method='lacache'")
+    method = default_method() if method is None else method
+    if not method_spec(method).bounded:
+        raise ValueError(f"method={method!r} keeps every token: the stream benchmark needs a bounded cache; "
+                         f"e.g. method={default_method()!r}")
     if tokens < 2:
         raise ValueError(f"tokens={tokens} must be >= 2")
     interval = max(100, tokens // 50) if interval is None else int(interval)
@@ -169,7 +172,7 @@ def bench_cache_stream(
     layers: int = 30,
     kv_heads: int = 3,
     head_dim: int = 64,
-    method: str = "lacache",
+    method: str | None = None,
     interval: int | None = None,
     tolerance: float = 0.01,
     seed: int = 0,
@@ -180,12 +183,15 @@ def bench_cache_stream(
     A million decode steps of even a tiny model take about an hour on a 2-core CPU (the model's own
     per-call overhead), while the cache's memory behaviour only depends on the updates it receives;
     this drives the cache the way decoding does (absolute positions, one token per step) at the
-    cache's own speed. Same samples and verdict as ``bench_stream``.
+    cache's own speed. Same samples and verdict as ``bench_stream``; ``method`` (default: the
+    registry's default method) is one of the cache-update benchmark's registry methods.
     """
+    method = default_method() if method is None else method
     if tokens < 2:
         raise ValueError(f"tokens={tokens} must be >= 2")
-    if method == "reference":
-        raise ValueError("the stream benchmark needs a lacache cache; e.g. method='lacache'")
+    if method == REFERENCE:
+        raise ValueError(f"method={method!r} is the cache-update benchmark's reference strategy, not a cache to "
+                         f"stream; e.g. method={default_method()!r}")
     interval = max(100, tokens // 50) if interval is None else int(interval)
     stand_in = CacheStandIn(layers, kv_heads=kv_heads, head_dim=head_dim)
     cache = _build_cache(method, stand_in, budget)

@@ -11,6 +11,8 @@ import os
 import time
 from collections.abc import Callable
 
+from ...registry import default_method, unbounded_method
+
 __all__ = ["bench_vllm_stream", "bench_vllm_capacity"]
 
 # Engines are kept alive until the process ends: tearing one down in-process also tears down the
@@ -18,11 +20,18 @@ __all__ = ["bench_vllm_stream", "bench_vllm_capacity"]
 _ENGINES: list = []
 
 
+def _compared(budget: int) -> tuple[tuple[str, int | None], ...]:
+    """(method, budget) of the two engines each part runs: the unbounded cache, then the default method."""
+    return (unbounded_method(), None), (default_method(), budget)
+
+
 def _engine(model: str, budget: int | None, blocks: int, max_model_len: int, step_tokens: int, dtype: str):
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM
 
-    extra = {"lacache": {"method": "lacache", "budget": budget}} if budget else {}
+    from ...vllm.config import KEY
+
+    extra = {KEY: {"method": default_method(), "budget": budget}} if budget else {}
     llm = LLM(model=model, dtype=dtype, enforce_eager=True, max_model_len=max_model_len,
               enable_prefix_caching=False, gpu_memory_utilization=0.3, num_gpu_blocks_override=blocks,
               max_num_batched_tokens=step_tokens, additional_config=extra)
@@ -51,7 +60,7 @@ def bench_vllm_stream(model: str, prompt_ids: list[int], tokens: int, budget: in
     block_size = 128  # vLLM's CPU block; on other devices the pool is only larger than needed
     blocks = batch * -(-(len(prompt_ids) + tokens + 8) // block_size) + 2
     rows = []
-    for method, cache_budget in (("full", None), ("lacache", budget)):
+    for method, cache_budget in _compared(budget):
         llm = _engine(model, cache_budget, blocks, len(prompt_ids) + tokens + 8, step_tokens, dtype)
         engine = llm.llm_engine
         params = SamplingParams(max_tokens=tokens, min_tokens=tokens, temperature=0, ignore_eos=True)
@@ -91,7 +100,7 @@ def bench_vllm_capacity(model: str, prompt_ids: list[int], new_tokens: int, requ
     from vllm import SamplingParams
 
     rows = []
-    for method, cache_budget in (("full", None), ("lacache", budget)):
+    for method, cache_budget in _compared(budget):
         llm = _engine(model, cache_budget, blocks, len(prompt_ids) + new_tokens + 8, step_tokens, dtype)
         engine, scheduler = llm.llm_engine, _scheduler(llm)
         preempted: list[str] = []

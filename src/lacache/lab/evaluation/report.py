@@ -5,11 +5,12 @@ from __future__ import annotations
 import csv
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from ..runinfo import with_run_record
-from .checkpoint import atomic_write
+from ...registry import baseline_method, unbounded_method
+from ..results import eval_kind, write_result
+from .atomic import atomic_write
 
 __all__ = ["format_table", "write_csv", "write_json", "write_run", "plot_ppl_by_position", "ppl_table_rows"]
 
@@ -46,7 +47,10 @@ def write_csv(path: Path, headers: Sequence[str], rows: Sequence[Sequence]) -> N
 
 
 def write_json(path: Path, payload) -> None:
-    """``payload`` as indented JSON, written atomically (an interruption leaves the old file whole)."""
+    """``payload`` as indented JSON, written atomically (an interruption leaves the old file whole).
+
+    A result file goes through :func:`lacache.lab.results.write_result` instead, which adds its
+    ``kind``, ``schema`` and run record; this writes any other JSON as it is."""
     atomic_write(path, lambda fh: json.dump(payload, fh, indent=2))
 
 
@@ -56,16 +60,17 @@ def write_run(
     *,
     csv_headers: Sequence[str],
     csv_rows: Sequence[Sequence],
-    payload: object,
+    payload: Mapping[str, object],
     plot: Callable[[Path], None] | None = None,
     table: tuple[str, Sequence[str], Sequence[Sequence]] | None = None,
 ) -> list[Path]:
     """Everything an evaluation run leaves behind, the same way for every evaluation.
 
     Prints ``table`` (title, headers, rows) on stdout, then writes ``<out_dir>/<name>.csv`` (one
-    row per trial), ``<name>.json`` (``payload``) and, when ``plot`` is given, ``<name>.png``
-    (``plot(path)`` draws it); the folder is created if needed. A dict ``payload`` gains a ``"run"``
-    record (:func:`lacache.lab.runinfo.run_record`: command, versions, machine) for ``lacache report``.
+    row per trial), ``<name>.json`` (``payload``, a dict, of kind ``eval.<name>``: see
+    :mod:`lacache.lab.results`) and, when ``plot`` is given, ``<name>.png`` (``plot(path)`` draws
+    it); the folder is created if needed. The JSON gains ``kind``, ``schema`` and a ``"run"`` record
+    (:func:`lacache.lab.runinfo.run_record`: command, versions, machine) for ``lacache report``.
     Returns the written paths, which it also names on stderr so a run's log says where its results went.
     """
     out = Path(out_dir)
@@ -76,7 +81,7 @@ def write_run(
         print(format_table(headers, rows))
     paths = [out / f"{name}.csv", out / f"{name}.json"]
     write_csv(paths[0], csv_headers, csv_rows)
-    write_json(paths[1], with_run_record(payload))  # plus "run": the command, versions and machine
+    write_result(paths[1], eval_kind(name), payload)  # plus kind, schema and "run": the command, versions, machine
     if plot is not None:
         paths.append(out / f"{name}.png")
         plot(paths[-1])
@@ -110,14 +115,16 @@ def ppl_table_rows(results) -> tuple[list[str], list[list]]:
 
 
 def gap_table_rows(results) -> tuple[list[str], list[list]] | None:
-    """Share of the StreamingLLM -> full gap each method closes, per text and budget (needs both runs)."""
+    """Share of the gap between the registry's bounded baseline (StreamingLLM) and its unbounded reference
+    (the full cache) each method closes, per text and budget (needs both runs)."""
     from .perplexity import gap_closed
 
+    unbounded, baseline = unbounded_method(), baseline_method()
     budgets = sorted({r.budget for r in results if r.budget is not None})
     by_key = {(getattr(r, "text", ""), r.method, r.budget): r.ppl for r in results}
     texts = _texts(results)
-    methods = [m for m in dict.fromkeys(r.method for r in results) if m not in ("full", "streaming")]
-    if not methods or not all((t, "full", None) in by_key for t in texts):
+    methods = [m for m in dict.fromkeys(r.method for r in results) if m not in (unbounded, baseline)]
+    if not methods or not all((t, unbounded, None) in by_key for t in texts):
         return None
     headers = ["text", "method", *[f"budget {b}" for b in budgets]]
     rows = []
@@ -125,8 +132,8 @@ def gap_table_rows(results) -> tuple[list[str], list[list]] | None:
         for method in methods:
             cells = []
             for b in budgets:
-                mine, stream = by_key.get((text, method, b)), by_key.get((text, "streaming", b))
-                share = None if mine is None or stream is None else gap_closed(mine, stream, by_key[(text, "full", None)])
+                mine, stream = by_key.get((text, method, b)), by_key.get((text, baseline, b))
+                share = None if mine is None or stream is None else gap_closed(mine, stream, by_key[(text, unbounded, None)])
                 cells.append(None if share is None else f"{100 * share:.0f}%")
             rows.append([text or "-", method, *cells])
     return headers, rows

@@ -1,11 +1,16 @@
 """Finding the results in run folders, and telling what each one is.
 
 Every ``lacache eval`` and ``lacache bench`` command leaves ``<out>/<name>.json`` next to its CSV
-and PNG (and a ``<name>.progress.json`` record, which is not a result). The folders given to
-``lacache report`` are searched recursively; each JSON is recognised by its content and name. A
-JSON that carries a lacache result name (``ppl.json``, ``decode.json``, ...) but not the layout
-this version writes is kept as *not recognised*, with the reason, so a run made by an older
-lacache is shown rather than dropped or misread; any other JSON is listed as a foreign file.
+and PNG (and a ``<name>.progress.jsonl`` journal, which is not a result). The folders given to
+``lacache report`` are searched recursively. A result file says what it is: its ``"kind"``
+(``"eval.ppl"``, ``"bench.decode"``, ``"inspect"``, ...) and ``"schema"`` (:mod:`lacache.lab.results`);
+the report shows it in the section its kind names, once its layout holds what the tables need.
+
+Files written before results carried a kind are still read: for them alone the kind is guessed
+from the content and the file name (:func:`_guess_kind`, the fallback). A JSON that carries a
+lacache result name (``ppl.json``, ``decode.json``, ...) or a kind but not a layout this version
+reads is kept as *not recognised*, with the reason, so a run made by an older (or later) lacache is
+shown rather than dropped or misread; any other JSON is listed as a foreign file.
 """
 
 from __future__ import annotations
@@ -16,21 +21,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..evaluation.checkpoint import PROGRESS_SUFFIX
+from ..evaluation.journal import is_progress_file
+from ..results import BENCHMARKS, EVALUATIONS, INSPECT, declared_kind, section
 
 __all__ = ["BENCHMARKS", "EVALUATIONS", "Discovery", "Result", "classify", "discover"]
 
-#: evaluation result names (``<name>.json``), in the order the report shows them
-EVALUATIONS = ("ppl", "passkey", "ruler", "longbench")
-#: benchmark result names, in the order the report shows them
-BENCHMARKS = ("decode", "memory", "stream", "cache", "prefill", "vllm")
-_NAMES = (*EVALUATIONS, *BENCHMARKS, "inspect")
+#: the report's sections, one per kind of result (``"ppl"`` holds the ``eval.ppl`` files), in page order
+_NAMES = (*EVALUATIONS, *BENCHMARKS, INSPECT)
 _EXAMPLE = "lacache report runs/ -o report.html"
 
 
 @dataclass
 class Result:
-    """One result file: its ``kind`` (``"ppl"``, ``"decode"``, ``"inspect"``, ...; ``None``: not recognised)."""
+    """One result file and its ``kind``: the report's section (``"ppl"``, ``"decode"``, ``"inspect"``, ...:
+    the file's own ``"kind"`` without its family, ``"eval.ppl"`` -> ``"ppl"``); ``None``: not recognised."""
 
     path: Path
     label: str  # where it is, as the report names it (the folder relative to the folder given)
@@ -94,11 +98,12 @@ def _layout_problem(kind: str, payload: Any) -> str | None:
     return None
 
 
-def _kind_from_content(stem: str, payload: Any) -> str | None:
-    """The result kind a JSON's content announces (``"benchmark"`` or ``"kind"``), else its file name's."""
+def _guess_kind(stem: str, payload: Any) -> str | None:
+    """FALLBACK for files that declare no ``kind`` (written before results carried one): the section
+    their content suggests (the benchmarks' ``"benchmark"`` key), else their file name's."""
     if isinstance(payload, dict):
-        if payload.get("kind") == "inspect":
-            return "inspect"
+        if payload.get("kind") == INSPECT:
+            return INSPECT
         bench = payload.get("benchmark")
         if bench == "decode" and stem == "memory":  # memory.json repeats the decode run's payload
             return "memory"
@@ -116,7 +121,10 @@ def classify(path: Path, label: str) -> Result | None:
         if stem not in _NAMES:
             return None
         return Result(path, label, None, problem=f"could not be read as JSON ({err})")
-    kind = _kind_from_content(stem, payload)
+    declared, problem = declared_kind(payload)
+    if problem is not None:
+        return Result(path, label, None, payload, problem=problem)
+    kind = section(declared) if declared is not None else _guess_kind(stem, payload)
     if kind is None:
         return None
     problem = _layout_problem(kind, payload)
@@ -132,9 +140,10 @@ def _label(path: Path, root: Path) -> str:
 
 
 def _json_files(folder: Path) -> Iterable[Path]:
-    """Every JSON below ``folder`` except progress records and hidden (e.g. half-written) files."""
+    """Every JSON below ``folder`` except run records (an earlier lacache's ``.progress.json``) and hidden
+    (e.g. half-written) files."""
     for path in sorted(folder.rglob("*.json")):
-        if path.name.endswith(PROGRESS_SUFFIX) or any(p.startswith(".") for p in path.relative_to(folder).parts):
+        if is_progress_file(path.name) or any(p.startswith(".") for p in path.relative_to(folder).parts):
             continue
         if path.is_file():
             yield path

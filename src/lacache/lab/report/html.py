@@ -18,7 +18,9 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..evaluation.checkpoint import PROGRESS_SUFFIX, atomic_write
+from ...registry import baseline_method, unbounded_method
+from ..evaluation.atomic import atomic_write
+from ..evaluation.journal import is_progress_file
 from .assets import SCRIPT, STYLE
 from .discover import BENCHMARKS, EVALUATIONS, Discovery, Result, discover
 from .figures import data_uri, figure_files, group_by_text, passkey_heatmap_svg, ppl_curves_svg
@@ -51,9 +53,13 @@ TITLES = {
 #: what "best" means in each section's summary, for the line under its title
 _BETTER = {"ppl": "lower perplexity is better", "passkey": "more correct answers is better",
            "ruler": "higher score is better", "longbench": "higher score is better"}
-#: methods shown but not ranked: the full cache is the reference the bounded caches are measured against
-_REFERENCE = ("full",)
 _DATA_ERRORS = (KeyError, TypeError, ValueError, IndexError, AttributeError, ZeroDivisionError)
+
+
+def _reference() -> tuple[str]:
+    """Methods shown but not ranked: the registry's unbounded cache, the reference the bounded caches are
+    measured against (asked when a page is built, once every method and plugin has registered)."""
+    return (unbounded_method(),)
 
 
 def _esc(value) -> str:
@@ -102,7 +108,7 @@ def _environment(result: Result) -> list[tuple[str, str]]:
         ("dtype", payload.get("dtype") or options.get("dtype") or env.get("dtype")),
         ("device", options.get("device") or env.get("device")),
         ("budget", payload.get("budget")),
-        ("lacache", run.get("lacache")),
+        ("lacache", run.get("lacache")),  # the package's version, not a method
         ("torch", run.get("torch") or env.get("torch")),
         ("transformers", run.get("transformers")),
         ("python", run.get("python") or env.get("python")),
@@ -119,8 +125,7 @@ def _links(result: Result, out_dir: Path) -> str:
     """Relative links to the files the run wrote next to its JSON (same name prefix)."""
     stem = result.path.name[: -len(".json")]
     files = [p for p in sorted(result.path.parent.glob(f"{stem}*"))
-             if p.is_file() and not p.name.endswith(PROGRESS_SUFFIX) and p.suffix.lower() in (".csv", ".json", ".png",
-                                                                                             ".svg")]
+             if p.is_file() and not is_progress_file(p.name) and p.suffix.lower() in (".csv", ".json", ".png", ".svg")]
     if result.kind == "inspect":
         files += [p for p in figure_files(result.path.parent, result.payload.get("figures", [])) if p not in files]
     links = []
@@ -187,12 +192,13 @@ def _details(result: Result) -> str:
     payload, parts = result.payload, []
     if result.kind == "ppl":
         records = ppl_from_payload(payload)
-        if {"full", "streaming"} <= {r.method for r in records}:
-            parts.append(render_table(gap_table(records, title="Share of the StreamingLLM → full-cache gap closed"),
-                                      _REFERENCE))
+        unbounded, baseline = unbounded_method(), baseline_method()
+        if {unbounded, baseline} <= {r.method for r in records}:
+            parts.append(render_table(gap_table(records, title=f"Share of the {baseline} → {unbounded} gap closed"),
+                                      _reference()))
     elif result.kind == "passkey":
         parts.append(render_table(passkey_depth_table(passkey_from_payload(payload),
-                                                      title="Correct answers per needle depth"), _REFERENCE))
+                                                      title="Correct answers per needle depth"), _reference()))
     elif result.kind == "inspect":
         parts.append(_inspect_fields(payload))
     return "".join(parts)
@@ -275,11 +281,11 @@ def _section(kind: str, results: Sequence[Result], out_dir: Path) -> str:
     summary = ""
     if kind in _SUMMARIES:
         try:
-            summary = "".join(render_table(t, _REFERENCE) for t in _SUMMARIES[kind](results))
+            summary = "".join(render_table(t, _reference()) for t in _SUMMARIES[kind](results))
         except _DATA_ERRORS as err:  # each run reads alone (checked), but together they may not
             summary = f'<p class="note">these runs could not be combined into one table ({_esc(err)})</p>'
-    better = (f'<p class="lead">Best value per column in bold green; {_BETTER[kind]} (the full cache, the '
-              f'reference, is not ranked).</p>' if kind in _BETTER else "")
+    better = (f'<p class="lead">Best value per column in bold green; {_BETTER[kind]} (the unbounded cache, '
+              f'{_esc(", ".join(_reference()))}, is the reference and is not ranked).</p>' if kind in _BETTER else "")
     if kind in BENCHMARKS and kind != "memory":
         better = '<p class="lead">Best value per column in bold green (time and memory: lower; speed: higher).</p>'
     cards = "".join(_card(r, out_dir) for r in results)

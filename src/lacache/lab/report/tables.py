@@ -12,6 +12,7 @@ import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
+from ...registry import baseline_method, unbounded_method
 from .records import PasskeyRecord, PplRecord, RulerRecord
 
 __all__ = [
@@ -164,11 +165,15 @@ def ppl_table(records: Sequence[PplRecord], methods: Sequence[str] | None = None
 
 
 def gap_table(records: Sequence[PplRecord], methods: Sequence[str] | None = None, title: str = "") -> Table:
-    """Share of the StreamingLLM -> full-cache perplexity gap each method closes, per text and budget.
+    """Share of the perplexity gap between the bounded baseline and the unbounded cache each method closes,
+    per text and budget.
 
-    Needs the ``full`` and ``streaming`` results of each text; higher is better.
+    The two ends are the registry's (``baseline_method()``, StreamingLLM; ``unbounded_method()``, the
+    full cache); their results of each text are needed; higher is better.
     """
     from ..evaluation.perplexity import gap_closed
+
+    unbounded, baseline = unbounded_method(), baseline_method()
 
     base = ppl_table(records, methods)
     values: dict[tuple[str, str, str, int | None], float] = {}
@@ -177,13 +182,13 @@ def gap_table(records: Sequence[PplRecord], methods: Sequence[str] | None = None
     budgets = sorted({r.budget for r in records if r.budget is not None})
     rows, keys, groups = [], [], []
     for row, method, group in zip(base.rows, base.keys, base.groups):
-        if method in ("full", "streaming"):
+        if method in (unbounded, baseline):
             continue
         source = row[0].text if base.headers[0] == "run" else ""
-        full = values.get((source, group, "full", None))
+        full = values.get((source, group, unbounded, None))
         cells = []
         for b in budgets:
-            mine, stream = values.get((source, group, method, b)), values.get((source, group, "streaming", b))
+            mine, stream = values.get((source, group, method, b)), values.get((source, group, baseline, b))
             share = None if None in (mine, stream, full) else gap_closed(mine, stream, full)
             cells.append(MISSING if share is None else Cell(f"{100 * share:+.0f}%", round(100 * share)))
         rows.append([*row[: base.labels], *cells])
