@@ -37,6 +37,7 @@ MOVED = {
     "lacache.evaluation": "lacache.lab.evaluation",
     "lacache.bench": "lacache.lab.bench",
     "lacache.report": "lacache.lab.report",
+    "lacache.lab.bench.reference": "lacache.lab.bench.authors_mechanics",
 }
 
 

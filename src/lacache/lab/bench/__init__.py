@@ -26,6 +26,7 @@ files and printed tables that ``lacache bench`` leaves.
 from __future__ import annotations
 
 from ...cache.generation import cache_bytes
+from .authors_mechanics import ReferenceLadderCache
 from .cache_update import (
     LADDER_STEP,
     PSEUDO_METHODS,
@@ -40,7 +41,6 @@ from .decode import DECODE_METHODS, bench_decode, decode_summary
 from .memory import kv_bytes, model_geometry, peak_rss_since_reset, reset_peak_rss
 from .plots import plot_cache, plot_decode, plot_memory, plot_prefill, plot_stream
 from .prefill import bench_prefill
-from .reference import ReferenceLadderCache
 from .standins import CacheStandIn, tiny_model
 from .stream import bench_cache_stream as bench_cache_stream  # importable, though not in today's __all__
 from .stream import bench_stream

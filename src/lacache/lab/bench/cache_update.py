@@ -17,8 +17,8 @@ import torch
 
 from ... import registry
 from ...registry import baseline_method, default_method, make_cache, method_spec
+from .authors_mechanics import ReferenceLadderCache
 from .memory import _sync
-from .reference import ReferenceLadderCache
 from .standins import CacheStandIn
 
 __all__ = ["LADDER_STEP", "PSEUDO_METHODS", "REFERENCE", "bench_cache_update", "cache_configurations", "cache_methods",
