@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["Rotator", "find_rotary_embedding", "check_supported_model", "layer_rotators"]
+__all__ = ["Rotator", "rotate_half", "find_rotary_embedding", "check_supported_model", "layer_rotators"]
 
 # RoPE variants whose frequencies change at run time with the sequence length: the cache cannot
 # re-rotate stored keys consistently with them.
@@ -113,6 +113,40 @@ def check_supported_model(model: nn.Module, positions: str) -> nn.Module:
     return rotary
 
 
+def rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """Turn keys ``x`` by the angles whose ``cos``/``sin`` are given, rotate-half style; returns ``x``'s dtype.
+
+    The one rotation both backends use: the transformers cache (``Rotator``, keys ``[B, H, n, D]``,
+    angles ``[B, 1, n, half]``) and the vLLM worker (keys ``[n, heads, D]``, angles built from vLLM's
+    ``cos_sin_cache`` as ``[n, 1, half]``). Any layout works where the angles broadcast against
+    ``x[..., :half]``, ``half = cos.shape[-1]``. ``inverse`` turns by the opposite angles.
+
+    Only the first ``2 * half`` features rotate (partial-rotary models leave the rest alone).
+    Half-precision inputs are rotated in float32 and rounded once, so un-rotating and re-rotating a
+    key never accumulates drift. Float32 inputs take a fused path (four kernels writing straight
+    into the output) since the transformers cache runs this for every layer at every step.
+    """
+    h = cos.shape[-1]
+    out = torch.empty_like(x)
+    if inverse:
+        sin = -sin
+    if x.dtype == torch.float32 and not torch.compiler.is_compiling():  # out= on views breaks graphs
+        x1, x2 = x[..., :h], x[..., h : 2 * h]
+        o1, o2 = out[..., :h], out[..., h : 2 * h]
+        torch.mul(x1, cos, out=o1)
+        o1.addcmul_(x2, sin, value=-1.0)
+        torch.mul(x2, cos, out=o2)
+        o2.addcmul_(x1, sin)
+    else:
+        xf = x[..., : 2 * h].to(torch.float32)
+        x1, x2 = xf[..., :h], xf[..., h:]
+        out[..., :h] = x1 * cos - x2 * sin
+        out[..., h : 2 * h] = x2 * cos + x1 * sin
+    if x.shape[-1] > 2 * h:
+        out[..., 2 * h :] = x[..., 2 * h :]
+    return out
+
+
 @dataclass
 class Rotator:
     """Applies rotate-half RoPE by arbitrary (integer) positions with the model's frequencies."""
@@ -138,29 +172,5 @@ class Rotator:
         return freqs.cos()[:, None], freqs.sin()[:, None]
 
     def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-        """Rotate ``x`` ([B, H, n, D]) by the angles; ``inverse`` rotates back. Returns ``x``'s dtype.
-
-        Only the first ``2 * half`` features rotate (partial-rotary models leave the rest alone).
-        Half-precision inputs are rotated in float32 and rounded once, so un-rotating and
-        re-rotating a key never accumulates drift. Float32 inputs take a fused path (four kernels
-        writing straight into the output) since this runs for every layer at every step.
-        """
-        h = self.half
-        out = torch.empty_like(x)
-        if inverse:
-            sin = -sin
-        if x.dtype == torch.float32 and not torch.compiler.is_compiling():  # out= on views breaks graphs
-            x1, x2 = x[..., :h], x[..., h : 2 * h]
-            o1, o2 = out[..., :h], out[..., h : 2 * h]
-            torch.mul(x1, cos, out=o1)
-            o1.addcmul_(x2, sin, value=-1.0)
-            torch.mul(x2, cos, out=o2)
-            o2.addcmul_(x1, sin)
-        else:
-            xf = x[..., : 2 * h].to(torch.float32)
-            x1, x2 = xf[..., :h], xf[..., h:]
-            out[..., :h] = x1 * cos - x2 * sin
-            out[..., h : 2 * h] = x2 * cos + x1 * sin
-        if x.shape[-1] > 2 * h:
-            out[..., 2 * h :] = x[..., 2 * h :]
-        return out
+        """Rotate ``x`` ([B, H, n, D]) by the angles of ``angles()``; ``inverse`` rotates back (see ``rotate_half``)."""
+        return rotate_half(x, cos, sin, inverse)

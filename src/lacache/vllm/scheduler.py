@@ -11,12 +11,13 @@ physical slots, so:
   compaction emptied to the pool before each allocation, so the scheduler admits more requests.
 
 Both sides drop the same tail blocks (whole blocks past the held slots), so the worker's block
-rows stay equal to the scheduler's without any message between them.
+rows stay equal to the scheduler's without any message between them. ``lacache.vllm.plugin``
+registers the spec with its manager and binds each manager to the engine's settings; this module
+only imports vLLM's base classes.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, fields
 
 from vllm.utils.math_utils import cdiv
@@ -26,12 +27,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 from .config import ServingConfig, serving_config
 from .slots import RequestSlots
 
-__all__ = ["LadderAttentionSpec", "LadderManager", "install", "bounded_specs"]
-
-logger = logging.getLogger("lacache.vllm")
-
-#: the engine config of the scheduler being built in this process (set around Scheduler.__init__)
-_ACTIVE: dict = {}
+__all__ = ["LadderAttentionSpec", "LadderManager", "bounded_specs"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,28 +57,43 @@ def bounded_specs(specs: dict) -> dict:
 
 
 class LadderManager(FullAttentionManager):
-    """Full-attention block accounting by physical slots, with the blocks compaction empties freed."""
+    """Full-attention block accounting by physical slots, with the blocks compaction empties freed.
+
+    vLLM builds managers from the spec alone; the scheduler that built it hands over the engine's
+    settings with ``bind`` before the first request.
+    """
 
     def __init__(self, kv_cache_spec, **kwargs):
         super().__init__(kv_cache_spec, **kwargs)
-        config: ServingConfig | None = _ACTIVE.get("config")
-        if config is None:
-            raise RuntimeError("lacache: LadderManager built outside a scheduler with a lacache config")
-        self.config = config
-        self.step_cap = _ACTIVE["step_cap"]
+        self.config: ServingConfig | None = None
+        self.step_cap = 0
         self.slots: dict[str, RequestSlots] = {}
+
+    def bind(self, config: ServingConfig, step_cap: int) -> None:
+        """The engine's settings, and the most tokens one step schedules (``max_num_batched_tokens``)."""
+        self.config = config
+        self.step_cap = int(step_cap)
+
+    def _settings(self) -> ServingConfig:
+        if self.config is None:
+            raise RuntimeError("lacache: LadderManager used before its scheduler bound it to the engine's settings; "
+                               "it is built by lacache.vllm.plugin.LadderScheduler (scheduler_cls), not on its own")
+        return self.config
 
     def _request(self, request_id: str) -> RequestSlots:
         slots = self.slots.get(request_id)
         if slots is None:
-            cfg = self.config
-            slots = self.slots[request_id] = RequestSlots(cfg.new_policy(), cfg.budget, cfg.target, cfg.num_layers)
+            slots = self.slots[request_id] = self._fresh()
         return slots
+
+    def _fresh(self) -> RequestSlots:
+        cfg = self._settings()
+        return RequestSlots(cfg.new_policy(), cfg.budget, cfg.target, cfg.num_layers)
 
     def _physical(self, request_id: str, num_tokens: int) -> int:
         slots = self.slots.get(request_id)
         evicted = slots.evicted if slots is not None else 0
-        return max(0, min(num_tokens - evicted, self.config.capacity + self.step_cap))
+        return max(0, min(num_tokens - evicted, self._settings().capacity + self.step_cap))
 
     def get_num_blocks_to_allocate(self, request_id, num_tokens, new_computed_blocks, total_computed_tokens,
                                    num_local_computed_tokens, num_tokens_main_model, *args, **kwargs) -> int:
@@ -98,8 +109,7 @@ class LadderManager(FullAttentionManager):
         """Replay the passes the workers ran since the last call; free the blocks they emptied."""
         slots = self._request(request_id)
         if processed_computed_tokens < slots.seen:  # preempted and recomputed from scratch
-            slots = self.slots[request_id] = RequestSlots(self.config.new_policy(), self.config.budget,
-                                                          self.config.target, self.config.num_layers)
+            slots = self.slots[request_id] = self._fresh()
         slots.advance(processed_computed_tokens - slots.seen)
         blocks = self.req_to_blocks.get(request_id)
         keep = cdiv(slots.slots, self.block_size)
@@ -111,32 +121,3 @@ class LadderManager(FullAttentionManager):
     def pop_blocks_for_free(self, request_id):
         self.slots.pop(request_id, None)
         return super().pop_blocks_for_free(request_id)
-
-
-def _scheduler_init(original):
-    def __init__(self, *args, **kwargs):
-        vllm_config = kwargs.get("vllm_config", args[0] if args else None)
-        config = serving_config(vllm_config) if vllm_config is not None else None
-        if config is not None:
-            cache = vllm_config.cache_config
-            if cache.enable_prefix_caching:
-                logger.warning("lacache: prefix caching switched off: compaction rewrites blocks that prefix caching "
-                               "would share between requests")
-                cache.enable_prefix_caching = False
-            _ACTIVE.update(config=config, step_cap=int(vllm_config.scheduler_config.max_num_batched_tokens))
-            logger.info("lacache: bounded KV cache on: %s", config.describe())
-        original(self, *args, **kwargs)
-
-    __init__._lacache_wrapped = True
-    return __init__
-
-
-def install() -> None:
-    """Register the bounded spec and its manager; wrap the scheduler's constructor (once per process)."""
-    from vllm.v1.core.sched.scheduler import Scheduler
-    from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
-
-    KVCacheSpecRegistry._ensure_registered()
-    KVCacheSpecRegistry.register(LadderAttentionSpec, LadderManager, uniform_type_base_spec=FullAttentionSpec)
-    if not getattr(Scheduler.__init__, "_lacache_wrapped", False):
-        Scheduler.__init__ = _scheduler_init(Scheduler.__init__)

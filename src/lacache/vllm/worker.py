@@ -11,6 +11,9 @@ plugin keeps, per request, the ``RequestSlots`` replay of the retention rule and
   budget, every layer's kept slots are gathered, re-rotated by ``new slot - old slot`` (keys are
   stored after RoPE) and written to the front of the row with the backend's own writer; the row's
   tail blocks are dropped, as the scheduler's ``LadderManager`` frees them.
+
+``lacache.vllm.plugin`` calls these from its model runner (``LadderModelRunner``); this module
+imports no vLLM.
 """
 
 from __future__ import annotations
@@ -21,11 +24,12 @@ import weakref
 
 import torch
 
+from ..rope import rotate_half
 from .config import ServingConfig
 from .paged import PagedKV
 from .slots import RequestSlots
 
-__all__ = ["WorkerState", "attach", "states"]
+__all__ = ["WorkerState", "states"]
 
 #: live worker states of this process (tests read kept tokens through them)
 _STATES: "weakref.WeakSet[WorkerState]" = weakref.WeakSet()
@@ -134,17 +138,16 @@ class WorkerState:
         return self._paged
 
     def _rotate(self, keys: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """Turn keys ``[n, heads, head_dim]`` by ``delta`` (<= 0) positions, rotate-half style."""
+        """Turn keys ``[n, heads, head_dim]`` by ``delta`` positions with the model's own angle table.
+
+        vLLM's table holds cos and sin of non-negative positions only; ``sin(-d) = -sin(d)`` gives
+        the rest. The rotation itself is lacache's one rotate-half (``lacache.rope.rotate_half``).
+        """
         half = self.rotary_dim // 2
         table = self.angles[delta.abs()]
         cos = table[:, None, :half]
         sin = table[:, None, half:] * torch.sign(delta).to(torch.float32)[:, None, None]
-        x = keys.to(torch.float32)
-        x1, x2 = x[..., :half], x[..., half: 2 * half]
-        out = x.clone()
-        out[..., :half] = x1 * cos - x2 * sin
-        out[..., half: 2 * half] = x2 * cos + x1 * sin
-        return out.to(keys.dtype)
+        return rotate_half(keys, cos, sin)
 
     def _compact(self, req_id: str, slots: RequestSlots, plan) -> None:
         paged = self.paged()
@@ -183,9 +186,3 @@ def _layer_number(name: str) -> int:
             return int(part)
     return 0
 
-
-def attach(runner, config: ServingConfig) -> WorkerState:
-    state = getattr(runner, "_lacache", None)
-    if state is None:
-        state = runner._lacache = WorkerState(runner, config)
-    return state
