@@ -28,6 +28,15 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+# the two tiers of `make test` (see tests/conftest.py): tiny random models in-process, a few minutes on
+# 2 cores; then the real models' weights and the launched processes (torchrun, accelerate, subprocesses)
+.PHONY: test-unit test-integration
+test-unit: setup
+	$(BIN)/python -m pytest -q -m "not integration"
+
+test-integration: setup
+	$(BIN)/python -m pytest -q -m integration
+
 lint: setup
 	$(BIN)/ruff check src tests
 

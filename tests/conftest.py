@@ -1,3 +1,22 @@
+"""Shared test helpers, and the two tiers of the suite.
+
+``make test`` (``pytest -q``) runs everything, as CI does. The suite is split by the ``integration``
+marker so a developer can run the quick part alone:
+
+* **unit** (``make test-unit`` = ``pytest -m "not integration"``): tiny random models in this
+  process (some take the bundled tokenizer, whose first use converts the bundled GGUF once into
+  ``$LACACHE_HOME``); about 3 minutes on 2 cores.
+* **integration** (``make test-integration`` = ``pytest -m integration``): the real bundled models'
+  weights (SmolLM2 through ``load_model()``, Gemma 3 270M) and everything that launches processes
+  (torchrun / accelerate launch, CLI runs interrupted by SIGINT, Chromium, vLLM engines and servers).
+
+A test is integration when it carries the marker itself (``pytestmark`` of its module, or a
+decorator: the way to mark a test that loads a model or launches a process inline), when it lives
+in one of :data:`INTEGRATION_PATHS`, or when it uses one of :data:`INTEGRATION_FIXTURES`, directly
+or through another fixture; :func:`pytest_collection_modifyitems` applies the last two, so that a new
+test using e.g. ``cached_pair`` lands in the right tier without anyone remembering to mark it.
+"""
+
 import os
 import sys
 
@@ -6,6 +25,30 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+#: Fixtures that load a real model's weights or launch processes: a test using one is integration.
+INTEGRATION_FIXTURES = frozenset({
+    "smol",  # test_integration: load_model(), the bundled SmolLM2
+    "cached_pair", "gguf_pair",  # test_models: the bundled SmolLM2 from its folder and from its GGUF
+    "gemma",  # test_second_model: Gemma 3 270M
+    "launched",  # test_distributed: two `torchrun --nproc-per-node 2` launches
+    "interrupted",  # test_interrupt_resume: CLI commands in a subprocess, stopped by SIGINT
+    "bundled", "_bundled_model",  # serving/: vLLM engines on the bundled model
+})
+
+#: Paths under tests/ (prefixes) whose every test is integration: they start Chromium or a vLLM engine
+#: (serving/test_vllm_*; serving/'s other tests need no vLLM and stay unit), or exist for the real models.
+INTEGRATION_PATHS = ("browser/", "serving/test_vllm_", "test_integration.py", "test_readme.py", "test_second_model.py")
+
+_TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark as ``integration`` the tests in :data:`INTEGRATION_PATHS` or using :data:`INTEGRATION_FIXTURES`."""
+    for item in items:
+        where = os.path.relpath(str(item.path), _TESTS).replace(os.sep, "/")
+        if where.startswith(INTEGRATION_PATHS) or INTEGRATION_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
 
 
 def tiny_llama(attn: str = "sdpa", layers: int = 4, seed: int = 0, dtype=torch.float32, **overrides):

@@ -3,7 +3,9 @@
 The unit tests pin the assignment of work to processes, the merge back into one order and the
 per-process records; the end-to-end tests launch ``torchrun --nproc-per-node 2`` on the CPU (gloo)
 with a tiny saved model and compare its files with one process's, for pass-key trials and for
-perplexity runs, and resume an interrupted two-process run in one process.
+perplexity runs, and resume an interrupted two-process run in one process. The launches are the
+integration tier (``-m integration``): conftest marks the tests using ``launched``, the accelerate
+launch is marked where it is defined.
 """
 
 import csv
@@ -17,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from lacache.cli.main import main as cli_main
-from lacache.lab.evaluation.checkpoint import RunProgress, part_path, progress_path
-from lacache.lab.evaluation.distributed import SINGLE, Shard, merge, shard_from_environment
+from lacache.lab.evaluation.checkpoint import RunProgress, part_path, progress_path, read_record
+from lacache.lab.evaluation.distributed import SINGLE, WAIT, Shard, join, merge, shard_from_environment
 
 # --- assignment and merge ------------------------------------------------------------------------------------
 
@@ -69,6 +71,29 @@ def test_the_launch_is_read_from_the_environment():
         shard_from_environment({"WORLD_SIZE": "2", "RANK": "2"})
 
 
+def test_join_refuses_an_accelerate_state_that_does_not_count_the_launch(monkeypatch):
+    """accelerate's PartialState is one per process and picks its backend from the devices it sees: built without
+    ``cpu=True`` on a CPU-only machine it reports one process, and gather_object would then hand each process only
+    its own rows. join asks for cpu=True there and refuses a state that disagrees with the launcher."""
+    import accelerate
+    import torch
+
+    built = []
+
+    class OneProcess:
+        num_processes, process_index, distributed_type = 1, 0, "DistributedType.NO"
+
+        def __init__(self, **kwargs):
+            built.append(kwargs)
+
+    monkeypatch.setattr(accelerate, "PartialState", OneProcess)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match=r"accelerate joined process 0 of 1 .* RANK=1 of WORLD_SIZE=2"):
+        join({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"})
+    assert built[0]["cpu"] is True and built[0]["timeout"] == WAIT
+    assert join({}) == SINGLE and len(built) == 1  # one process: nothing joined, accelerate not asked
+
+
 def test_bench_refuses_to_run_split(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
@@ -99,7 +124,7 @@ def test_per_process_records_resume_anywhere_and_fold_into_one(tmp_path, capsys)
     again.add(("c",), 3)
     again.finish()
     assert not part_path(tmp_path, "demo", 1).exists()
-    record = json.loads(progress_path(tmp_path, "demo").read_text())
+    record = read_record(progress_path(tmp_path, "demo"))
     assert record["complete"] and sorted(e["key"][0] for e in record["finished"]) == ["a", "b", "c"]
     _open(tmp_path)  # complete: a fresh run may start over
 
@@ -207,10 +232,10 @@ def test_two_processes_give_the_single_process_passkey_results(launched, tiny_mo
     # only rank 0 spoke, about its own share (9 of the 18 trials); one record, complete, no per-process ones
     assert "[rank 0 of 2]" in whole.stderr and "/9 trials" in whole.stderr
     assert whole.stderr.count("[lacache] wrote") == 1 and whole.stderr.count("Loading weights: 100%") <= 1
-    record = json.loads((out / "passkey.progress.json").read_text())
+    record = read_record(progress_path(out, "passkey"))
     assert record["complete"] and len(record["finished"]) == 18
-    assert sorted(p.name for p in out.iterdir()) == ["passkey.csv", "passkey.json", "passkey.png",
-                                                     "passkey.progress.json"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["passkey.csv", "passkey.json", "passkey.png",
+                                                            progress_path(out, "passkey").name])
 
 
 def test_two_processes_give_the_single_process_perplexities(launched, tiny_model_dir, tmp_path):
@@ -224,8 +249,8 @@ def test_two_processes_give_the_single_process_perplexities(launched, tiny_model
 def test_an_interrupted_two_process_run_resumes_in_one_process(launched, tiny_model_dir, tmp_path, capsys):
     cut, out = launched["cut"], launched["root"] / "interrupted"
     assert cut.returncode != 0 and not (out / "passkey.csv").exists()
-    main = json.loads((out / "passkey.progress.json").read_text())
-    other = json.loads((out / "passkey.rank1.progress.json").read_text())
+    main = read_record(progress_path(out, "passkey"))
+    other = read_record(part_path(out, "passkey", 1))
     assert not main["complete"] and len(other["finished"]) == 2  # process 1 kept the two it finished
     argv = _passkey_argv(tiny_model_dir, out)
     assert cli_main(argv) == 2
@@ -234,10 +259,11 @@ def test_an_interrupted_two_process_run_resumes_in_one_process(launched, tiny_mo
     assert "per-process records beside it reused" in capsys.readouterr().err
     assert cli_main(_passkey_argv(tiny_model_dir, tmp_path)) == 0
     assert _csv(out / "passkey.csv", ("seconds",)) == _csv(tmp_path / "passkey.csv", ("seconds",))
-    assert not (out / "passkey.rank1.progress.json").exists()
-    assert json.loads((out / "passkey.progress.json").read_text())["complete"]
+    assert not part_path(out, "passkey", 1).exists()
+    assert read_record(progress_path(out, "passkey"))["complete"]
 
 
+@pytest.mark.integration  # launches inline, not through the `launched` fixture conftest marks by name
 def test_accelerate_launch_gives_the_single_process_passkey_results(tiny_model_dir, tmp_path):
     """The launcher lm-eval-harness users know: ``accelerate launch --multi_gpu --num_processes 2 -m lacache``
     (on this CPU-only machine its torch-elastic launcher starts two gloo processes)."""

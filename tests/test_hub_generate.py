@@ -182,3 +182,28 @@ def test_pipeline_batches_left_padded_prompts_exactly(chat_pipe, built):
         tokenizer.padding_side = side
     assert [b[0]["generated_text"] for b in batched] == alone
     assert built[-1].padded and built[-1].batch_size == 2  # one padded batch, kept as two rows
+
+
+def test_transformers_still_drops_streamer_and_assistant_for_a_callable(model, prompt):
+    """Why ``hub_generate._dropped_by_generate`` reads ``generate()``'s frame: a callable ``custom_generate``
+    receives neither ``streamer`` nor ``assistant_model``. If this fails, transformers now passes them and the
+    frame read can go (the explicit arguments already take precedence)."""
+    seen = {}
+
+    def recording(model, input_ids, logits_processor=None, stopping_criteria=None, generation_config=None,
+                  **kwargs):
+        seen.update(kwargs, generation_config=generation_config)
+        return input_ids
+
+    streamer = type("Quiet", (), {"put": lambda self, value: None, "end": lambda self: None})()
+    model.generate(prompt, custom_generate=recording, streamer=streamer, max_new_tokens=3)
+    assert "streamer" not in seen and "assistant_model" not in seen
+    assert seen["generation_config"].max_new_tokens == 3  # what does arrive: the prepared config, model kwargs
+
+
+def test_explicit_streamer_and_assistant_win_over_the_frame():
+    from lacache.cache.hub_generate import _dropped_by_generate
+
+    given = {"assistant_model": object(), "streamer": object()}
+    assert _dropped_by_generate(dict(given)) == given
+    assert _dropped_by_generate({}) == {}  # called outside generate(): nothing to read

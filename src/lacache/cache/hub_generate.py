@@ -20,7 +20,9 @@ Usage (a callable, no hub round-trip)::
   (``lacache_method``, ``lacache_budget``, ``lacache_options``) are taken out of ``generate``'s
   kwargs for us. Here the prepared default cache is replaced by a fresh lacache cache, and the
   standard loop for the generation mode (``_sample`` for greedy/sampling, ``_beam_search`` for
-  beams) runs with it.
+  beams) runs with it. Everything this needs arrives as those arguments, except two values
+  transformers drops on the way (see :func:`_dropped_by_generate`): ``streamer`` and
+  ``assistant_model``.
 * **a hub repository** (``custom_generate="user/repo"``, ``trust_remote_code=True``): transformers
   downloads ``custom_generate/generate.py`` from the repo, checks ``custom_generate/requirements.txt``
   and calls its ``generate(model=model, inputs=..., generation_config=..., ..., **kwargs)`` in place of
@@ -112,22 +114,44 @@ def _check_top_p(top_p) -> None:
         check_sampling(0.0, top_p)
 
 
-def _generate_frame_locals() -> dict:
-    """Locals of the ``GenerationMixin.generate`` call that invoked us as a decoding loop, if any.
+#: the two ``generate()`` arguments a callable ``custom_generate`` does not receive (see :func:`_dropped_by_generate`)
+_DROPPED = ("assistant_model", "streamer")
 
-    transformers 5.x hands a callable ``custom_generate`` neither ``assistant_model`` nor ``streamer``
-    (only the callable's own keyword arguments), yet both are still in ``generate``'s frame: reading
-    them is how an assistant is refused rather than silently ignored, and how a streamer keeps working.
+
+def _dropped_by_generate(kwargs: dict) -> dict:
+    """``assistant_model`` and ``streamer`` of the ``generate()`` call that runs us as its decoding loop.
+
+    Every other input of the loop reaches us as an argument, but these two do not: transformers 5.x
+    (checked up to 5.24) collects the decoding loop's own arguments in
+    ``GenerationMixin._extract_generation_mode_kwargs`` (``assistant_model``, ``streamer``,
+    ``synced_gpus``, ``tokenizer``) and, when ``custom_generate`` is a callable, *replaces* that dict
+    by the callable's extra keyword arguments popped from ``**kwargs``
+    (``generation_mode_kwargs = {k: kwargs.pop(k) for k in new_custom_keys if k in kwargs}``).
+    Both are named parameters of ``generate()``, never in its ``**kwargs``, so no signature of ours
+    can ask for them; nor do they leave a trace elsewhere (the assisted generation mode is computed
+    from ``assistant_model`` but not stored; the streamer has only been given the prompt).
+    Without them an assistant would be silently ignored instead of refused, and a streamer would
+    get the prompt and then nothing, not even ``end()``.
+
+    So they are taken from where they are passed when transformers passes them (``kwargs``: a
+    future version, or a caller naming them), and otherwise read from the local variables of the
+    ``GenerationMixin.generate`` frame that called us, found by its code object a few frames up
+    (``generate`` calls the loop directly; only ``torch.no_grad`` and this module sit between).
+    Only these two names are read; nothing in that frame is changed.
     """
+    found = {name: kwargs[name] for name in _DROPPED if kwargs.get(name) is not None}
+    if len(found) == len(_DROPPED):
+        return found
     target = inspect.unwrap(GenerationMixin.generate).__code__
     frame = sys._getframe(1)
     for _ in range(8):  # this module's own frames, then generate()'s
         if frame is None:
             break
         if frame.f_code is target:
-            return frame.f_locals
+            caller = frame.f_locals
+            return {name: found.get(name, caller.get(name)) for name in _DROPPED}
         frame = frame.f_back
-    return {}
+    return found
 
 
 def _is_decoding_loop_call(args: tuple, kwargs: dict) -> bool:
@@ -170,9 +194,9 @@ def generate(model, *args, lacache_method: str = "lacache", lacache_budget: int 
 
 def _decoding_loop(model, input_ids, method, budget, options, kwargs):
     """Callable contract: ``generate()`` prepared everything; swap in our cache and run its loop."""
-    caller = _generate_frame_locals()
+    dropped = _dropped_by_generate(kwargs)
     generation_config = kwargs["generation_config"]
-    _refuse_assisted(generation_config, kwargs, caller.get("assistant_model"))
+    _refuse_assisted(generation_config, kwargs, dropped.get("assistant_model"))
     mode = generation_config.get_generation_mode()
     if mode in (GenerationMode.SAMPLE, GenerationMode.BEAM_SAMPLE):
         _check_top_p(generation_config.top_p)
@@ -189,7 +213,7 @@ def _decoding_loop(model, input_ids, method, budget, options, kwargs):
             "(custom_generate builds its own cache from lacache_method/lacache_budget)"
         )
     kwargs[key] = make_cache(method, model, budget, **options)
-    streamer = caller.get("streamer")
+    streamer = dropped.get("streamer")
     if streamer is not None:
         if mode in (GenerationMode.BEAM_SEARCH, GenerationMode.BEAM_SAMPLE):
             raise ValueError("`streamer` cannot be used with beam search (yet!). Make sure that `num_beams` is set to 1.")

@@ -7,11 +7,39 @@ gathered and put back in the order one process would have produced them. The mer
 single-process result (same rows, same order, same numbers where the arithmetic is the same: the
 same device kind and thread count), only sooner.
 
+The process group and the exchanges are accelerate's:
+
 * :func:`join` reads the launch from the environment both launchers set (``WORLD_SIZE``, ``RANK``,
-  ``LOCAL_RANK``) and, for more than one process, joins the process group: gloo on CPU; on GPUs
-  NCCL, with gloo beside it for the Python objects exchanged here (rows, not tensors).
-* :meth:`Shard.owns` assigns items to processes, deterministically (see there).
-* :func:`gather` collects every process's ``(position, row)`` pairs and :func:`merge` orders them.
+  ``LOCAL_RANK``) and, for more than one process, joins the process group through
+  ``accelerate.PartialState`` (NCCL on GPUs, gloo on the CPU), with the long :data:`WAIT`.
+* :func:`gather` sends every process's ``(position, row)`` pairs to every process with
+  ``accelerate.utils.gather_object``; :func:`barrier` and :func:`main_first` are
+  ``PartialState.wait_for_everyone`` and ``PartialState.main_process_first``.
+
+Three things stay here, because accelerate's versions cannot keep a guarantee the tests hold:
+
+* **The assignment**, :meth:`Shard.owns`, not ``PartialState.split_between_processes``. That
+  splitter hands each process one contiguous block of a sized sequence. An evaluation's prompts
+  are built lazily, one just before its methods run (a generator, its length not always known),
+  and its grid is ordered (prompts by length, runs by method): contiguous blocks would give one
+  process all the short prompts, or all of the full cache's runs, and the others the rest. The
+  diagonal rule of :meth:`Shard.owns` mixes lengths and methods in every share and is a pure
+  function of the item's position, so it can be decided item by item as the prompts arrive.
+* **The order**, :func:`merge`. ``gather_object`` concatenates the processes' lists in rank order,
+  which is the single-process order only for contiguous blocks; with the diagonal assignment the
+  rows are put back by their grid position (and an item done twice is refused).
+* **``cpu=True`` on a machine without GPUs, and a check of what accelerate joined.** accelerate
+  (1.x, checked with 1.16) picks its backend from the devices it sees: on a CPU-only machine a
+  plain ``PartialState()`` under ``torchrun --nproc-per-node 2`` reports ``DistributedType.NO``
+  with one process, and ``gather_object`` then returns each process's own rows unchanged, so every
+  process would write its half as if it were the whole (even with a gloo group already joined).
+  :func:`join` therefore asks for ``PartialState(cpu=True)`` when there is no GPU, and refuses to
+  go on if the state (a process-wide singleton: whoever builds it first decides) does not count
+  the processes the launcher started. More processes on a node than GPUs is refused by
+  :func:`device_for` first, in words, not as a CUDA error from accelerate's ``set_device``.
+
+A single process (no launcher, or a launch of one) joins nothing and imports nothing of
+accelerate: :func:`gather` then only orders its own rows.
 
 A process that finishes its share early waits for the others in :func:`gather`, hence the long
 :data:`WAIT`: shares of a long run can end hours apart.
@@ -26,7 +54,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import TypeVar
 
 __all__ = ["SINGLE", "WAIT", "Shard", "barrier", "device_for", "gather", "join", "main_first", "merge",
            "shard_from_environment"]
@@ -36,8 +64,8 @@ T = TypeVar("T")
 #: how long a process waits for the others at a gather or barrier before giving up
 WAIT = timedelta(hours=72)
 
-#: the process group used to exchange Python objects (gloo); None: the default group is gloo already
-_objects_group: Any = None
+#: whether :func:`join` has joined a process group (and registered leaving it at exit)
+_joined = False
 
 
 @dataclass(frozen=True)
@@ -125,56 +153,54 @@ def join(environ: Mapping[str, str] | None = None) -> Shard:
 
     Safe to call more than once (the group is joined once); a single process joins nothing.
     """
-    global _objects_group
+    global _joined
     shard = shard_from_environment(environ)
     if not shard.distributed:
         return shard
     import torch
-    import torch.distributed as dist
+    from accelerate import PartialState
 
-    if not dist.is_initialized():
-        if torch.cuda.is_available():
-            device = device_for(shard)
-            torch.cuda.set_device(device)
-            dist.init_process_group("nccl", timeout=WAIT)
-            _objects_group = dist.new_group(backend="gloo", timeout=WAIT)
-        else:
-            dist.init_process_group("gloo", timeout=WAIT)
+    device_for(shard)  # more processes than GPUs: refused here, in words
+    state = PartialState(cpu=not torch.cuda.is_available(), timeout=WAIT)
+    if (state.num_processes, state.process_index) != (shard.world, shard.rank):
+        raise RuntimeError(
+            f"accelerate joined process {state.process_index} of {state.num_processes} "
+            f"({state.distributed_type}), but the launch says RANK={shard.rank} of WORLD_SIZE={shard.world}: "
+            "accelerate's PartialState was set up before lacache joined (it is one per process); "
+            "build it with cpu=True on a machine without GPUs, or let lacache build it"
+        )
+    if not _joined:
+        _joined = True
         atexit.register(_leave)
     return shard
 
 
 def _leave() -> None:
     """Leave the process group at exit (torch warns about a group never destroyed)."""
-    import torch.distributed as dist
+    from accelerate import PartialState
 
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def _all_gather(shard: Shard, value: Any) -> list[Any]:
-    import torch.distributed as dist
-
-    values: list[Any] = [None] * shard.world
-    dist.all_gather_object(values, value, group=_objects_group)
-    return values
+    PartialState().destroy_process_group()
 
 
 def barrier(shard: Shard) -> None:
     """Wait until every process got here (nothing to wait for alone)."""
     if shard.distributed:
-        _all_gather(shard, None)
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
 
 
 @contextmanager
 def main_first(shard: Shard) -> Iterator[None]:
     """Run the body in the main process first, then in the others: for work that fills a shared cache
     once (converting the bundled model, downloads) and must not race with itself."""
-    if not shard.main:
-        barrier(shard)
-    yield
-    if shard.main:
-        barrier(shard)
+    if not shard.distributed:
+        yield
+        return
+    from accelerate import PartialState
+
+    with PartialState().main_process_first():
+        yield
 
 
 def merge(parts: Iterable[Iterable[tuple[tuple[int, ...], T]]]) -> list[T]:
@@ -194,4 +220,6 @@ def gather(shard: Shard, mine: Iterable[tuple[tuple[int, ...], T]]) -> list[T]:
     mine = list(mine)
     if not shard.distributed:
         return merge([mine])
-    return merge(_all_gather(shard, mine))
+    from accelerate.utils import gather_object
+
+    return merge([gather_object(mine)])  # every process's pairs, in rank order; merge puts them in grid order
