@@ -18,6 +18,8 @@ from transformers import DynamicCache
 
 from .. import checks
 from ..policies import RetentionPolicy, resolve_chunk
+from ..policies.lacache import SCHEDULES, ladder_policy, resolve_schedule  # noqa: F401  (older import path)
+from ..policies.streaming import streaming_policy  # noqa: F401  (older import path)
 from ..registry import Method, method_spec, set_cache_builder
 from ..rope import Rotator, check_supported_model, layer_rotators
 from .attach import attach_cache, model_signature
