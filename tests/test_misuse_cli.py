@@ -304,7 +304,7 @@ def _commands(tmp: Path) -> dict[str, tuple[list[str], dict, list[str]]]:
                                            "--random": None, "--compare-full": None}, ["--quiet"]),
         "all": (["bench", "all"], {"--device": DEVICES, "--model": MODELS, "--tiny": None,
                                    "--dtype": st.sampled_from(["float32", "bf16"])}, ["--quiet"]),
-        "vllm": (["bench", "vllm"], {"--budget": NUMBERS, "--tokens": NUMBERS, "--model": MODELS,
+        "vllm": (["bench", "vllm"], {"--budget": NUMBERS, "--tokens": NUMBERS, "--model": MODELS, "--method": METHOD_NAMES,
                                      "--part": st.sampled_from(["stream", "both", "bogus"])}, []),
         "inspect": (["inspect"], {"--method": METHOD_NAMES, "--compare": METHOD_NAMES, "--budget": NUMBERS,
                                   "--tokens": NUMBERS, "--at": TEXT | NUMBERS, "--prompt": TEXT, "--prompt-file": paths,

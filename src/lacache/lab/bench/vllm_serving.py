@@ -20,18 +20,20 @@ __all__ = ["bench_vllm_stream", "bench_vllm_capacity"]
 _ENGINES: list = []
 
 
-def _compared(budget: int) -> tuple[tuple[str, int | None], ...]:
-    """(method, budget) of the two engines each part runs: the unbounded cache, then the default method."""
-    return (unbounded_method(), None), (default_method(), budget)
+def _compared(budget: int, method: str | None) -> tuple[tuple[str, int | None], ...]:
+    """(method, budget) of the two engines each part runs: the unbounded cache, then ``method`` (default:
+    the registry's default method)."""
+    return (unbounded_method(), None), (method or default_method(), budget)
 
 
-def _engine(model: str, budget: int | None, blocks: int, max_model_len: int, step_tokens: int, dtype: str):
+def _engine(model: str, budget: int | None, blocks: int, max_model_len: int, step_tokens: int, dtype: str,
+            method: str | None = None):
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM
 
     from ...vllm.config import KEY
 
-    extra = {KEY: {"method": default_method(), "budget": budget}} if budget else {}
+    extra = {KEY: {"method": method or default_method(), "budget": budget}} if budget else {}
     llm = LLM(model=model, dtype=dtype, enforce_eager=True, max_model_len=max_model_len,
               enable_prefix_caching=False, gpu_memory_utilization=0.3, num_gpu_blocks_override=blocks,
               max_num_batched_tokens=step_tokens, additional_config=extra)
@@ -51,7 +53,7 @@ def _used_blocks(llm) -> tuple[int, int]:
 
 def bench_vllm_stream(model: str, prompt_ids: list[int], tokens: int, budget: int, batch: int, window: int,
                       step_tokens: int = 256, dtype: str = "float32",
-                      on_row: Callable[[dict], None] | None = None) -> list[dict]:
+                      on_row: Callable[[dict], None] | None = None, method: str | None = None) -> list[dict]:
     """``batch`` greedy requests of ``tokens`` new tokens each, full cache then lacache, sampled every
     ``window`` generated tokens: tokens/s in the window and KV blocks in use. The pool fits every
     request whole, so the full cache is never preempted and the two run the same schedule."""
@@ -60,12 +62,12 @@ def bench_vllm_stream(model: str, prompt_ids: list[int], tokens: int, budget: in
     block_size = 128  # vLLM's CPU block; on other devices the pool is only larger than needed
     blocks = batch * -(-(len(prompt_ids) + tokens + 8) // block_size) + 2
     rows = []
-    for method, cache_budget in _compared(budget):
-        llm = _engine(model, cache_budget, blocks, len(prompt_ids) + tokens + 8, step_tokens, dtype)
+    for name, cache_budget in _compared(budget, method):
+        llm = _engine(model, cache_budget, blocks, len(prompt_ids) + tokens + 8, step_tokens, dtype, name)
         engine = llm.llm_engine
         params = SamplingParams(max_tokens=tokens, min_tokens=tokens, temperature=0, ignore_eos=True)
         for i in range(batch):
-            engine.add_request(f"{method}-{i}", {"prompt_token_ids": list(prompt_ids)}, params)
+            engine.add_request(f"{name}-{i}", {"prompt_token_ids": list(prompt_ids)}, params)
         produced, mark, started, peak_used = 0, 0, time.perf_counter(), 0
         window_start = started
         while engine.has_unfinished_requests():
@@ -76,7 +78,7 @@ def bench_vllm_stream(model: str, prompt_ids: list[int], tokens: int, budget: in
                 now = time.perf_counter()
                 total = _used_blocks(llm)[1]
                 used, peak_used = peak_used, 0
-                row = {"method": method, "budget": cache_budget, "batch": batch, "tokens": produced,
+                row = {"method": name, "budget": cache_budget, "batch": batch, "tokens": produced,
                        "context": len(prompt_ids) + produced,
                        "tokens_per_s": round(batch * (produced - mark) / (now - window_start), 2),
                        "kv_blocks_used": used, "kv_blocks_total": total,
@@ -91,7 +93,7 @@ def bench_vllm_stream(model: str, prompt_ids: list[int], tokens: int, budget: in
 def bench_vllm_capacity(model: str, prompt_ids: list[int], new_tokens: int, requests: int, budget: int, blocks: int,
                         step_tokens: int = 256, dtype: str = "float32",
                         on_row: Callable[[dict], None] | None = None,
-                        on_finished: Callable[[int], None] | None = None) -> list[dict]:
+                        on_finished: Callable[[int], None] | None = None, method: str | None = None) -> list[dict]:
     """``requests`` requests of ``len(prompt) + new_tokens`` tokens against one pool of ``blocks`` blocks:
     how many run at once with the full cache and with lacache, and how long all of them take.
 
@@ -100,8 +102,8 @@ def bench_vllm_capacity(model: str, prompt_ids: list[int], new_tokens: int, requ
     from vllm import SamplingParams
 
     rows = []
-    for method, cache_budget in _compared(budget):
-        llm = _engine(model, cache_budget, blocks, len(prompt_ids) + new_tokens + 8, step_tokens, dtype)
+    for name, cache_budget in _compared(budget, method):
+        llm = _engine(model, cache_budget, blocks, len(prompt_ids) + new_tokens + 8, step_tokens, dtype, name)
         engine, scheduler = llm.llm_engine, _scheduler(llm)
         preempted: list[str] = []
         preempt = scheduler._preempt_request
@@ -113,7 +115,7 @@ def bench_vllm_capacity(model: str, prompt_ids: list[int], new_tokens: int, requ
         scheduler._preempt_request = counting
         params = SamplingParams(max_tokens=new_tokens, min_tokens=new_tokens, temperature=0, ignore_eos=True)
         for i in range(requests):
-            engine.add_request(f"{method}-{i}", {"prompt_token_ids": list(prompt_ids)}, params)
+            engine.add_request(f"{name}-{i}", {"prompt_token_ids": list(prompt_ids)}, params)
         peak, started, steps, running = 0, time.perf_counter(), 0, 0
         while engine.has_unfinished_requests():
             done = sum(output.finished for output in engine.step())
@@ -124,7 +126,7 @@ def bench_vllm_capacity(model: str, prompt_ids: list[int], new_tokens: int, requ
             peak = max(peak, len(scheduler.running))
         seconds = time.perf_counter() - started
         _, total = _used_blocks(llm)
-        row = {"method": method, "budget": cache_budget, "requests": requests,
+        row = {"method": name, "budget": cache_budget, "requests": requests,
                "request_tokens": len(prompt_ids) + new_tokens, "pool_blocks": total,
                "pool_tokens": total * llm.llm_engine.vllm_config.cache_config.block_size,
                "peak_running": peak, "mean_running": round(running / max(steps, 1), 2),

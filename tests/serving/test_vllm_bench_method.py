@@ -1,0 +1,25 @@
+"""`lacache bench vllm --method M` compares the full cache with method M, not always the default one
+(the published capacity numbers were taken on a schedule that is no longer the default; run by
+`make test-vllm`)."""
+
+import os
+
+import pytest
+
+pytest.importorskip("vllm")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
+def test_the_capacity_part_runs_the_method_asked_for():
+    from lacache import load_model
+    from lacache.lab.bench import vllm_serving
+    from lacache.lab.models import default_model_dir
+
+    _, tokenizer = load_model(None)
+    ids = tokenizer("Once upon a time there was a lighthouse keeper who")["input_ids"]
+    rows = vllm_serving.bench_vllm_capacity(str(default_model_dir()), ids, new_tokens=40, requests=2, budget=48,
+                                            blocks=8, step_tokens=128, method="streaming")
+    assert [(r["method"], r["budget"]) for r in rows] == [("full", None), ("streaming", 48)]
+    served = vllm_serving._ENGINES[-1].llm_engine.vllm_config.additional_config["lacache"]
+    assert served == {"method": "streaming", "budget": 48}
+    assert all(r["tokens_per_s"] > 0 and r["peak_running"] >= 1 for r in rows)
