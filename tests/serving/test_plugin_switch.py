@@ -101,3 +101,18 @@ def test_importing_the_plugin_imports_no_vllm():
             "print(sorted(m for m in sys.modules if m == 'vllm' or m.startswith(('vllm.', 'lacache.vllm.'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert eval(out) == ["lacache.vllm.config", "lacache.vllm.plugin"]
+
+
+def test_the_bounded_cache_line_is_printed_with_vllms_own_handler(supported, monkeypatch):
+    """vLLM configures only its own (non-propagating) logger: lacache's INFO line must use its handler."""
+    import io
+    import logging
+
+    stream = io.StringIO()
+    vllm_logger, ours = logging.getLogger("vllm"), logging.getLogger("lacache.vllm")
+    monkeypatch.setattr(vllm_logger, "handlers", [logging.StreamHandler(stream)])
+    monkeypatch.setattr(vllm_logger, "level", logging.INFO)
+    monkeypatch.setattr(ours, "handlers", [])
+    monkeypatch.setattr(ours, "level", logging.NOTSET)
+    plugin.configure_engine(_vllm_config({"lacache": {"budget": 64}}))
+    assert "lacache: bounded KV cache on" in stream.getvalue() and "'budget': 64" in stream.getvalue()

@@ -71,6 +71,22 @@ def register() -> None:
     EngineArgs.create_engine_config = create_engine_config
 
 
+def _log_through_vllm() -> None:
+    """Print lacache's log lines with vLLM's own handler, in vLLM's format.
+
+    vLLM configures only its ``vllm`` logger (which does not propagate), so without a handler of
+    its own an INFO line from ``lacache.vllm`` — "bounded KV cache on" — would never show. The
+    logger still propagates, so a caller's own logging sees the lines too.
+    """
+    ours, theirs = logging.getLogger("lacache.vllm"), logging.getLogger("vllm")
+    if ours.handlers or not theirs.handlers:
+        return
+    for handler in theirs.handlers:
+        ours.addHandler(handler)
+    if ours.level == logging.NOTSET:
+        ours.setLevel(theirs.level or logging.INFO)
+
+
 def configure_engine(vllm_config) -> ServingConfig | None:
     """Switch lacache on for an engine whose ``additional_config`` has the ``lacache`` key; None otherwise.
 
@@ -83,6 +99,7 @@ def configure_engine(vllm_config) -> ServingConfig | None:
     if not isinstance(extra, Mapping) or KEY not in extra:
         return None
     check_vllm_version()
+    _log_through_vllm()
     config = serving_config(vllm_config)
     scheduler, parallel = vllm_config.scheduler_config, vllm_config.parallel_config
     if scheduler.scheduler_cls not in (None, SCHEDULER_CLS):
