@@ -18,4 +18,5 @@ def test_multiprocess_engine_gives_the_transformers_tokens():
     lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT")]
     assert run.returncode == 0, run.stderr[-3000:]
     assert lines == ["RESULT 4 equal", "RESULT 73 equal"], lines
-    assert "prefix caching switched off" in run.stderr
+    # vLLM's own log handler writes to stdout unless VLLM_LOGGING_STREAM says otherwise.
+    assert "prefix caching switched off" in run.stdout + run.stderr
