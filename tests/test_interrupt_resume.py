@@ -36,7 +36,10 @@ FIXTURE = Path(__file__).parent / "fixtures" / "longbench"
 # of a run (a tiny model would otherwise finish first). main() returns 130 on the interrupt; the
 # driver reports that and goes on with the next command; its own exit status is the last command's.
 DRIVER = """
-import importlib, json, sys, time
+import importlib, json, signal, sys, time
+# a user's Ctrl-C: Python leaves SIGINT ignored when it starts with it ignored, as every command put in
+# the background of a non-interactive shell does (`make test &` in a script)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 plan = json.loads(sys.argv[1])
 for module, name, delay in plan["paced"]:
     target = importlib.import_module(module)

@@ -99,6 +99,12 @@ def test_entries_say_what_their_rule_reads_and_whether_vllm_serves_it():
         registry.register(registry.Method("x", _newest_half, "x", base="nope"))
     with pytest.raises(ValueError, match="is the baseline already"):
         registry.register(registry.Method("x", _newest_half, "x", baseline=True))
+    # vLLM's default is its own mark: the capped schedule, which compacts every budget // 16 tokens
+    assert registry.served_default_method() == "lacache-capped" != registry.default_method()
+    with pytest.raises(ValueError, match="is the serving default already"):
+        registry.register(registry.Method("x", _newest_half, "x", serving_default=True))
+    with pytest.raises(ValueError, match="vLLM does not serve it"):
+        registry.register(registry.Method("x", _newest_half, "x", sees="keys", serving_default=True))
 
 
 def test_the_named_classes_are_their_methods_cache_classes():

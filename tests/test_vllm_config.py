@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import tiny_llama
 from lacache import LaCache
@@ -33,11 +35,16 @@ def test_bad_settings_are_one_clear_error(raw, match):
 
 
 def test_settings_mirror_from_model_defaults():
-    config = parse_config({"budget": 256}, 30)  # the default: the authors' schedule
+    config = parse_config({"method": "lacache", "budget": 256}, 30)  # LaCache.from_model's: the authors' schedule
     cache_defaults = {"schedule": "reference", "sinks": 4, "window": 30, "span": 15, "overlap": 0}
     assert {k: config.describe()[k] for k in cache_defaults} == cache_defaults
     assert config.chunk == 0 and config.target == 256
-    capped = parse_config({"budget": 256, "window": 64}, 30)  # a capped-only option selects the capped schedule
+    # no method named: the serving default, the capped schedule (it compacts every budget // 16 tokens)
+    served = parse_config({"budget": 256}, 30)
+    assert served.method == "lacache-capped" and served.describe()["schedule"] == "capped" and served.chunk == 16
+    with pytest.raises(ValueError, match='fixes schedule=.capped.*serve method .lacache. with it'):
+        parse_config({"budget": 256, "schedule": "reference"}, 30)
+    capped = parse_config({"method": "lacache", "budget": 256, "window": 64}, 30)  # a capped-only option: capped
     assert capped.describe()["schedule"] == "capped" and capped.chunk == 16 and capped.target == 240
     assert parse_config({"method": "streaming", "budget": 64, "sinks": 2}, 30).describe()["sinks"] == 2
 
@@ -70,7 +77,7 @@ def test_slot_replay_keeps_the_tokens_the_transformers_cache_keeps(method, optio
 
 @pytest.mark.parametrize("schedule", ["capped", "reference"])
 def test_each_request_gets_a_fresh_rule_sharing_plans(schedule):
-    config = parse_config({"budget": 64, "schedule": schedule}, 30)
+    config = parse_config({"method": "lacache", "budget": 64, "schedule": schedule}, 30)
     a, b = config.new_policy(), config.new_policy()
     first = a.plan(65, 60)
     a.plan(65, 60)  # a moves on; b must not
@@ -85,3 +92,35 @@ def test_reference_schedule_sizes_requests_by_its_capacity():
     assert parse_config({"budget": 64}, 30).capacity == 64
     capped = parse_config({"method": "lacache-capped", "budget": 64}, 30)
     assert capped.describe()["schedule"] == "capped" and capped.chunk == 4 and capped.capacity == 64
+
+
+@pytest.mark.parametrize("method, budget, block, want, suggested", [
+    ("lacache-capped", 255, 128, "holds 256 slots = 2 block(s) of 128", None),
+    ("lacache-capped", 256, 128, "holds 257 slots = 3 block(s) of 128; its last block holds only 1 of them: "
+                                 "budget 255 would need 2", (255, 2)),
+    ("streaming", 200, 128, "holds 201 slots = 2 block(s) of 128 (budget 255 would cost the same blocks)", (255, 2)),
+    ("lacache-capped", 64, 16, "holds 65 slots = 5 block(s) of 16; its last block holds only 1 of them: "
+                               "budget 63 would need 4", (63, 4)),
+])
+def test_the_start_up_note_says_what_a_row_costs_and_the_aligned_budget(method, budget, block, want, suggested):
+    note = parse_config({"method": method, "budget": budget}, 30).row_note(block)
+    assert note == "each decoding request " + want
+    if suggested is not None:  # the budget it suggests really fits the row in that many blocks
+        other_budget, blocks = suggested
+        assert parse_config({"method": method, "budget": other_budget}, 30).decode_row(block)[1] == blocks
+
+
+@settings(max_examples=300, deadline=None)
+@given(held=st.integers(0, 2000), extra=st.integers(0, 2000), capacity=st.integers(1, 1000),
+       block=st.sampled_from([1, 16, 128]))
+def test_a_row_keeps_its_decode_blocks_and_never_grows(held, extra, capacity, block):
+    from lacache.vllm.slots import kept_blocks
+
+    held = min(held, capacity)
+    row = -(-(held + extra) // block)  # what the row had after the pass
+    keep = kept_blocks(held, row, capacity + 1, block)
+    assert keep <= row  # truncation never asks for blocks
+    assert keep * block >= held  # every held slot keeps its block
+    assert (keep - 1) * block < max(held, capacity + 1)  # and no block beyond the decode row is kept
+    if row * block >= capacity + 1:
+        assert keep * block >= capacity + 1  # the next decode step needs no new block

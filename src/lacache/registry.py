@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Method", "METHODS", "SUITES", "SEES", "BACKEND_OPTIONS", "method_spec", "variant", "default_methods",
            "check_methods", "make_cache", "register", "option_names", "unbounded_method", "baseline_method",
-           "default_method", "served_methods", "set_cache_builder", "load_plugins", "unregister"]
+           "default_method", "served_default_method", "served_methods", "set_cache_builder", "load_plugins", "unregister"]
 
 #: the runs whose default method list a method can be part of
 SUITES = ("ppl", "passkey", "ruler", "longbench", "decode")
@@ -75,6 +75,9 @@ class Method:
     baseline: bool = False
     #: what commands run when no method is named (one entry)
     default: bool = False
+    #: what the vLLM plugin serves when no method is named (one entry; else ``default``): serving pays
+    #: for every compaction on every request, so it may prefer a rule that compacts less often
+    serving_default: bool = False
 
     def __post_init__(self):
         if self.sees not in SEES:
@@ -159,6 +162,11 @@ def register(spec: Method) -> Method:
         raise ValueError(f"method {spec.name!r}: baseline=True, but {baseline_method()!r} is the baseline already")
     if spec.default and any(s.default for s in _BY_NAME.values()):
         raise ValueError(f"method {spec.name!r}: default=True, but {default_method()!r} is the default already")
+    if spec.serving_default and not spec.served:
+        raise ValueError(f"method {spec.name!r}: serving_default=True, but vLLM does not serve it (sees={spec.sees!r})")
+    if spec.serving_default and any(s.serving_default for s in _BY_NAME.values()):
+        raise ValueError(f"method {spec.name!r}: serving_default=True, but {served_default_method()!r} is the "
+                         "serving default already")
     _BY_NAME[spec.name] = spec
     METHODS = tuple(_BY_NAME)
     return spec
@@ -227,6 +235,13 @@ def baseline_method() -> str:
 def default_method() -> str:
     """The method a command runs when none is named: the entry marked ``default`` (``lacache``)."""
     return next(spec.name for spec in _BY_NAME.values() if spec.default)
+
+
+def served_default_method() -> str:
+    """The method the vLLM plugin serves when none is named: the entry marked ``serving_default``
+    (``lacache-capped``: it compacts every ``budget // 16`` tokens where the authors' schedule compacts
+    on almost every token), else ``default_method()``."""
+    return next((spec.name for spec in _BY_NAME.values() if spec.serving_default), None) or default_method()
 
 
 def served_methods() -> tuple[str, ...]:

@@ -12,6 +12,7 @@ def main() -> None:
 
     from lacache import load_model, make_cache
     from lacache.lab.models import default_model_dir
+    from lacache.registry import served_default_method
 
     new = int(sys.argv[1])
     model, tokenizer = load_model(None)
@@ -22,7 +23,7 @@ def main() -> None:
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                         SamplingParams(max_tokens=new, min_tokens=new, temperature=0, ignore_eos=True))
     for ids, out in zip(prompts, outs):
-        want = model.generate(torch.tensor([ids]), past_key_values=make_cache("lacache", model, 64),
+        want = model.generate(torch.tensor([ids]), past_key_values=make_cache(served_default_method(), model, 64),
                               max_new_tokens=new, min_new_tokens=new, do_sample=False)[0, len(ids):].tolist()
         print("RESULT", len(ids), "equal" if list(out.outputs[0].token_ids) == want else "differ", flush=True)
 

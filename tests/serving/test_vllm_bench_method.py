@@ -18,8 +18,14 @@ def test_the_capacity_part_runs_the_method_asked_for():
     _, tokenizer = load_model(None)
     ids = tokenizer("Once upon a time there was a lighthouse keeper who")["input_ids"]
     rows = vllm_serving.bench_vllm_capacity(str(default_model_dir()), ids, new_tokens=40, requests=2, budget=48,
-                                            blocks=8, step_tokens=128, method="streaming")
-    assert [(r["method"], r["budget"]) for r in rows] == [("full", None), ("streaming", 48)]
+                                            blocks=8, step_tokens=128, method=["streaming", "lacache-capped"])
+    assert [(r["method"], r["budget"]) for r in rows] == [("full", None), ("streaming", 48), ("lacache-capped", 48)]
     served = vllm_serving._ENGINES[-1].llm_engine.vllm_config.additional_config["lacache"]
-    assert served == {"method": "streaming", "budget": 48}
+    assert served == {"method": "lacache-capped", "budget": 48}
     assert all(r["tokens_per_s"] > 0 and r["peak_running"] >= 1 for r in rows)
+    # the scheduler ran each request's prompt and new tokens (the last one is sampled, never fed back),
+    # plus whatever preemption threw away
+    for r in rows:
+        assert r["scheduled_tokens"] == 2 * (len(ids) + 40 - 1) + r["recomputed_tokens"]
+        assert r["bound_running"] == 2 and r["row_blocks"] == 1
+    assert rows[0]["compactions"] == 0 and rows[1]["compactions"] > 0 and rows[2]["compactions"] > 0

@@ -1,5 +1,6 @@
 """Engine behaviour with the plugin on (run by `make test-vllm`): sampling with n > 1, stop strings,
-aborts and preemption all work, and every block goes back to the pool."""
+aborts, admission by each request's decode row and preemption all work, and every block goes back
+to the pool."""
 
 import os
 
@@ -62,13 +63,7 @@ def test_sampling_stop_strings_and_abort_free_every_block():
     assert _free_blocks(llm) == idle
 
 
-def test_preempted_requests_recompute_and_finish_without_leaking_blocks():
-    from vllm import SamplingParams
-
-    # budget 192: a request grows from one 128-token block to two while decoding, so four of them in a
-    # pool of four blocks must preempt each other
-    llm = _engine(budget=192, blocks=5)
-    scheduler = _scheduler(llm)
+def _spy_preemptions(scheduler) -> list[str]:
     preempted = []
     original = scheduler._preempt_request
 
@@ -77,9 +72,55 @@ def test_preempted_requests_recompute_and_finish_without_leaking_blocks():
         return original(request, *args, **kwargs)
 
     scheduler._preempt_request = spy
+    return preempted
+
+
+def test_admission_reserves_the_decode_row_so_no_running_request_is_preempted():
+    from vllm import SamplingParams
+
+    # budget 192: a request holds up to 193 slots while decoding, two 128-token blocks. It is admitted
+    # with both, so four of them in a pool of four blocks run two at a time and none is ever preempted
+    # (sized by its current length instead, each would start with one block and the pool would thrash).
+    llm = _engine(budget=192, blocks=5)
+    scheduler = _scheduler(llm)
+    preempted = _spy_preemptions(scheduler)
     idle = _free_blocks(llm)
-    prompts = [f"Story number {i}: " + "the sea was calm and the night was long. " * 9 for i in range(4)]
-    outs = llm.generate(prompts, SamplingParams(max_tokens=200, min_tokens=200, temperature=0, ignore_eos=True))
-    assert preempted, "the pool was meant to be too small for all four at once"
-    assert all(len(o.outputs[0].token_ids) == 200 for o in outs)
+    engine = llm.llm_engine
+    params = SamplingParams(max_tokens=200, min_tokens=200, temperature=0, ignore_eos=True)
+    for i in range(4):
+        engine.add_request(f"r{i}", "Story number %d: " % i + "the sea was calm and the night was long. " * 9, params)
+    running, lengths = [], {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            lengths[out.request_id] = len(out.outputs[0].token_ids)
+        running.append(len(scheduler.running))
+    assert preempted == []
+    assert max(running) == 2, running
+    assert lengths == {f"r{i}": 200 for i in range(4)}
+    assert _free_blocks(llm) == idle
+
+
+def test_preempted_requests_recompute_and_finish_without_leaking_blocks():
+    from vllm import SamplingParams
+
+    llm = _engine(budget=64, blocks=6)
+    scheduler = _scheduler(llm)
+    preempted = _spy_preemptions(scheduler)
+    idle = _free_blocks(llm)
+    engine = llm.llm_engine
+    params = SamplingParams(max_tokens=200, min_tokens=200, temperature=0, ignore_eos=True)
+    for i in range(3):
+        engine.add_request(f"p{i}", "Story number %d: " % i + "the sea was calm and the night was long. " * 9, params)
+    lengths: dict[str, int] = {}
+    forced = False
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            lengths[out.request_id] = len(out.outputs[0].token_ids)
+        if not forced and lengths and min(lengths.values()) >= 80:
+            # every request is compacting: preempt them all mid-decode (vLLM's own path, as when a pool
+            # runs dry); each must restart from token 0 on both the scheduler and the worker
+            engine.reset_prefix_cache(reset_running_requests=True)
+            forced = True
+    assert forced and sorted({rid.split("-")[0] for rid in preempted}) == ["p0", "p1", "p2"]  # vLLM suffixes ids
+    assert lengths == {f"p{i}": 200 for i in range(3)}
     assert _free_blocks(llm) == idle

@@ -52,7 +52,7 @@ def _state_of(request_id):
     raise KeyError(request_id)
 
 
-@pytest.mark.parametrize("method", ["lacache", "streaming"])
+@pytest.mark.parametrize("method", ["lacache", "lacache-capped", "streaming"])
 def test_outputs_and_kept_tokens_equal_the_transformers_cache(bundled, method):
     from vllm import SamplingParams
 

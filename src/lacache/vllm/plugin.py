@@ -116,7 +116,9 @@ def configure_engine(vllm_config) -> ServingConfig | None:
         cache.enable_prefix_caching = False
     scheduler.scheduler_cls = SCHEDULER_CLS
     parallel.worker_cls = WORKER_CLS
-    logger.info("lacache: bounded KV cache on: %s", config.describe())
+    block_size = getattr(cache, "block_size", None)
+    row = f"; {config.row_note(int(block_size))}" if block_size else ""
+    logger.info("lacache: bounded KV cache on: %s%s", config.describe(), row)
     return config
 
 
@@ -174,7 +176,7 @@ class _SchedulerHooks:
         step_cap = int(vllm_config.scheduler_config.max_num_batched_tokens)
         for manager in self.kv_cache_manager.coordinator.single_type_managers:
             if isinstance(manager, LadderManager):
-                manager.bind(config, step_cap)
+                manager.bind(config, step_cap, vllm_config.model_config.max_model_len, self.requests.get)
 
 
 class _WorkerHooks:

@@ -10,14 +10,21 @@ physical slots, so:
   (``RequestSlots``), sizes allocations by physical slots, and returns the tail blocks a
   compaction emptied to the pool before each allocation, so the scheduler admits more requests.
 
-Both sides drop the same tail blocks (whole blocks past the held slots), so the worker's block
-rows stay equal to the scheduler's without any message between them. ``lacache.vllm.plugin``
+Admission is by each request's known peak: a decode pass needs ``capacity + 1`` slots (the held
+slots and the token being computed), or fewer when the request's whole length
+(``prompt + max_tokens``) is shorter. That row is allocated when the request is admitted and never
+freed while it runs, so a running request never asks for a block mid-decode, and vLLM never has to
+preempt (and recompute from token 0) to find one. Only the blocks a long prefill chunk needs above
+that row come and go. Both sides drop the same tail blocks (whole blocks past
+``max(held slots, decode row)``, computed from the row's own length), so the worker's block rows
+stay equal to the scheduler's without any message between them. ``lacache.vllm.plugin``
 registers the spec with its manager and binds each manager to the engine's settings; this module
 only imports vLLM's base classes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 from vllm.utils.math_utils import cdiv
@@ -25,9 +32,10 @@ from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from .config import ServingConfig, serving_config
-from .slots import RequestSlots
+from .slots import RequestSlots, kept_blocks
 
 __all__ = ["LadderAttentionSpec", "LadderManager", "bounded_specs"]
+
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,12 +75,31 @@ class LadderManager(FullAttentionManager):
         super().__init__(kv_cache_spec, **kwargs)
         self.config: ServingConfig | None = None
         self.step_cap = 0
+        self.max_model_len = 0
         self.slots: dict[str, RequestSlots] = {}
+        self._lookup: Callable[[str], object] = lambda request_id: None
 
-    def bind(self, config: ServingConfig, step_cap: int) -> None:
-        """The engine's settings, and the most tokens one step schedules (``max_num_batched_tokens``)."""
+    def bind(self, config: ServingConfig, step_cap: int, max_model_len: int,
+             lookup: Callable[[str], object] | None = None) -> None:
+        """The engine's settings: the most tokens one step schedules (``max_num_batched_tokens``), the
+        longest request, and how to find a request by id (the scheduler's ``requests.get``) to read
+        its prompt length and ``max_tokens``."""
         self.config = config
         self.step_cap = int(step_cap)
+        self.max_model_len = int(max_model_len)
+        if lookup is not None:
+            self._lookup = lookup
+
+    def decode_slots(self, request_id: str) -> int:
+        """The request's peak row while decoding: ``capacity + 1``, or its whole length if shorter."""
+        peak = self._settings().capacity + 1
+        request = self._lookup(request_id)
+        if request is not None:
+            length = int(request.num_prompt_tokens) + int(request.max_tokens)
+            if self.max_model_len:
+                length = min(length, self.max_model_len)
+            peak = min(peak, length)
+        return peak
 
     def _settings(self) -> ServingConfig:
         if self.config is None:
@@ -91,9 +118,12 @@ class LadderManager(FullAttentionManager):
         return RequestSlots(cfg.new_policy(), cfg.budget, cfg.target, cfg.num_layers)
 
     def _physical(self, request_id: str, num_tokens: int) -> int:
+        """Slots the row must have for ``num_tokens`` logical tokens: the physical ones, and at least the
+        request's decode row (reserved at admission, so decoding never needs another block)."""
         slots = self.slots.get(request_id)
         evicted = slots.evicted if slots is not None else 0
-        return max(0, min(num_tokens - evicted, self._settings().capacity + self.step_cap))
+        need = max(0, min(num_tokens - evicted, self._settings().capacity + self.step_cap))
+        return max(need, self.decode_slots(request_id)) if need else 0
 
     def get_num_blocks_to_allocate(self, request_id, num_tokens, new_computed_blocks, total_computed_tokens,
                                    num_local_computed_tokens, num_tokens_main_model, *args, **kwargs) -> int:
@@ -112,8 +142,10 @@ class LadderManager(FullAttentionManager):
             slots = self.slots[request_id] = self._fresh()
         slots.advance(processed_computed_tokens - slots.seen)
         blocks = self.req_to_blocks.get(request_id)
-        keep = cdiv(slots.slots, self.block_size)
-        if blocks is not None and len(blocks) > keep:
+        if blocks is None:
+            return
+        keep = kept_blocks(slots.slots, len(blocks), self.decode_slots(request_id), self.block_size)
+        if len(blocks) > keep:
             emptied = blocks[keep:]
             del blocks[keep:]
             self.block_pool.free_blocks(reversed(emptied))

@@ -13,7 +13,20 @@ import numpy as np
 
 from ..policies.base import LayerView, RetentionPolicy
 
-__all__ = ["RequestSlots"]
+__all__ = ["RequestSlots", "kept_blocks"]
+
+
+def kept_blocks(held_slots: int, row_blocks: int, decode_slots: int, block_size: int) -> int:
+    """Blocks a request's row keeps after a pass: those of its held slots, and never fewer than its
+    decode row (``decode_slots``: the held slots plus the token being computed) while the row has them.
+
+    Keeping the decode row means a decoding request never needs a new block, so vLLM never preempts
+    one to find it. The scheduler and the workers both call this with their own (equal) row lengths,
+    so they drop the same blocks."""
+    def blocks(slots: int) -> int:
+        return -(-slots // block_size)
+
+    return min(row_blocks, max(blocks(held_slots), blocks(decode_slots)))
 
 
 class RequestSlots:

@@ -20,14 +20,16 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
 import weakref
 
 import torch
 
 from ..rope import rotate_half
+from . import metrics
 from .config import ServingConfig
 from .paged import PagedKV
-from .slots import RequestSlots
+from .slots import RequestSlots, kept_blocks
 
 __all__ = ["WorkerState", "states"]
 
@@ -70,6 +72,7 @@ class WorkerState:
         self._paged: PagedKV | None = None
         self.layer_numbers: list[int] = []  # the model's number of each local attention layer (set with the pages)
         self.compactions = 0
+        self.compaction_seconds = 0.0  # wall time inside compaction (benchmarks read it)
         self.created = next(_CREATED)
         _STATES.add(self)
 
@@ -117,14 +120,19 @@ class WorkerState:
                 continue
             plan = slots.advance(q)
             if plan is not None:
+                started = time.perf_counter()
                 self._compact(req_id, slots, plan)
+                self.compaction_seconds += time.perf_counter() - started
         self.step = []
+        metrics.record_held_slots(sum(held.slots for held in self.requests.values()))
 
     def forget(self, req_ids) -> None:
         for req_id in req_ids or ():
             slots = self.requests.pop(req_id, None)
             if slots is not None and self.record:
                 self.finished[req_id] = slots
+        if req_ids:
+            metrics.record_held_slots(sum(held.slots for held in self.requests.values()))
 
     # ------------------------------------------------------------------ compaction
     def paged(self) -> PagedKV:
@@ -168,12 +176,15 @@ class WorkerState:
                 paged.write(local, block_ids, target, keys, values)
         self.compactions += 1
         self._truncate(req_id, state, kept)
+        metrics.record_compaction(slots, (kept - start) * len(self.layer_numbers) if start < kept else 0)
 
     def _truncate(self, req_id: str, state, kept: int) -> None:
-        """Drop the row's blocks past the held slots (the scheduler frees the same blocks)."""
+        """Drop the row's blocks past the held slots and the decode row (the scheduler frees the same)."""
         block_size = self.runner.cache_config.block_size
-        keep = -(-kept // block_size)
         ids = state.block_ids[0]
+        # the scheduler keeps min(capacity + 1, prompt + max_tokens) slots of row; the shorter bound only
+        # matters for a request that never compacts, so capacity + 1 gives the same blocks here
+        keep = kept_blocks(kept, len(ids), self.config.capacity + 1, block_size)
         if len(ids) <= keep:
             return
         del ids[keep:]

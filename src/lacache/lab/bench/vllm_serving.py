@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-from ...registry import default_method, unbounded_method
+from ...registry import served_default_method, unbounded_method
 
 __all__ = ["bench_vllm_stream", "bench_vllm_capacity"]
 
@@ -20,20 +20,43 @@ __all__ = ["bench_vllm_stream", "bench_vllm_capacity"]
 _ENGINES: list = []
 
 
-def _compared(budget: int, method: str | None) -> tuple[tuple[str, int | None], ...]:
-    """(method, budget) of the two engines each part runs: the unbounded cache, then ``method`` (default:
-    the registry's default method)."""
-    return (unbounded_method(), None), (method or default_method(), budget)
+def _compared(budget: int, method: str | Sequence[str] | None) -> tuple[tuple[str, int | None], ...]:
+    """(method, budget) of the engines each part runs: the unbounded cache, then each of ``method`` (one
+    name or several; default: the registry's default method)."""
+    names = [method] if isinstance(method, str) else list(method or [served_default_method()])
+    return ((unbounded_method(), None), *((name, budget) for name in names))
+
+
+def _worker_counters() -> tuple[int, float]:
+    """Compactions and seconds spent in them so far by this process's workers (in-process engines)."""
+    from ...vllm.worker import states
+
+    live = states()
+    return sum(state.compactions for state in live), sum(state.compaction_seconds for state in live)
+
+
+def _peak_row_blocks(llm, request_tokens: int) -> int:
+    """Blocks one request's row holds at its peak while decoding: its whole length with the full cache,
+    ``capacity + 1`` slots (or its length, if shorter) with a bounded one."""
+    from ...vllm.config import serving_config
+
+    block_size = llm.llm_engine.vllm_config.cache_config.block_size
+    config = serving_config(llm.llm_engine.vllm_config)
+    slots = request_tokens if config is None else min(request_tokens, config.capacity + 1)
+    return -(-slots // block_size)
 
 
 def _engine(model: str, budget: int | None, blocks: int, max_model_len: int, step_tokens: int, dtype: str,
             method: str | None = None):
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    # every engine stays alive (above) and the CPU backend reserves its KV space up front (4 GiB by
+    # default): 1 GiB each lets the five engines of a two-method run fit; the pool is set in blocks anyway
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM
 
     from ...vllm.config import KEY
 
-    extra = {KEY: {"method": method or default_method(), "budget": budget}} if budget else {}
+    extra = {KEY: {"method": method or served_default_method(), "budget": budget}} if budget else {}
     llm = LLM(model=model, dtype=dtype, enforce_eager=True, max_model_len=max_model_len,
               enable_prefix_caching=False, gpu_memory_utilization=0.3, num_gpu_blocks_override=blocks,
               max_num_batched_tokens=step_tokens, additional_config=extra)
@@ -68,6 +91,7 @@ def bench_vllm_stream(model: str, prompt_ids: list[int], tokens: int, budget: in
         params = SamplingParams(max_tokens=tokens, min_tokens=tokens, temperature=0, ignore_eos=True)
         for i in range(batch):
             engine.add_request(f"{name}-{i}", {"prompt_token_ids": list(prompt_ids)}, params)
+        compactions0, compaction_s0 = _worker_counters()
         produced, mark, started, peak_used = 0, 0, time.perf_counter(), 0
         window_start = started
         while engine.has_unfinished_requests():
@@ -83,6 +107,9 @@ def bench_vllm_stream(model: str, prompt_ids: list[int], tokens: int, budget: in
                        "tokens_per_s": round(batch * (produced - mark) / (now - window_start), 2),
                        "kv_blocks_used": used, "kv_blocks_total": total,
                        "kv_usage": round(used / total, 4)}
+                compactions, compaction_s = _worker_counters()
+                row["compactions"] = compactions - compactions0
+                row["compaction_share"] = round((compaction_s - compaction_s0) / max(now - started, 1e-9), 3)
                 rows.append(row)
                 if on_row:
                     on_row(row)
@@ -105,17 +132,27 @@ def bench_vllm_capacity(model: str, prompt_ids: list[int], new_tokens: int, requ
     for name, cache_budget in _compared(budget, method):
         llm = _engine(model, cache_budget, blocks, len(prompt_ids) + new_tokens + 8, step_tokens, dtype, name)
         engine, scheduler = llm.llm_engine, _scheduler(llm)
-        preempted: list[str] = []
+        preempted: list[int] = []  # tokens each preemption throws away (recomputed from token 0)
         preempt = scheduler._preempt_request
 
         def counting(request, *args, _preempt=preempt, **kwargs):
-            preempted.append(request.request_id)
+            preempted.append(int(request.num_computed_tokens))
             return _preempt(request, *args, **kwargs)
 
         scheduler._preempt_request = counting
+        scheduled = [0]  # tokens the scheduler ran, recomputation included
+        schedule = scheduler.schedule
+
+        def tallying(*args, _schedule=schedule, **kwargs):
+            output = _schedule(*args, **kwargs)
+            scheduled[0] += int(output.total_num_scheduled_tokens)
+            return output
+
+        scheduler.schedule = tallying
         params = SamplingParams(max_tokens=new_tokens, min_tokens=new_tokens, temperature=0, ignore_eos=True)
         for i in range(requests):
             engine.add_request(f"{name}-{i}", {"prompt_token_ids": list(prompt_ids)}, params)
+        compactions0, compaction_s0 = _worker_counters()
         peak, started, steps, running = 0, time.perf_counter(), 0, 0
         while engine.has_unfinished_requests():
             done = sum(output.finished for output in engine.step())
@@ -126,11 +163,20 @@ def bench_vllm_capacity(model: str, prompt_ids: list[int], new_tokens: int, requ
             peak = max(peak, len(scheduler.running))
         seconds = time.perf_counter() - started
         _, total = _used_blocks(llm)
+        request_tokens = len(prompt_ids) + new_tokens
+        compactions, compaction_s = _worker_counters()
+        bound = min(requests, total // _peak_row_blocks(llm, request_tokens))
         row = {"method": name, "budget": cache_budget, "requests": requests,
-               "request_tokens": len(prompt_ids) + new_tokens, "pool_blocks": total,
+               "request_tokens": request_tokens, "pool_blocks": total,
                "pool_tokens": total * llm.llm_engine.vllm_config.cache_config.block_size,
+               "row_blocks": _peak_row_blocks(llm, request_tokens), "bound_running": bound,
+               "waves": round(requests / max(bound, 1), 2),
                "peak_running": peak, "mean_running": round(running / max(steps, 1), 2),
-               "preemptions": len(preempted), "seconds": round(seconds, 2),
+               "preemptions": len(preempted), "recomputed_tokens": sum(preempted),
+               "scheduled_tokens": scheduled[0],
+               "compactions": compactions - compactions0,
+               "compaction_share": round((compaction_s - compaction_s0) / seconds, 3),
+               "seconds": round(seconds, 2),
                "tokens_per_s": round(requests * new_tokens / seconds, 2)}
         rows.append(row)
         if on_row:
