@@ -75,8 +75,23 @@ def _spy_preemptions(scheduler) -> list[str]:
     return preempted
 
 
-def test_admission_reserves_the_decode_row_so_no_running_request_is_preempted():
+def _stories(engine, prefix: str, count: int) -> None:
+    """Add ``count`` greedy requests of 200 new tokens after a ~100-token story prompt."""
     from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=200, min_tokens=200, temperature=0, ignore_eos=True)
+    for i in range(count):
+        engine.add_request(f"{prefix}{i}", "Story number %d: " % i + "the sea was calm and the night was long. " * 9,
+                           params)
+
+
+def _step(engine, lengths: dict[str, int]) -> None:
+    """One engine step; ``lengths`` gets each request's tokens so far."""
+    for out in engine.step():
+        lengths[out.request_id] = len(out.outputs[0].token_ids)
+
+
+def test_admission_reserves_the_decode_row_so_no_running_request_is_preempted():
 
     # budget 192: a request holds up to 193 slots while decoding, two 128-token blocks. It is admitted
     # with both, so four of them in a pool of four blocks run two at a time and none is ever preempted
@@ -86,13 +101,10 @@ def test_admission_reserves_the_decode_row_so_no_running_request_is_preempted():
     preempted = _spy_preemptions(scheduler)
     idle = _free_blocks(llm)
     engine = llm.llm_engine
-    params = SamplingParams(max_tokens=200, min_tokens=200, temperature=0, ignore_eos=True)
-    for i in range(4):
-        engine.add_request(f"r{i}", "Story number %d: " % i + "the sea was calm and the night was long. " * 9, params)
+    _stories(engine, "r", 4)
     running, lengths = [], {}
     while engine.has_unfinished_requests():
-        for out in engine.step():
-            lengths[out.request_id] = len(out.outputs[0].token_ids)
+        _step(engine, lengths)
         running.append(len(scheduler.running))
     assert preempted == []
     assert max(running) == 2, running
@@ -101,21 +113,17 @@ def test_admission_reserves_the_decode_row_so_no_running_request_is_preempted():
 
 
 def test_preempted_requests_recompute_and_finish_without_leaking_blocks():
-    from vllm import SamplingParams
 
     llm = _engine(budget=64, blocks=6)
     scheduler = _scheduler(llm)
     preempted = _spy_preemptions(scheduler)
     idle = _free_blocks(llm)
     engine = llm.llm_engine
-    params = SamplingParams(max_tokens=200, min_tokens=200, temperature=0, ignore_eos=True)
-    for i in range(3):
-        engine.add_request(f"p{i}", "Story number %d: " % i + "the sea was calm and the night was long. " * 9, params)
+    _stories(engine, "p", 3)
     lengths: dict[str, int] = {}
     forced = False
     while engine.has_unfinished_requests():
-        for out in engine.step():
-            lengths[out.request_id] = len(out.outputs[0].token_ids)
+        _step(engine, lengths)
         if not forced and lengths and min(lengths.values()) >= 80:
             # every request is compacting: preempt them all mid-decode (vLLM's own path, as when a pool
             # runs dry); each must restart from token 0 on both the scheduler and the worker

@@ -64,10 +64,15 @@ class ServingConfig:
         policy.reset()
         return policy
 
+    @property
+    def decode_slots(self) -> int:
+        """Slots a decoding request holds at its peak: ``capacity`` and the token being computed. The
+        scheduler reserves this row at admission and both sides keep it (``slots.kept_blocks``)."""
+        return self.capacity + 1
+
     def decode_row(self, block_size: int) -> tuple[int, int]:
-        """(slots, blocks) one decoding request holds at its peak: ``capacity + 1`` (the held slots and
-        the token being computed), in whole blocks of ``block_size``."""
-        slots = self.capacity + 1
+        """(slots, blocks) of ``decode_slots`` in whole blocks of ``block_size``."""
+        slots = self.decode_slots
         return slots, -(-slots // block_size)
 
     def _slots_at(self, budget: int) -> int:

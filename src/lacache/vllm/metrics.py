@@ -65,7 +65,8 @@ _metrics: dict | None = None
 _disabled = False
 #: each request's ``evicted`` at its last compaction (a recomputed request gets a new RequestSlots)
 _evicted_before: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_no_vllm = False
+#: this worker's (tensor-parallel, pipeline-parallel) ranks, once vLLM's groups answered (they never change)
+_rank_cache: tuple[int, int] | None = None
 
 
 def _build() -> dict | None:
@@ -110,22 +111,23 @@ def _metric(kind, name: str, documentation: str, **kwargs):
 
 
 def _ranks() -> tuple[int, int]:
-    """(tensor-parallel rank, pipeline-parallel rank) of this worker; (0, 0) outside a vLLM worker."""
-    global _no_vllm
-    if _no_vllm:
-        return 0, 0
+    """(tensor-parallel rank, pipeline-parallel rank) of this worker; (0, 0) outside a vLLM worker.
+
+    Asked at every step (``record_held_slots``), so the answer is kept once vLLM's groups give it."""
+    global _rank_cache
+    if _rank_cache is not None:
+        return _rank_cache
     try:
         from vllm.distributed import parallel_state
     except ImportError:
-        _no_vllm = True
+        _rank_cache = (0, 0)
+        return _rank_cache
+    try:
+        _rank_cache = (int(parallel_state.get_tensor_model_parallel_rank()),
+                       int(parallel_state.get_pipeline_model_parallel_rank()))
+    except AssertionError:  # no parallel groups (yet): a test's runner, not an engine's; ask again next time
         return 0, 0
-    ranks = []
-    for rank in (parallel_state.get_tensor_model_parallel_rank, parallel_state.get_pipeline_model_parallel_rank):
-        try:
-            ranks.append(int(rank()))
-        except AssertionError:  # no parallel groups: a test's runner, not an engine's
-            ranks.append(0)
-    return ranks[0], ranks[1]
+    return _rank_cache
 
 
 @contextlib.contextmanager

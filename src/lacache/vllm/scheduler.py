@@ -92,7 +92,7 @@ class LadderManager(FullAttentionManager):
 
     def decode_slots(self, request_id: str) -> int:
         """The request's peak row while decoding: ``capacity + 1``, or its whole length if shorter."""
-        peak = self._settings().capacity + 1
+        peak = self._settings().decode_slots
         request = self._lookup(request_id)
         if request is not None:
             length = int(request.num_prompt_tokens) + int(request.max_tokens)

@@ -182,9 +182,9 @@ class WorkerState:
         """Drop the row's blocks past the held slots and the decode row (the scheduler frees the same)."""
         block_size = self.runner.cache_config.block_size
         ids = state.block_ids[0]
-        # the scheduler keeps min(capacity + 1, prompt + max_tokens) slots of row; the shorter bound only
-        # matters for a request that never compacts, so capacity + 1 gives the same blocks here
-        keep = kept_blocks(kept, len(ids), self.config.capacity + 1, block_size)
+        # the scheduler keeps min(decode_slots, prompt + max_tokens) slots of row; the shorter bound only
+        # matters for a request that never compacts, so decode_slots gives the same blocks here
+        keep = kept_blocks(kept, len(ids), self.config.decode_slots, block_size)
         if len(ids) <= keep:
             return
         del ids[keep:]

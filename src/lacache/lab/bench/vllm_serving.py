@@ -42,7 +42,7 @@ def _peak_row_blocks(llm, request_tokens: int) -> int:
 
     block_size = llm.llm_engine.vllm_config.cache_config.block_size
     config = serving_config(llm.llm_engine.vllm_config)
-    slots = request_tokens if config is None else min(request_tokens, config.capacity + 1)
+    slots = request_tokens if config is None else min(request_tokens, config.decode_slots)
     return -(-slots // block_size)
 
 
