@@ -239,3 +239,18 @@ def test_positions_that_jump_stay_exact(dtype_mode):
         position += size + 3 * (start % 2)  # a gap of 3 positions every other step
     assert worst <= 1e-4
     assert cache.rotation == dtype_mode
+
+
+@pytest.mark.parametrize("kind", sorted(CACHES))
+def test_positions_reach_the_cache_when_attention_layers_do_not_pass_them(attn, kind):
+    """transformers before 5.2x calls ``cache.update(k, v, layer)`` without the forward's keyword
+    arguments: the cache must then take the forward's ``position_ids`` from the decoder hook, or a
+    pass of several tokens after a compaction (a chat turn, a prefill chunk) is re-positioned wrongly."""
+    from lacache.cache import BoundedCache
+
+    model = tiny_llama(attn)
+    cache = CACHES[kind](model, 24)
+    cache.update = lambda keys, values, layer_idx, *args, **kwargs: BoundedCache.update(cache, keys, values, layer_idx)
+    ids = torch.randint(0, 96, (120,), generator=torch.Generator().manual_seed(3))
+    pieces = [20] + [3] * 20 + [1] * 10 + [2] * 15  # several-token passes right after compactions
+    assert run_against_reference(model, cache, ids, pieces, "slots") <= 1e-4

@@ -83,6 +83,9 @@ class BoundedCache(Cache):
         self.signature = None
         self._hooks = None  # the model's hooks while attached (not carried by a pickle)
         self._entered = False  # the model's decoder hook announced the current forward
+        #: the ``position_ids`` the current forward was called with, seen by the decoder hook: attention
+        #: layers of transformers before 5.2x call ``update`` without them
+        self._forward_positions: torch.Tensor | None = None
 
     # ----------------------------------------------------------------- introspection
     @property
@@ -169,6 +172,7 @@ class BoundedCache(Cache):
         self._forwards = 0
         self._step = None
         self._entered = False
+        self._forward_positions = None
         self._rotation = self._rotation_given
         self.policy.reset()
         self._padded = None
@@ -333,6 +337,8 @@ class BoundedCache(Cache):
         if self.seen and batch is not None and self.batch_size > 0 and batch != self.batch_size:
             raise self._misuse(f"holds a batch of {self.batch_size} sequences but this forward brings {batch}")
         self._entered = True
+        positions = kwargs.get("position_ids")
+        self._forward_positions = positions if isinstance(positions, torch.Tensor) else None
         if q is None:
             return None
         layout = self._begin_padded_forward(kwargs.get("attention_mask"), q)
@@ -351,6 +357,9 @@ class BoundedCache(Cache):
     def _begin_step(self, key_states: torch.Tensor, kwargs: dict) -> _Step:
         q = int(key_states.shape[-2])
         position_ids = kwargs.get("position_ids")
+        if position_ids is None:  # an attention layer that does not pass them on: the forward's own
+            position_ids = self._forward_positions
+        self._forward_positions = None
         if position_ids is None:
             position_ids = torch.arange(self.seen, self.seen + q, device=key_states.device)[None]
         elif position_ids.dim() == 1:

@@ -1,0 +1,82 @@
+"""Endless sessions in vLLM: a resumable streaming session (vLLM's ``StreamingInput``) with the plugin on.
+
+A session of 50 inputs and more than 20x the budget in tokens runs in a pool smaller than the
+session: its output equals lacache's transformers cache fed the same stream in the same passes
+(each input one pass, then one pass per new token; the last sampled token of each input is never
+fed, as vLLM drops it at the frontier rewind), its KV blocks stay flat once the cache is full, and
+a session aborted while it waits for input gives every block back.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm")
+
+import torch  # noqa: E402
+
+BUDGET, NEW, INPUTS, BLOCK, BLOCKS = 64, 16, 50, 32, 8
+
+
+def _chunks(tokenizer) -> list[list[int]]:
+    from lacache.lab.texts import load_essays
+
+    words = load_essays(60_000).split()
+    return [tokenizer(" " + " ".join(words[9 * i: 9 * i + 9]))["input_ids"] for i in range(INPUTS)]
+
+
+def session_reference(model, cache, chunks: list[list[int]], new: int) -> list[int]:
+    """What a session computes: each input in one pass, then ``new`` greedy tokens, the last one not fed."""
+    from lacache.cache.generation import next_positions
+
+    out = []
+    with torch.no_grad():
+        for ids in chunks:
+            x = torch.tensor([ids])
+            for _ in range(new):
+                logits = model(input_ids=x, position_ids=next_positions(cache, x.shape[1], "cpu"),
+                               past_key_values=cache).logits[0, -1]
+                out.append(int(logits.argmax()))
+                x = torch.tensor([[out[-1]]])
+    return out
+
+
+@pytest.mark.parametrize("method", ["lacache", "lacache-capped"])
+def test_a_streaming_session_is_exact_bounded_and_flat(method):
+    from lacache import load_model, make_cache
+    from lacache.lab.models import default_model_dir
+
+    model, tokenizer = load_model(None)
+    chunks = _chunks(tokenizer)
+    total = sum(map(len, chunks)) + INPUTS * (NEW - 1)
+    assert total >= 20 * BUDGET and total > (BLOCKS - 1) * BLOCK  # longer than the whole pool
+    settings = {"model": str(default_model_dir()), "chunks": chunks, "new": NEW, "block_size": BLOCK,
+                "blocks": BLOCKS, "max_model_len": 4096, "lacache": {"method": method, "budget": BUDGET}}
+    run = subprocess.run([sys.executable, str(Path(__file__).with_name("session_check.py")), json.dumps(settings)],
+                         env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}, capture_output=True, text=True,
+                         timeout=1200)
+    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    assert run.returncode == 0 and lines, run.stderr[-3000:]
+    got = json.loads(lines[0][len("RESULT "):])
+
+    cache = make_cache(method, model, BUDGET)
+    want = session_reference(model, cache, chunks, NEW)
+    assert cache.seen == total
+    for turn in range(INPUTS):
+        a, b = got["tokens"][turn * NEW:(turn + 1) * NEW], want[turn * NEW:(turn + 1) * NEW]
+        assert a == b, (turn, next(j for j, (x, y) in enumerate(zip(a, b)) if x != y))
+
+    capacity = make_cache(method, model, BUDGET).policy.capacity(BUDGET)
+    during = got["samples"][:-1]  # the last reading comes after the session ended and gave its blocks back
+    assert got["samples"][-1][1] == 0.0
+    full = [use for position, use in during if position > capacity + 128]
+    early = [use for position, use in during if position <= capacity]
+    assert len(full) > 500
+    assert len(set(full)) == 1, sorted(set(full))  # flat once the cache is full
+    assert max(early) <= full[0] < 1  # never more than the pool; grew to it, then stayed
+    # nothing holds a block once the sessions are over (the aborted one included)
+    assert got["lone_before"] == got["lone_after"] == 0.0
