@@ -55,7 +55,7 @@ def test_help_lists_the_command_and_its_metrics(capsys):
         main(["serve", "--help"])
     text = capsys.readouterr().out
     for word in ("--budget", "--method", "--option", "--vllm-help", "lacache_compactions_total",
-                 "lacache_evicted_tokens_total", "--no-enforce-eager"):
+                 "lacache_evicted_tokens_total", "--no-enforce-eager", "--no-reuse", "lacache_reused_tokens_total"):
         assert word in text, word
 
 
@@ -78,6 +78,11 @@ def test_the_method_defaults_to_the_serving_default(launch, model_dir):
     got = launch[0]["argv"]
     assert got[0] == str(model_dir) and "--model" not in got
     assert _additional(got) == {"lacache": {"method": "lacache-capped", "budget": 128}}
+
+
+def test_no_reuse_switches_off_the_kept_caches(launch, model_dir):
+    assert main(["serve", str(model_dir), "--budget", "64", "--no-reuse"]) == 0
+    assert _additional(launch[0]["argv"]) == {"lacache": {"method": "lacache-capped", "budget": 64, "reuse": False}}
 
 
 def test_users_settings_win_over_the_defaults(launch, model_dir):

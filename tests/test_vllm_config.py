@@ -124,3 +124,50 @@ def test_a_row_keeps_its_decode_blocks_and_never_grows(held, extra, capacity, bl
     assert (keep - 1) * block < max(held, capacity + 1)  # and no block beyond the decode row is kept
     if row * block >= capacity + 1:
         assert keep * block >= capacity + 1  # the next decode step needs no new block
+
+
+def test_reuse_is_on_by_default_and_checked():
+    assert parse_config({"budget": 64}, 30).reuse is True
+    assert parse_config({"budget": 64, "reuse": False}, 30).reuse is False
+    with pytest.raises(ValueError, match=r'lacache.reuse=1 must be true or false.*"reuse": true'):
+        parse_config({"budget": 64, "reuse": 1}, 30)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 3), min_size=1, max_size=6), max_size=5),
+       st.lists(st.integers(0, 3), max_size=10))
+def test_a_kept_stream_is_reused_only_when_the_prompt_continues_all_of_it(streams, prompt):
+    """The match is the longest kept stream that is a whole prefix of the prompt with a token left to compute."""
+    from lacache.vllm.slots import KeptRequest, longest_kept_prefix
+
+    kept = [KeptRequest(list(tokens), [i], None) for i, tokens in enumerate(streams)]
+    found = longest_kept_prefix(kept, prompt)
+    continuing = [k for k in kept if len(k.tokens) < len(prompt) and prompt[: len(k.tokens)] == k.tokens]
+    if not continuing:
+        assert found is None
+    else:
+        assert found in continuing and len(found.tokens) == max(len(k.tokens) for k in continuing)
+
+
+def test_a_kept_stream_is_never_continued_from_another_context():
+    """A LoRA adapter or a cache salt changes the keys: only a request of the same context may continue."""
+    from lacache.vllm.slots import KeptRequest, longest_kept_prefix
+
+    kept = [KeptRequest([1, 2, 3], [0], None, context=(None, "alice"))]
+    assert longest_kept_prefix(kept, [1, 2, 3, 4], (None, "alice")) is kept[0]
+    assert longest_kept_prefix(kept, [1, 2, 3, 4], (None, "bob")) is None
+    assert longest_kept_prefix(kept, [1, 2, 3, 4], (7, "alice")) is None
+
+
+def test_the_chat_benchmark_summary_compares_first_and_last_turns():
+    from lacache.cli.bench_vllm import chat_summary
+    from lacache.lab.bench.vllm_chat import user_messages
+
+    assert user_messages("a b c d e f", 3, 2) == ["a b", "c d", "e f"]
+    with pytest.raises(ValueError, match="need more"):
+        user_messages("a b c", 2, 2)
+    rows = [{"server": "s", "turn": t, "prompt_tokens": 10 * t, "cached_tokens": 0 if t == 1 else 5,
+             "computed_tokens": t, "ttft_s": 0.1 * t, "kv_usage": 0.01} for t in range(1, 21)]
+    (summary,) = chat_summary(rows)
+    assert summary["computed_first"] == 1.5 and summary["computed_last"] == 19.5
+    assert summary["last_prompt_tokens"] == 200 and summary["reused_turns"] == 19

@@ -30,7 +30,10 @@ def _scheduler(llm):
 
 
 def _free_blocks(llm) -> int:
-    return _scheduler(llm).kv_cache_manager.block_pool.get_num_free_blocks()
+    """Blocks free, or kept for a continuation (``reuse``: given back whenever a request needs them)."""
+    manager = _scheduler(llm).kv_cache_manager
+    kept = manager.coordinator.single_type_managers[0].kept
+    return manager.block_pool.get_num_free_blocks() + sum(len(entry.blocks) for entry in kept.values())
 
 
 @pytest.fixture(scope="module", autouse=True)

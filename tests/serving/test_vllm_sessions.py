@@ -4,7 +4,9 @@ A session of 50 inputs and more than 20x the budget in tokens runs in a pool sma
 session: its output equals lacache's transformers cache fed the same stream in the same passes
 (each input one pass, then one pass per new token; the last sampled token of each input is never
 fed, as vLLM drops it at the frontier rewind), its KV blocks stay flat once the cache is full, and
-a session aborted while it waits for input gives every block back.
+a session aborted while it waits for input gives every block back (``reuse`` off there: with it on,
+finished requests' caches stay in the pool until a request needs their blocks; that is tested in
+test_vllm_reuse.py).
 """
 
 import json
@@ -55,7 +57,7 @@ def test_a_streaming_session_is_exact_bounded_and_flat(method):
     total = sum(map(len, chunks)) + INPUTS * (NEW - 1)
     assert total >= 20 * BUDGET and total > (BLOCKS - 1) * BLOCK  # longer than the whole pool
     settings = {"model": str(default_model_dir()), "chunks": chunks, "new": NEW, "block_size": BLOCK,
-                "blocks": BLOCKS, "max_model_len": 4096, "lacache": {"method": method, "budget": BUDGET}}
+                "blocks": BLOCKS, "max_model_len": 4096, "lacache": {"method": method, "budget": BUDGET, "reuse": False}}
     run = subprocess.run([sys.executable, str(Path(__file__).with_name("session_check.py")), json.dumps(settings)],
                          env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}, capture_output=True, text=True,
                          timeout=1200)

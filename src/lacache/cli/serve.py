@@ -62,7 +62,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         epilog="Defaults passed to vLLM unless you set them: --enforce-eager (turn off with --no-enforce-eager); "
                "the bundled model is served as SmolLM2-135M-Instruct (--served-model-name). lacache's "
                "Prometheus metrics (lacache_compactions_total, lacache_evicted_tokens_total, "
-               "lacache_moved_slot_layers_total, lacache_held_slots) are on the server's /metrics.")
+               "lacache_moved_slot_layers_total, lacache_held_slots, lacache_reused_requests_total, "
+               "lacache_reused_tokens_total) are on the server's /metrics.")
     parser.add_argument("--budget", metavar="N", default=None,
                         help="KV slots per layer each request keeps (required), e.g. 256")
     parser.add_argument("--method", default=None,
@@ -70,6 +71,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="a method option, repeatable, e.g. --option span=9 --option sinks=4 "
                              "(METHOD.KEY=VALUE also works, METHOD being --method)")
+    parser.add_argument("--no-reuse", action="store_true",
+                        help="do not keep finished requests' caches for the requests that continue them (a chat's "
+                             "next turn then recomputes the whole conversation)")
     parser.add_argument("--model", dest="model_option", default=None, metavar="MODEL",
                         help="the model, as the first argument (vLLM's own spelling)")
     parser.add_argument("--vllm-help", nargs="?", const="", default=None, metavar="GROUP",
@@ -111,7 +115,10 @@ def _options(items: list[str], method: str) -> dict:
 def settings_for(args: argparse.Namespace) -> dict:
     """The ``lacache`` entry of vLLM's ``additional_config`` these arguments ask for (not yet checked)."""
     method = args.method if args.method is not None else served_default_method()
-    return {"method": method, "budget": _budget(args.budget), **_options(args.option, method)}
+    settings = {"method": method, "budget": _budget(args.budget), **_options(args.option, method)}
+    if getattr(args, "no_reuse", False):
+        settings["reuse"] = False
+    return settings
 
 
 # ------------------------------------------------------------------------------------- the model

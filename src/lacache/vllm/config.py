@@ -46,6 +46,8 @@ class ServingConfig:
     options: Mapping[str, object]
     num_layers: int
     _policy: RetentionPolicy
+    #: keep a finished request's compacted cache for a request that continues its token stream
+    reuse: bool = True
 
     @property
     def capacity(self) -> int:
@@ -101,7 +103,8 @@ class ServingConfig:
         return note
 
     def describe(self) -> dict:
-        return {"method": self.method, "budget": self.budget, "chunk": self.chunk, **self._policy.describe()}
+        return {"method": self.method, "budget": self.budget, "chunk": self.chunk, "reuse": self.reuse,
+                **self._policy.describe()}
 
 
 def parse_config(raw: object, num_layers: int) -> ServingConfig:
@@ -111,6 +114,10 @@ def parse_config(raw: object, num_layers: int) -> ServingConfig:
         raise ValueError(f'additional_config["{KEY}"] must be a JSON object, e.g. {{"method": "lacache", "budget": 256}}')
     settings = dict(raw)
     name = settings.pop("method", None)
+    reuse = settings.pop("reuse", True)
+    if not isinstance(reuse, bool):
+        raise ValueError(f'{KEY}.reuse={reuse!r} must be true or false (keep finished requests\' caches for the '
+                         'requests that continue them), e.g. "reuse": true')
     try:
         spec = method_spec(name) if name is not None else method_spec(served_default_method())
     except ValueError:
@@ -154,7 +161,7 @@ def parse_config(raw: object, num_layers: int) -> ServingConfig:
         chunk = resolve_chunk(chunk, budget, policy.min_target()) if policy.amortises else 0
     except (TypeError, ValueError) as err:  # the shared builders name the parameter; say where it came from
         raise ValueError(f"{KEY}: {err}") from None
-    return ServingConfig(method, budget, chunk, dict(raw), num_layers, policy)
+    return ServingConfig(method, budget, chunk, dict(raw), num_layers, policy, reuse)
 
 
 def serving_config(vllm_config) -> ServingConfig | None:

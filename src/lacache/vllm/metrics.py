@@ -7,7 +7,10 @@
 * ``lacache_moved_slot_layers_total`` (counter): slots rewritten by compaction, counted once per
   layer they move in (a slot moved in every layer of a 30-layer model counts 30);
 * ``lacache_held_slots`` (gauge): KV slots per layer held by the running requests, summed over them,
-  as of the engine's latest step.
+  as of the engine's latest step;
+* ``lacache_reused_requests_total`` / ``lacache_reused_tokens_total`` (counters): requests that took
+  over a finished request's compacted cache (a chat's next turn, ``reuse``), and the tokens they did
+  not recompute.
 
 The worker (``worker.WorkerState``) is the one caller. With tensor parallelism every rank compacts
 its own heads, so only tensor-parallel rank 0 records: a compaction counts once. With pipeline
@@ -48,8 +51,9 @@ import tempfile
 import weakref
 from collections.abc import Iterator
 
-__all__ = ["COMPACTIONS", "EVICTED_TOKENS", "MOVED_SLOT_LAYERS", "HELD_SLOTS", "MULTIPROC_ENV",
-           "record_compaction", "record_held_slots", "multiprocess_dir"]
+__all__ = ["COMPACTIONS", "EVICTED_TOKENS", "MOVED_SLOT_LAYERS", "HELD_SLOTS", "REUSED_REQUESTS", "REUSED_TOKENS",
+           "MULTIPROC_ENV", "record_compaction", "record_held_slots", "record_reuse",
+           "multiprocess_dir"]
 
 logger = logging.getLogger("lacache.vllm")
 
@@ -58,6 +62,8 @@ COMPACTIONS = "lacache_compactions"
 EVICTED_TOKENS = "lacache_evicted_tokens"
 MOVED_SLOT_LAYERS = "lacache_moved_slot_layers"
 HELD_SLOTS = "lacache_held_slots"
+REUSED_REQUESTS = "lacache_reused_requests"
+REUSED_TOKENS = "lacache_reused_tokens"
 #: the variable that puts prometheus_client in multiprocess mode (read when it is first imported)
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -88,6 +94,10 @@ def _build() -> dict | None:
             HELD_SLOTS: _metric(prom.Gauge, HELD_SLOTS,
                                 "KV slots per layer held by running requests under lacache (sum over requests)",
                                 multiprocess_mode="livesum"),
+            REUSED_REQUESTS: _metric(prom.Counter, REUSED_REQUESTS,
+                                     "Requests that continued a finished request's compacted KV cache (lacache reuse)"),
+            REUSED_TOKENS: _metric(prom.Counter, REUSED_TOKENS,
+                                   "Tokens not recomputed because a request continued a kept lacache cache"),
         }
     except ImportError:
         _disabled = True
@@ -170,6 +180,17 @@ def record_held_slots(held: int) -> None:
     with _guard():
         if _ranks() == (0, 0):
             metrics[HELD_SLOTS].set(held)
+
+
+def record_reuse(tokens: int) -> None:
+    """A request took over a kept cache of ``tokens`` tokens instead of computing them."""
+    metrics = _build()
+    if metrics is None:
+        return
+    with _guard():
+        if _ranks() == (0, 0):
+            metrics[REUSED_REQUESTS].inc()
+            metrics[REUSED_TOKENS].inc(tokens)
 
 
 @contextlib.contextmanager

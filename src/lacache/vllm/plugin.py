@@ -174,9 +174,24 @@ class _SchedulerHooks:
         KVCacheSpecRegistry.register(LadderAttentionSpec, LadderManager, uniform_type_base_spec=FullAttentionSpec)
         super().__init__(vllm_config, *args, **kwargs)
         step_cap = int(vllm_config.scheduler_config.max_num_batched_tokens)
-        for manager in self.kv_cache_manager.coordinator.single_type_managers:
-            if isinstance(manager, LadderManager):
-                manager.bind(config, step_cap, vllm_config.model_config.max_model_len, self.requests.get)
+        self._ladder_managers = [manager for manager in self.kv_cache_manager.coordinator.single_type_managers
+                                 if isinstance(manager, LadderManager)]
+        for manager in self._ladder_managers:
+            manager.bind(config, step_cap, vllm_config.model_config.max_model_len, self.requests.get)
+
+    def add_request(self, request) -> None:
+        """A new request whose prompt continues a finished request's exact token stream (a chat's next
+        turn) takes over that request's compacted cache and computes only the tokens after it."""
+        if (request.request_id not in self.requests and not getattr(request, "resumable", False)
+                and len(self._ladder_managers) == 1):
+            reused = self._ladder_managers[0].adopt(request)
+            if reused:
+                request.num_computed_tokens = reused
+                stats = getattr(request, "prefill_stats", None)
+                if stats is not None:  # the OpenAI usage then reports them as prompt_tokens_details.cached_tokens
+                    stats.set(num_prompt_tokens=request.num_prompt_tokens, num_local_cached_tokens=reused,
+                              num_external_cached_tokens=0)
+        super().add_request(request)
 
 
 class _WorkerHooks:
@@ -224,8 +239,13 @@ class _RunnerHooks:
         return bounded
 
     def _update_states(self, scheduler_output, *args, **kwargs):
+        finished = scheduler_output.finished_req_ids
+        rows = {req_id: list(self.requests[req_id].block_ids[0]) for req_id in finished or ()
+                if req_id in self.requests and self.requests[req_id].block_ids}
         result = super()._update_states(scheduler_output, *args, **kwargs)
-        self.lacache_state().forget(scheduler_output.finished_req_ids)
+        state = self.lacache_state()
+        state.forget(finished, rows)
+        state.take_new_rows(scheduler_output)
         return result
 
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs):

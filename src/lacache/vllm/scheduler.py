@@ -24,6 +24,7 @@ only imports vLLM's base classes.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
@@ -32,10 +33,9 @@ from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from .config import ServingConfig, serving_config
-from .slots import RequestSlots, kept_blocks
+from .slots import KeptRequest, RequestSlots, kept_blocks, longest_kept_prefix
 
 __all__ = ["LadderAttentionSpec", "LadderManager", "bounded_specs"]
-
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,6 +78,10 @@ class LadderManager(FullAttentionManager):
         self.max_model_len = 0
         self.slots: dict[str, RequestSlots] = {}
         self._lookup: Callable[[str], object] = lambda request_id: None
+        #: finished requests' caches, oldest first (``reuse``): evicted when an allocation needs their blocks
+        self.kept: OrderedDict[str, KeptRequest] = OrderedDict()
+        self.reused_requests = 0
+        self.reused_tokens = 0
 
     def bind(self, config: ServingConfig, step_cap: int, max_model_len: int,
              lookup: Callable[[str], object] | None = None) -> None:
@@ -127,9 +131,13 @@ class LadderManager(FullAttentionManager):
 
     def get_num_blocks_to_allocate(self, request_id, num_tokens, new_computed_blocks, total_computed_tokens,
                                    num_local_computed_tokens, num_tokens_main_model, *args, **kwargs) -> int:
-        return super().get_num_blocks_to_allocate(
+        need = super().get_num_blocks_to_allocate(
             request_id, self._physical(request_id, num_tokens), new_computed_blocks, total_computed_tokens,
             num_local_computed_tokens, self._physical(request_id, num_tokens_main_model), *args, **kwargs)
+        # kept caches give way to any request that needs their blocks (vLLM checks the free count next)
+        while self.kept and need > self.block_pool.get_num_free_blocks():
+            self.evict_oldest()
+        return need
 
     def allocate_new_blocks(self, request_id, num_tokens, num_tokens_main_model, *args, **kwargs):
         return super().allocate_new_blocks(request_id, self._physical(request_id, num_tokens),
@@ -150,6 +158,55 @@ class LadderManager(FullAttentionManager):
             del blocks[keep:]
             self.block_pool.free_blocks(reversed(emptied))
 
+    def _keepable(self, request) -> bool:
+        return not getattr(request, "mm_features", None) and getattr(request, "prompt_embeds", None) is None
+
     def pop_blocks_for_free(self, request_id):
-        self.slots.pop(request_id, None)
-        return super().pop_blocks_for_free(request_id)
+        """A request leaves: its blocks go back to the pool, or, when it finished and ``reuse`` is on, they
+        are kept (with its retention state) for a request whose prompt continues its token stream."""
+        request = self._lookup(request_id)
+        config = self.config
+        keep = (config is not None and config.reuse and request is not None and request.is_finished()
+                and request_id in self.slots and request.num_computed_tokens > 0 and self._keepable(request))
+        if keep:  # replay the last passes (no allocation followed them) and drop the blocks they emptied
+            self.remove_skipped_blocks(request_id, request.num_computed_tokens)
+        slots = self.slots.pop(request_id, None)
+        blocks = super().pop_blocks_for_free(request_id)
+        if keep and blocks and slots is not None and slots.seen == request.num_computed_tokens:
+            self.kept[request_id] = KeptRequest(list(request.all_token_ids[: slots.seen]), blocks, slots,
+                                                _context(request))
+            return []
+        return blocks
+
+    def evict_oldest(self) -> None:
+        """Give the oldest kept cache's blocks back to the pool."""
+        _, entry = self.kept.popitem(last=False)
+        self.block_pool.free_blocks(reversed(entry.blocks))
+
+    def adopt(self, request) -> int:
+        """Before ``request`` is queued: if a kept cache's stream is a prefix of its prompt, the request takes
+        that cache's blocks and state and starts computing after it. Returns the tokens reused (0: none)."""
+        config = self.config
+        if config is None or not config.reuse or not self.kept or request.num_computed_tokens:
+            return 0
+        if getattr(request, "mm_features", None) or getattr(request, "prompt_embeds", None) is not None:
+            return 0  # their keys depend on more than token ids
+        entry = longest_kept_prefix(list(self.kept.values()), request.prompt_token_ids or (), _context(request))
+        if entry is None:
+            return 0
+        for key, value in self.kept.items():
+            if value is entry:
+                del self.kept[key]
+                break
+        self.req_to_blocks[request.request_id] = entry.blocks
+        self.slots[request.request_id] = entry.slots
+        self.reused_requests += 1
+        self.reused_tokens += len(entry.tokens)
+        return len(entry.tokens)
+
+
+def _context(request) -> tuple:
+    """What a request's keys and values depend on besides its tokens: its LoRA adapter, and its cache salt
+    (which vLLM's prefix caching also keys on, so that users who set different salts never share KV)."""
+    lora = getattr(request, "lora_request", None)
+    return (getattr(lora, "lora_int_id", None), getattr(request, "cache_salt", None))

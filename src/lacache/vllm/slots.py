@@ -9,11 +9,14 @@ keys and values. Because the rule is deterministic, the two never need to talk.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import numpy as np
 
 from ..policies.base import LayerView, RetentionPolicy
 
-__all__ = ["RequestSlots", "kept_blocks"]
+__all__ = ["RequestSlots", "KeptRequest", "kept_blocks", "longest_kept_prefix"]
 
 
 def kept_blocks(held_slots: int, row_blocks: int, decode_slots: int, block_size: int) -> int:
@@ -75,3 +78,30 @@ class RequestSlots:
         if self.tokens is None:
             raise RuntimeError("token tracking is off for this request")
         return self.tokens[layer if self.tokens.shape[0] > 1 else 0].tolist()
+
+
+@dataclass
+class KeptRequest:
+    """A finished request's compacted cache, kept for a request that continues its exact token stream."""
+
+    tokens: list[int]  # the tokens its cache has seen: prompt + every output token but the last
+    blocks: list  # its block row, held (not in the pool's free list) until adopted or evicted
+    slots: RequestSlots  # its retention state: a continuation must go on with the same rule state
+    #: what else the keys and values depend on, besides the tokens (e.g. the LoRA adapter, the cache salt
+    #: that keeps users apart): only a request with the same context may continue it
+    context: tuple = ()
+
+
+def longest_kept_prefix(kept: Sequence[KeptRequest], prompt: Sequence[int], context: tuple = ()) -> KeptRequest | None:
+    """The kept request of the same ``context`` whose whole token stream is the longest prefix of ``prompt``,
+    leaving at least one token to compute (the pass that gives the first logits); None when there is none.
+
+    Reuse is keyed on the *whole* stream: a compacted cache depends on every token it has seen and on
+    the passes they came in, so a prompt that differs anywhere before the end gets a full prefill."""
+    best = None
+    for entry in kept:
+        n = len(entry.tokens)
+        if (n < len(prompt) and entry.context == context and (best is None or n > len(best.tokens))
+                and list(prompt[:n]) == entry.tokens):
+            best = entry
+    return best

@@ -64,6 +64,11 @@ class WorkerState:
         self.config = config
         self.requests: dict[str, RequestSlots] = {}
         self.finished: dict[str, RequestSlots] = {}  # kept for inspection when LACACHE_VLLM_RECORD=1
+        #: finished requests' states by the first block of their row (``reuse``): the scheduler keeps their
+        #: blocks, and a new request whose row starts with that block continues that state. The scheduler
+        #: keeps or evicts a row as a whole and never trims its first block, so that block names it.
+        self.kept: dict[int, RequestSlots] = {}
+        self.reused_requests = 0
         self.record = os.environ.get("LACACHE_VLLM_RECORD") == "1"
         self.step: list[tuple[str, int]] = []
         rotary = _rotary_module(runner.model)
@@ -126,13 +131,46 @@ class WorkerState:
         self.step = []
         metrics.record_held_slots(sum(held.slots for held in self.requests.values()))
 
-    def forget(self, req_ids) -> None:
+    def forget(self, req_ids, rows: dict[str, list[int]] | None = None) -> None:
+        """Requests finished; with ``reuse`` their states are kept under their block rows (``rows``)."""
+        rows = rows or {}
         for req_id in req_ids or ():
             slots = self.requests.pop(req_id, None)
-            if slots is not None and self.record:
+            if slots is None:
+                continue
+            if self.record:
                 self.finished[req_id] = slots
+            row = rows.get(req_id)
+            if self.config.reuse and row and slots.seen:
+                self.kept[row[0]] = slots
         if req_ids:
             metrics.record_held_slots(sum(held.slots for held in self.requests.values()))
+
+    def take_new_rows(self, scheduler_output) -> None:
+        """After vLLM updated its rows: a new request that starts past token 0 with a kept row's first block
+        took over that cache (the scheduler's ``LadderManager.adopt``), so it continues the kept state; a
+        kept state whose first block was handed to any other row was evicted by the scheduler."""
+        if not self.kept:
+            return
+        handed: set[int] = set()
+        for new in scheduler_output.scheduled_new_reqs:
+            row = list(new.block_ids[0]) if new.block_ids else []
+            if row and new.num_computed_tokens > 0 and new.req_id not in self.requests and row[0] in self.kept:
+                slots = self.kept.pop(row[0])
+                if slots.seen != new.num_computed_tokens:
+                    raise RuntimeError(f"lacache: request {new.req_id} continues a kept cache of {slots.seen} "
+                                       f"tokens at token {new.num_computed_tokens}")
+                self.requests[new.req_id] = slots
+                self.reused_requests += 1
+                metrics.record_reuse(slots.seen)
+                handed.update(row[1:])
+                continue
+            handed.update(row)
+        for ids in scheduler_output.scheduled_cached_reqs.new_block_ids or ():
+            if ids:
+                handed.update(ids[0])
+        for first in handed.intersection(self.kept):
+            del self.kept[first]
 
     # ------------------------------------------------------------------ compaction
     def paged(self) -> PagedKV:
