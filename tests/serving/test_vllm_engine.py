@@ -9,6 +9,7 @@ import pytest
 pytest.importorskip("vllm")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: the scheduler can be inspected
 
+from streams import spy_preemptions  # noqa: E402
 
 _ENGINES = []  # kept alive: tearing an engine down in-process breaks the next one's process groups
 
@@ -66,18 +67,6 @@ def test_sampling_stop_strings_and_abort_free_every_block():
     assert _free_blocks(llm) == idle
 
 
-def _spy_preemptions(scheduler) -> list[str]:
-    preempted = []
-    original = scheduler._preempt_request
-
-    def spy(request, *args, **kwargs):
-        preempted.append(request.request_id)
-        return original(request, *args, **kwargs)
-
-    scheduler._preempt_request = spy
-    return preempted
-
-
 def _stories(engine, prefix: str, count: int) -> None:
     """Add ``count`` greedy requests of 200 new tokens after a ~100-token story prompt."""
     from vllm import SamplingParams
@@ -101,7 +90,7 @@ def test_admission_reserves_the_decode_row_so_no_running_request_is_preempted():
     # (sized by its current length instead, each would start with one block and the pool would thrash).
     llm = _engine(budget=192, blocks=5)
     scheduler = _scheduler(llm)
-    preempted = _spy_preemptions(scheduler)
+    preempted = spy_preemptions(scheduler)
     idle = _free_blocks(llm)
     engine = llm.llm_engine
     _stories(engine, "r", 4)
@@ -119,7 +108,7 @@ def test_preempted_requests_recompute_and_finish_without_leaking_blocks():
 
     llm = _engine(budget=64, blocks=6)
     scheduler = _scheduler(llm)
-    preempted = _spy_preemptions(scheduler)
+    preempted = spy_preemptions(scheduler)
     idle = _free_blocks(llm)
     engine = llm.llm_engine
     _stories(engine, "p", 3)

@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("vllm")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: introspection
 
-import torch  # noqa: E402
+from streams import greedy_turn, spy_preemptions  # noqa: E402
 
 BUDGET, NEW, BLOCK, BLOCKS = 64, 12, 32, 12
 _ENGINES = []
@@ -52,20 +52,6 @@ def _answer(llm, prompt: list[int], new: int = NEW) -> list[int]:
     return list(out[0].outputs[0].token_ids)
 
 
-def _continue(model, cache, ids: list[int], new: int = NEW) -> list[int]:
-    """Feed ``ids`` to ``cache`` in one pass, then ``new`` greedy tokens one pass each (the last not fed)."""
-    from lacache.cache.generation import next_positions
-
-    out, x = [], torch.tensor([ids])
-    with torch.no_grad():
-        for _ in range(new):
-            logits = model(input_ids=x, position_ids=next_positions(cache, x.shape[1], "cpu"),
-                           past_key_values=cache).logits[0, -1]
-            out.append(int(logits.argmax()))
-            x = torch.tensor([[out[-1]]])
-    return out
-
-
 def test_each_turn_continues_the_last_ones_cache_and_equals_one_stream(setup):
     from lacache import make_cache
 
@@ -79,7 +65,7 @@ def test_each_turn_continues_the_last_ones_cache_and_equals_one_stream(setup):
         prompt = prompt + messages[turn]
         pending = pending + messages[turn]
         got = _answer(llm, prompt)
-        want = _continue(model, cache, pending)
+        want = greedy_turn(model, cache, pending, NEW)
         assert got == want, turn
         prompt = prompt + got
         pending = [got[-1]]  # the last answer token was sampled, never fed
@@ -101,7 +87,7 @@ def test_a_prompt_that_differs_gets_a_full_prefill(setup):
     reused = manager.reused_requests
     got = _answer(llm, follow)
     assert manager.reused_requests == reused
-    assert got == _continue(model, make_cache("lacache-capped", model, BUDGET), follow)
+    assert got == greedy_turn(model, make_cache("lacache-capped", model, BUDGET), follow, NEW)
 
 
 def test_kept_caches_give_their_blocks_to_a_request_that_needs_them(setup):
@@ -110,21 +96,11 @@ def test_kept_caches_give_their_blocks_to_a_request_that_needs_them(setup):
     for i in range(25, 31):  # six finished requests, each keeping its blocks
         _answer(llm, messages[i] + messages[i + 1] + messages[i + 2] + messages[i + 3])
     assert len(manager.kept) >= 3
-    preempted = []
-    original = scheduler._preempt_request
+    preempted = spy_preemptions(scheduler)
+    from vllm import SamplingParams
 
-    def spy(request, *args, **kwargs):
-        preempted.append(request.request_id)
-        return original(request, *args, **kwargs)
-
-    scheduler._preempt_request = spy
-    try:
-        from vllm import SamplingParams
-
-        prompts = [{"prompt_token_ids": [m for i in range(k, k + 6) for m in messages[i]]} for k in (0, 6, 12)]
-        outs = llm.generate(prompts, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True), use_tqdm=False)
-    finally:
-        scheduler._preempt_request = original
+    prompts = [{"prompt_token_ids": [m for i in range(k, k + 6) for m in messages[i]]} for k in (0, 6, 12)]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True), use_tqdm=False)
     assert [len(o.outputs[0].token_ids) for o in outs] == [40, 40, 40]
     assert preempted == []
     free = manager.block_pool.get_num_free_blocks()

@@ -19,7 +19,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
-import torch  # noqa: E402
+from streams import greedy_turn  # noqa: E402
 
 BUDGET, NEW, INPUTS, BLOCK, BLOCKS = 64, 16, 50, 32, 8
 
@@ -33,18 +33,7 @@ def _chunks(tokenizer) -> list[list[int]]:
 
 def session_reference(model, cache, chunks: list[list[int]], new: int) -> list[int]:
     """What a session computes: each input in one pass, then ``new`` greedy tokens, the last one not fed."""
-    from lacache.cache.generation import next_positions
-
-    out = []
-    with torch.no_grad():
-        for ids in chunks:
-            x = torch.tensor([ids])
-            for _ in range(new):
-                logits = model(input_ids=x, position_ids=next_positions(cache, x.shape[1], "cpu"),
-                               past_key_values=cache).logits[0, -1]
-                out.append(int(logits.argmax()))
-                x = torch.tensor([[out[-1]]])
-    return out
+    return [token for ids in chunks for token in greedy_turn(model, cache, ids, new)]
 
 
 @pytest.mark.parametrize("method", ["lacache", "lacache-capped"])
