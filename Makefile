@@ -21,9 +21,10 @@ $(BIN)/lacache: pyproject.toml
 
 setup: $(BIN)/lacache
 
-# the main job: an endless conversation (20 shipped questions) in one 256-slot LaCache, memory line per turn
+# the main job: a short conversation (4 shipped questions) in one 64-slot LaCache, memory line per turn, then
+# the same conversation in a full cache; `lacache chat --demo --turns 0` never stops
 demo: setup
-	$(BIN)/lacache chat --demo --budget 256 --turns 20 --max-new-tokens 200
+	$(BIN)/lacache chat --demo
 
 test: setup
 	$(BIN)/python -m pytest -q

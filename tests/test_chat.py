@@ -146,8 +146,20 @@ def test_demo_asks_the_shipped_questions_and_keeps_memory_flat(monkeypatch, caps
     assert len(stats) == turns and stats[-1][3] > 5 * 48, "the conversation passes many times the budget"
     full = [s for s in stats if s[1] >= 40]
     assert all(s[1] <= 48 for s in stats) and len({s[4] for s in full}) == 1, "memory stays flat once full"
-    summary = out.strip().splitlines()[-1]
+    *_, summary, full = out.strip().splitlines()
     assert summary.startswith(f"[demo] lacache: {turns} turns") and "distinct 4-grams per 500 tokens" in summary
+    measured = re.search(r"the same conversation \((\d+) tokens\) in a full DynamicCache, measured: ([\d.]+) MiB, "
+                         r"([\d.]+)x this cache's ([\d.]+) MiB", full)
+    assert measured, full
+    assert int(measured[1]) > 5 * 48 and float(measured[3]) > 3  # the full cache holds every token
+    assert out.startswith(f"[demo] {turns} questions to ")  # the banner: what to watch, how long, the endless run
+
+
+def test_the_demo_is_short_by_default(monkeypatch, capsys, tok_and_model):
+    records, out = _run(monkeypatch, capsys, [], tok_and_model, "--demo")
+    assert len(records) == chat.DEMO_DEFAULTS["turns"]
+    assert "in one lacache cache of 64 slots per layer, answers up to 48 tokens (about a minute" in out
+    assert all(r.new_tokens <= 48 for r in records) and records[-1].seen > 64
 
 
 def test_turns_needs_the_demo(monkeypatch, capsys, tok_and_model):

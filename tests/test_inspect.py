@@ -160,3 +160,22 @@ def test_cli_bad_values_are_one_line(tiny_pair, tmp_path, capsys, argv, message)
     assert main(["inspect", "--out", str(tmp_path / "o"), *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("lacache: error:") and message in err[0]
+
+
+def test_the_figure_zooms_on_the_ladder_and_lists_only_the_roles_it_shows(tmp_path):
+    """A ladder's stagger gets a zoomed panel (one square per layer and token); StreamingLLM, the same in
+    every layer, gets none; the legend lists the roles present and nothing else."""
+    from lacache.lab.inspect import ZOOM_TOKENS, draw, watch, zoom_window
+
+    model = tiny_llama(layers=6)
+    ids = torch.randint(3, 90, (1, 300), generator=torch.Generator().manual_seed(0))
+    (ladder,) = watch(model, ids, "lacache", 64, [0])
+    (stream,) = watch(model, ids, "streaming", 64, [0])
+    window = zoom_window(ladder.codes)
+    assert window is not None and window[1] - window[0] == ZOOM_TOKENS
+    held = ladder.codes[:, window[0]:window[1]] != 0
+    assert (held.any(axis=0) & ~held.all(axis=0)).sum() > ZOOM_TOKENS // 2  # layers differ across the window
+    assert zoom_window(stream.codes) is None
+    roles = draw([ladder, stream], [tmp_path / "m.png"])
+    assert roles == ["evicted", "kept", "sink", "window"]  # no "salient": no pool here
+    assert draw([stream], [tmp_path / "s.png"]) == ["evicted", "sink", "window"]

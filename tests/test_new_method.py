@@ -36,7 +36,7 @@ def every_kth():
 def test_it_is_a_registry_method_with_its_options(every_kth):
     spec = registry.method_spec("every-kth")
     assert spec.sees == "slots" and spec.served and spec.bounded and not spec.needs_attention
-    assert registry.option_names("every-kth") == {"sinks", "window", "k", "positions", "chunk"}
+    assert registry.option_names("every-kth") == {"sinks", "window", "k", "positions", "chunk", "static"}
     assert "every-kth" in registry.default_methods("ppl") and "every-kth" not in registry.default_methods("decode")
     assert "every-kth" in lacache.METHODS
 
@@ -57,6 +57,18 @@ def test_make_cache_builds_it_and_it_stays_in_budget(every_kth):
     out = model.generate(ids, custom_generate=lacache.generate, lacache_method="every-kth", lacache_budget=24,
                          max_new_tokens=40, do_sample=False)
     assert out.shape == (1, 50)
+
+
+def test_it_runs_static_decode_steps_with_no_code_of_its_own(every_kth):
+    """A new index-only rule gets fixed-shape (compileable) decode steps: the same tokens as its host path."""
+    model = tiny_llama("sdpa")
+    ids = torch.randint(0, 96, (1, 10), generator=torch.Generator().manual_seed(0))
+    host = lacache.make_cache("every-kth", model, 24, k=3, sinks=2)
+    static = lacache.make_cache("every-kth", model, 24, k=3, sinks=2, static=True)
+    expected, _ = stream_generate(model, ids, host, max_new_tokens=120)
+    got, _ = stream_generate(model, ids, static, max_new_tokens=120)
+    assert static.is_compileable and got == expected
+    assert static.token_positions(0).tolist() == host.token_positions(0).tolist()
 
 
 def test_lacache_eval_ppl_runs_it(every_kth, tmp_path, capsys):

@@ -108,8 +108,10 @@ def test_page_collects_every_result_with_command_environment_links_and_figures(p
     hrefs = re.findall(r'<a href="([^"#]+)"', text)
     assert "../runs/ppl/ppl.csv" in hrefs and "../runs/bench/decode.json" in hrefs
     assert all((out.parent / h).is_file() for h in hrefs)
-    # figures: the runs' PNGs and the inspector's PNG and SVG embedded, the old ppl run's curves drawn
-    assert text.count("data:image/png;base64,") >= 6 and "data:image/svg+xml;base64," in text
+    # figures: the runs' PNGs embedded, the inspector's figure once (it wrote it as PNG and SVG), the old
+    # ppl run's curves drawn
+    assert text.count("data:image/png;base64,") >= 6
+    assert text.count('alt="inspect.png"') == 1 and 'alt="inspect.svg"' not in text
     assert '<svg class="curves"' in text
     assert "budget</dt><dd>64" in text and "steps</dt><dd>0, 100" in text  # the inspector's fields
     assert 'class="num best"' in text  # best values marked

@@ -97,7 +97,7 @@ def _part(module: str) -> str:
     if len(parts) == 1:
         return "root"
     head = parts[1]
-    if head in ("policies", "registry", "checks"):
+    if head in ("policies", "registry", "checks", "_lazy"):  # _lazy: torch on first use
         return "rule"
     if head in ("cache", "vllm", "rope"):
         return "backend"

@@ -20,6 +20,7 @@ from lacache.vllm.slots import RequestSlots
     ({"budget": "256"}, "budget='256'"),
     ({"budget": 256, "bogus": 1}, r"unknown option\(s\) \['bogus'\]"),
     ({"budget": 256, "positions": "original"}, "positions='original'"),
+    ({"budget": 256, "static": True}, "static: vLLM's own CUDA graphs"),
     ({"budget": 256, "salient": 0.125}, "salient"),
     ({"method": "lacache-reference", "budget": 256, "window": 8}, "takes no window"),
     ({"method": "lacache-reference", "budget": 256, "chunk": 8}, "takes no chunk"),

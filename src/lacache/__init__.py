@@ -10,9 +10,7 @@ The package reads in three parts, with the command line on top:
   chat), and ``lacache.cli`` over all of it.
 """
 
-from . import _moved
-from .cache import BoundedCache, H2OCache, KNormCache, LaCache, StreamingLLMCache, TOVACache
-from .cache.hub_generate import generate
+from . import _moved, policies  # noqa: F401  (the built-in methods register; no torch)
 from .policies.ladder_geometry import default_span_overlap, ladder_geometry
 from .registry import make_cache
 
@@ -37,8 +35,21 @@ __version__ = "0.1.0"
 _moved.install()  # old module paths (lacache.models, lacache.evaluation, ...) keep working
 
 
+#: names that import torch and transformers: loaded on first use, so `import lacache` (and the
+#: command line's --help and argument errors) stay instant
+_LAZY = {
+    "BoundedCache": "lacache.cache", "LaCache": "lacache.cache", "StreamingLLMCache": "lacache.cache",
+    "TOVACache": "lacache.cache", "H2OCache": "lacache.cache", "KNormCache": "lacache.cache",
+    "generate": "lacache.cache.hub_generate",
+}
+
+
 def __getattr__(name):
     # Heavy or optional pieces load on first use, so `import lacache` stays quick.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
     if name == "METHODS":  # read live: methods can be registered after import
         from . import registry
 

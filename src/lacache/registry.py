@@ -42,8 +42,8 @@ ALL_SUITES = frozenset(SUITES)
 #: what a rule may read, cheapest first
 SEES = ("slots", "keys", "attention")
 #: options every bounded method takes from its backend, besides its policy's own: where keys are
-#: positioned, and how many extra slots a compaction frees
-BACKEND_OPTIONS: Mapping[str, object] = MappingProxyType({"positions": "shift", "chunk": None})
+#: positioned, how many extra slots a compaction frees, and whether decode steps run on fixed shapes
+BACKEND_OPTIONS: Mapping[str, object] = MappingProxyType({"positions": "shift", "chunk": None, "static": False})
 
 #: the entry-point group through which other packages add methods
 ENTRY_POINT_GROUP = "lacache.methods"
@@ -130,7 +130,9 @@ class Method:
     def make(self, model, budget: int | None = None, **options):
         """A fresh transformers cache of this method for ``model`` (``budget`` slots per layer if bounded)."""
         if _CACHE_BUILDER is None:
-            raise RuntimeError("no cache backend is installed: import lacache (it installs lacache.cache)")
+            import importlib
+
+            importlib.import_module("lacache.cache")  # the transformers backend installs itself on import
         if self.bounded and budget is None:
             raise ValueError(f"method={self.name!r} needs a budget (slots per layer), e.g. budget=512")
         return _CACHE_BUILDER(self, model, budget, {**self.defaults, **options})

@@ -8,8 +8,9 @@ A ``Cache.update`` sees keys and values only. Three things need more of the forw
 * attention-score policies (TOVA, H2O) need each attention layer's input, to recompute the query
   (``lacache.cache.observe``).
 
-Forward pre-hooks provide them. They are installed once per model, not once per cache, and each
-one acts on the cache found in the forward's *own* keyword arguments (``cache=`` or
+Forward pre-hooks provide them (and a decoder post-hook lets a static cache move its slots into its
+fixed buffers after a pass of several tokens, ``cache.static``). They are installed once per model,
+not once per cache, and each one acts on the cache found in the forward's *own* keyword arguments (``cache=`` or
 ``past_key_values=``). A hook owned by a cache would act on every forward of the model, whichever
 cache that forward used: two threads sharing a model would read each other's queries, and N live
 caches would cost N hooks per layer on every forward, also of plain ``generate()`` calls. Here a
@@ -85,6 +86,7 @@ class ModelHooks:
         self._attention_caches = 0
         decoder = getattr(model, "base_model", model)
         self._decoder_handle = decoder.register_forward_pre_hook(self._before_decoder, with_kwargs=True)
+        self._after_handle = decoder.register_forward_hook(self._after_decoder, with_kwargs=True)
         self._attention_handles: list = []
         self._holds: dict[int, weakref.finalize] = {}  # id(cache) -> its finalizer
 
@@ -129,6 +131,7 @@ class ModelHooks:
                     self._attention_handles = []
             if self._caches == 0:
                 self._decoder_handle.remove()
+                self._after_handle.remove()
                 model = self._model()
                 if model is not None and _REGISTRY.get(model) is self:
                     del _REGISTRY[model]
@@ -144,6 +147,12 @@ class ModelHooks:
                     self.acquire(cache)
                     cache._hooks, cache.signature = self, self.signature
         return cache._enter_forward(self.signature, args, kwargs)
+
+    def _after_decoder(self, module, args, kwargs, output):
+        cache = _forward_cache(kwargs)
+        if isinstance(cache, BoundedCache):
+            cache._leave_forward()
+        return None
 
 
 def _before_attention(module, args, kwargs):

@@ -31,6 +31,7 @@ from ..rope import Rotator
 from .observe import QueryObserver, attention_probs
 from .padded import PaddedRows
 from .positions import STRATEGIES, StepPositions, rotation_for
+from .static import StaticDecode, static_refusal
 from .storage import SlotLayer
 
 __all__ = ["BoundedCache", "POSITION_MODES"]
@@ -64,6 +65,7 @@ class BoundedCache(Cache):
         rotator: Rotator | list[Rotator] | None,
         positions: str = "shift",
         chunk: int = 0,
+        static: bool = False,
     ):
         super().__init__(layers=[SlotLayer(i, int(budget)) for i in range(num_layers)])
         self.budget = int(budget)
@@ -72,6 +74,9 @@ class BoundedCache(Cache):
         self.positions = positions
         # one per layer (models mixing sliding and global layers use different RoPE frequencies)
         self.rotators: list[Rotator] = rotator if isinstance(rotator, list) else [rotator] * num_layers
+        #: static=True: one-token steps run on fixed buffers and tensor counters (``cache.static``), which
+        #: ``torch.compile`` captures whole; multi-token passes stay on the host path
+        self._static: StaticDecode | None = None
         self.seen = 0
         self._forwards = 0
         self._step: _Step | None = None
@@ -86,6 +91,54 @@ class BoundedCache(Cache):
         #: the ``position_ids`` the current forward was called with, seen by the decoder hook: attention
         #: layers of transformers before 5.2x call ``update`` without them
         self._forward_positions: torch.Tensor | None = None
+        self._arm_after = False  # a host-path forward ran: the decoder's post-hook re-arms the static state
+        if static:
+            refusal = static_refusal(policy)
+            if refusal is not None:
+                raise ValueError(f"static=True: {refusal}; or leave static=False")
+            self._static = StaticDecode(self)
+            for layer in self.layers:
+                layer.before_read = self._sync_static
+
+    @property
+    def seen(self) -> int:
+        """Tokens this stream has seen (every forward's new tokens, evicted or not)."""
+        if not torch.compiler.is_compiling() and self._static is not None and self._static.dirty:
+            self._sync_static()
+        return self._seen
+
+    @seen.setter
+    def seen(self, value: int) -> None:
+        self._seen = value
+
+    @property
+    def static(self) -> bool:
+        """Whether one-token decode steps run on fixed shapes (``static=True``), so ``torch.compile`` captures them whole."""
+        return self._static is not None
+
+    @property
+    def is_compileable(self) -> bool:
+        """True for a static cache (not a left-padded batch): ``generate()`` then compiles its decode steps
+        (``compile_config``; on a GPU by itself), as it does for transformers' ``StaticCache``."""
+        return self._static is not None and self._padded is None
+
+    def _refuse_compiled_pass(self) -> None:
+        if torch.compiler.is_compiling():
+            raise RuntimeError(
+                f"a static {type(self).__name__} runs passes of several tokens (a prefill, a chat turn) eagerly: "
+                "call the uncompiled model for them and the compiled one for one-token decode steps, as "
+                "transformers' generate() does"
+            )
+
+    def _sync_static(self) -> None:
+        """Before the host reads or changes slots: replay on the host what compiled steps did."""
+        if self._static is not None and self._static.dirty:
+            if torch.compiler.is_compiling():
+                raise RuntimeError(
+                    f"this static {type(self).__name__} was read on the host inside a compiled region; read it "
+                    "(num_slots, token_positions, keys) outside the compiled call"
+                )
+            self._static.sync()
 
     # ----------------------------------------------------------------- introspection
     @property
@@ -105,6 +158,7 @@ class BoundedCache(Cache):
         """Slots currently held by every layer (in a padded batch, by its fullest sequence)."""
         if self._padded is not None:
             return self._padded.num_slots
+        self._sync_static()
         return self.layers[0].num_slots if self.layers else 0
 
     @property
@@ -128,6 +182,7 @@ class BoundedCache(Cache):
         if self.batch_size > 0 and not 0 <= batch_index < self.batch_size:
             raise IndexError(f"batch_index={batch_index} is out of range for a batch of {self.batch_size}")
         layer_idx, batch_index = int(layer_idx), int(batch_index)
+        self._sync_static()
         if self._padded is not None:  # indices count the sequence's own real tokens, as if it were alone
             return self._padded.rows[batch_index].token_positions(layer_idx)
         index = self.layers[layer_idx].token_index
@@ -147,7 +202,8 @@ class BoundedCache(Cache):
 
     def describe(self) -> dict:
         return {"cache": type(self).__name__, "budget": self.budget, "chunk": self.chunk,
-                "positions": self.positions, **self.policy.describe()}
+                "positions": self.positions, **({"static": True} if self._static is not None else {}),
+                **self.policy.describe()}
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v}" for k, v in self.describe().items() if k != "cache")
@@ -155,19 +211,38 @@ class BoundedCache(Cache):
 
     # ----------------------------------------------------------------- transformers' Cache API
     def get_seq_length(self, layer_idx: int = 0) -> int:
+        static = self._static
+        if static is not None and static.armed:  # compiled steps count tokens seen on the device
+            if torch.compiler.is_compiling():
+                return static.seen
+            if static.dirty:
+                return int(static.seen)
         return self.seen
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
         if self._padded is not None:  # the layout of cache.padded: held columns, then the new tokens
             return self._padded.width() + query_length, 0
+        if self._static is not None:  # keys counted by slot: the query's offset is its slot (get_query_offset)
+            if self._static.armed and query_length == 1:
+                return self._static.slots, 0
+            self._refuse_compiled_pass()
+            return self.num_slots + query_length, 0
         return self.layers[layer_idx].get_mask_sizes(query_length)
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
-        return self._padded.width() if self._padded is not None else self.seen
+        if self._padded is not None:
+            return self._padded.width()
+        if self._static is not None:
+            # the first new token's slot: the causal mask then hides a static buffer's free slots after it
+            return self._static.new_slot()[2] if self._static.armed else self.num_slots
+        return self.seen
 
     def reset(self) -> None:
         """Forget the stream: the cache then behaves exactly as a freshly built one (same settings, same model)."""
         super().reset()
+        if self._static is not None:  # its buffers stay allocated: a compiled step keeps its addresses
+            self._static.armed = self._static.dirty = False
+            self._arm_after = False
         self.seen = 0
         self._forwards = 0
         self._step = None
@@ -185,6 +260,7 @@ class BoundedCache(Cache):
 
         The copy is attached to the same model as the original (the model's hooks are shared, not copied).
         """
+        self._sync_static()
         twin = type(self).__new__(type(self))
         memo[id(self)] = twin
         hooks = self._hooks
@@ -194,11 +270,15 @@ class BoundedCache(Cache):
             memo[id(self.signature)] = self.signature
         for name, value in self.__dict__.items():
             setattr(twin, name, copy.deepcopy(value, memo))
+        for layer in twin.layers:  # bound methods are copied as they are: point them at the twin
+            if getattr(layer, "before_read", None) is not None:
+                layer.before_read = twin._sync_static
         if hooks is not None:
             hooks.acquire(twin)
         return twin
 
     def __getstate__(self) -> dict:
+        self._sync_static()
         state = dict(self.__dict__)
         state["_hooks"] = None  # hooks live on a model in this process; attach(model) after unpickling
         state["_step"] = None
@@ -211,16 +291,19 @@ class BoundedCache(Cache):
         )
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._sync_static()
         if self._padded is None:
             return super().reorder_cache(beam_idx)
         self._padded.pick(beam_idx.tolist())
 
     def batch_repeat_interleave(self, repeats: int) -> None:
+        self._sync_static()
         if self._padded is None:
             return super().batch_repeat_interleave(repeats)
         self._padded.pick([i for i in range(len(self._padded.rows)) for _ in range(repeats)])
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._sync_static()
         if self._padded is None:
             return super().batch_select_indices(indices)
         self._padded.pick(torch.arange(len(self._padded.rows))[indices].tolist())
@@ -235,6 +318,20 @@ class BoundedCache(Cache):
                 f"layer {layer_idx} does not exist in this {type(self).__name__}, built for a model of {len(self.layers)} "
                 f"layers: build a new cache for this model with {type(self).__name__}.from_model(model, ...)"
             )
+        static = self._static
+        if static is not None and self._padded is None:
+            if static.armed and key_states.shape[-2] == 1:
+                if layer_idx == 0:
+                    self._check_forward(layer_idx, key_states, attn_kwargs is not kwargs)
+                positions = attn_kwargs.get("position_ids")
+                if positions is None:
+                    positions = self._forward_positions
+                return static.update(layer_idx, key_states, value_states, positions, self._rotation,
+                                     self.rotators[layer_idx])
+            self._refuse_compiled_pass()
+            if layer_idx == 0:
+                self._sync_static()
+                self._arm_after = True
         if self._padded is not None:
             if self._padded.begin_update(layer_idx):
                 self._check_forward(layer_idx, key_states, attn_kwargs is not kwargs)
@@ -348,6 +445,14 @@ class BoundedCache(Cache):
         kwargs["attention_mask"] = layout
         return args, kwargs
 
+    def _leave_forward(self) -> None:
+        """Called by the model's decoder hook after each forward with this cache: after a host-path
+        forward, a static cache moves its slots into its fixed buffers for the compiled steps."""
+        if self._arm_after:
+            self._arm_after = False
+            if self._static is not None and self._padded is None:
+                self._static.arm()
+
     def _attention_fn(self, layer_idx: int, visible_keys: torch.Tensor):
         observer = self.observer
         if observer is None:
@@ -382,7 +487,7 @@ class BoundedCache(Cache):
     def _spawn(self) -> BoundedCache:
         """A single-row cache with this cache's settings and a fork of its policy (memoised plans shared)."""
         row = BoundedCache(num_layers=len(self.layers), budget=self.budget, policy=self.policy.fork(),
-                           rotator=self.rotators, positions=self.positions, chunk=self.chunk)
+                           rotator=self.rotators, positions=self.positions, chunk=self.chunk)  # rows run on the host path
         row.rotation = self._rotation
         return row
 
@@ -400,10 +505,26 @@ class BoundedCache(Cache):
         turns the cache into one single-row cache per sequence for the rest of the stream.
         """
         if self._padded is None:
-            if self.seen or mask is None or mask.dim() != 2 or bool(mask.all()):
+            if self.seen or mask is None:
+                return None
+            if mask.dim() == 4 and self._static is not None and _padded_4d(mask):
+                raise ValueError(
+                    f"static=True: this {type(self).__name__} got a left-padded batch as a 4D attention mask (generate() "
+                    "builds one for a compileable cache), which the bounded cache cannot lay out; build the cache "
+                    "with static=False (the default) for padded batches, or batch prompts of equal length"
+                )
+            if mask.dim() != 2 or bool(mask.all()):
                 return None
             self._padded = PaddedRows(self._spawn, int(mask.shape[0]), len(self.layers), self.observer)
         return self._padded.begin_forward(mask, q)
+
+
+def _padded_4d(mask: torch.Tensor) -> bool:
+    """Whether a 4D mask of a stream's first forward hides some key from the last query (left padding):
+    a causal mask lets the last query see every key. One host read, once per stream."""
+    last = mask[:, :, -1, :]
+    visible = last if last.dtype == torch.bool else last == 0
+    return not bool(visible.all())
 
 
 def _query_shape(args: tuple, kwargs: dict) -> tuple[int | None, int | None]:

@@ -52,12 +52,14 @@ def build_bounded_cache(
     positions: str = "shift",
     chunk: int | None = None,
     chunk_by_default: bool = True,
+    static: bool = False,
 ) -> BoundedCache:
     """A bounded cache of class ``cls`` for ``model`` whose policy is ``make_policy(num_layers)``.
 
     ``chunk=None`` means ``budget // 16`` when ``chunk_by_default`` (index-only rules amortise
     compaction) and 0 otherwise (score rules evict to exactly the budget every step). ``sinks`` is
-    only checked here (the policy holds it).
+    only checked here (the policy holds it). ``static=True`` runs one-token decode steps on fixed
+    shapes, which ``torch.compile`` captures whole (``lacache.cache.static``; index-only methods).
     """
     num_layers, rotators = validate_common(model, budget, positions, sinks)
     budget = int(budget)
@@ -66,8 +68,10 @@ def build_bounded_cache(
         chunk = 0
     else:
         chunk = int(resolve_chunk(chunk, budget, policy.min_target()))
+    if not isinstance(static, bool):
+        raise ValueError(f"static={static!r} must be True or False, e.g. static=True to compile decode steps")
     cache = cls(num_layers=num_layers, budget=budget, policy=policy, rotator=rotators, positions=positions,
-                chunk=chunk)
+                chunk=chunk, static=static)
     if policy.needs_attention:
         cache.observer = QueryObserver.for_model(model)
     attach_cache(model, cache, model_signature(model, rotators))
@@ -137,9 +141,11 @@ def build_cache(spec: Method, model: nn.Module, budget: int | None, options: dic
         return DynamicCache(config=model.config)
     options = dict(options)
     positions = options.pop("positions", "shift")
+    static = options.pop("static", False)
     cls = cls or _CLASSES.get(spec.family, ModelCache)
     return build_bounded_cache(cls, model, budget, lambda layers: spec.make_policy(layers, budget, **options),
-                               positions=positions, chunk=options.get("chunk"), chunk_by_default=spec.chunked)
+                               positions=positions, chunk=options.get("chunk"), chunk_by_default=spec.chunked,
+                               static=static)
 
 
 set_cache_builder(lambda spec, model, budget, options: build_cache(spec, model, budget, options))

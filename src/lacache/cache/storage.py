@@ -76,6 +76,8 @@ class SlotLayer(CacheLayerMixin):
         self.budget = budget
         #: how this layer positions its keys; installed by the cache at its first forward pass
         self.shift = shift or KeyPositions(None)
+        #: called before the host reads the slots (a static cache replays its compiled steps first)
+        self.before_read = None
         self._reset_storage()
 
     def _reset_storage(self) -> None:
@@ -91,6 +93,8 @@ class SlotLayer(CacheLayerMixin):
     # `keys`/`values` read as the live slots; transformers' base class assigns None to them.
     @property
     def keys(self) -> torch.Tensor | None:
+        if self.before_read is not None:
+            self.before_read()
         self.settle()
         return None if self._k is None else self._k[:, :, : self._n]
 
@@ -101,6 +105,8 @@ class SlotLayer(CacheLayerMixin):
 
     @property
     def values(self) -> torch.Tensor | None:
+        if self.before_read is not None:
+            self.before_read()
         self.settle()
         return None if self._v is None else self._v[:, :, : self._n]
 

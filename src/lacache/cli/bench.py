@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..lab.evaluation.checkpoint import RunProgress, check_output_folder
 from ..registry import default_method, method_spec, unbounded_method
-from . import bench_vllm, values
+from . import bench_compile, bench_vllm, values
 from .common import (
     add_dtype_argument,
     add_methods_argument,
@@ -37,7 +37,7 @@ from .resume import add_resume_argument, open_run
 __all__ = ["add_parser", "run_cli", "BENCHMARKS"]
 
 #: the ``lacache bench`` sub-commands
-BENCHMARKS = ("decode", "memory", "stream", "cache", "prefill", "vllm", "all")
+BENCHMARKS = ("decode", "memory", "compile", "stream", "cache", "prefill", "vllm", "all")
 DEFAULT_OUT = "runs/bench"
 MB = 2**20  # progress lines show megabytes
 
@@ -73,7 +73,7 @@ def _decode_args(parser: argparse.ArgumentParser) -> None:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``bench`` (with its sub-benchmarks) on the top-level sub-parsers; return its parser."""
-    from ..lab.bench.cache_update import LADDER_STEP, REFERENCE, cache_methods, default_cache_methods
+    from ..lab.bench.method_names import LADDER_STEP, REFERENCE, cache_methods, default_cache_methods
 
     bench = subparsers.add_parser(
         "bench", help="performance benchmarks: decode speed, memory, constant-memory stream, cache updates, prefill"
@@ -88,6 +88,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     _decode_args(memory)
     memory.add_argument("--from", dest="from_json", default=None, metavar="DECODE_JSON",
                         help="plot the memory columns of an earlier decode.json instead of running")
+
+    compiled = kinds.add_parser("compile", help="decode ms/token eager vs torch.compile: full, StaticCache and "
+                                                "static bounded caches at the same slots, interleaved")
+    compiled.add_argument("--methods", default="lacache,streaming", help="bounded methods (default: %(default)s)")
+    compiled.add_argument("--budget", type=positive_int, default=256, help="slots per layer of the bounded caches")
+    compiled.add_argument("--window", type=positive_int, default=32, help="decode steps per reading")
+    compiled.add_argument("--rounds", type=positive_int, default=6, help="readings per setup, interleaved")
+    compiled.add_argument("--backend", default="inductor", help="torch.compile backend (default: %(default)s)")
+    compiled.add_argument("--mode", default=None,
+                          help="torch.compile mode (default: inductor's; reduce-overhead adds CUDA graphs on a GPU)")
+    _common(compiled)
 
     stream = kinds.add_parser("stream", help="continuous generation at constant memory, sampled at intervals")
     stream.add_argument("--method", default=default_method(), help="a bounded method (default: %(default)s)")
@@ -449,6 +460,7 @@ def run_cli(args: argparse.Namespace) -> dict:
     from ..lab.evaluation.distributed import shard_from_environment
 
     runners = {"decode": lambda a: run_decode(a, write_memory=True), "memory": run_memory, "stream": run_stream,
+               "compile": lambda a: bench_compile.run_compile(a, _load, _logger(a)),
                "cache": run_cache, "prefill": run_prefill, "all": run_all, "vllm": bench_vllm.run_cli}
     world = shard_from_environment().world
     if world > 1:  # timings taken side by side would measure the neighbours too

@@ -21,22 +21,32 @@ from .common import add_dtype_argument, add_model_argument, load_model_for, posi
 __all__ = ["add_parser", "build_parser", "run_cli"]
 
 
+#: what an interactive chat holds and answers by default
+CHAT_DEFAULTS = {"budget": 512, "max_new_tokens": 256}
+#: the demo's: short answers and a small budget, so a few turns (about a minute on a laptop CPU) pass it
+DEMO_DEFAULTS = {"budget": 64, "max_new_tokens": 48, "turns": 4}
+
+
 def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add_model_argument(parser)
     parser.add_argument("--method", choices=METHODS, default=default_method())
-    parser.add_argument("--budget", type=positive_int, default=512, help="cache slots per layer (the whole chat)")
+    parser.add_argument("--budget", type=positive_int, default=None,
+                        help=f"cache slots per layer (the whole chat; default {CHAT_DEFAULTS['budget']}, "
+                             f"{DEMO_DEFAULTS['budget']} with --demo)")
     parser.add_argument("--sinks", type=int, default=None, help="leading slots never evicted (method default if unset)")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=256, help="reply length limit per turn")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=None,
+                        help=f"reply length limit per turn (default {CHAT_DEFAULTS['max_new_tokens']}, "
+                             f"{DEMO_DEFAULTS['max_new_tokens']} with --demo)")
     parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=0.9)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--system", default=None, help="system message (default: the chat template's own)")
     parser.add_argument("--demo", action="store_true",
-                        help="an endless conversation: ask lacache's shipped questions one after another instead of "
-                             "reading stdin, print the memory line after each turn and a repetition measure at the end")
+                        help="ask lacache's shipped questions one after another instead of reading stdin, print the "
+                             "memory line after each turn, then the same conversation's memory in a full cache")
     parser.add_argument("--turns", type=int, default=None,
-                        help="with --demo: turns to run, cycling through the questions (default: each question "
-                             "once; 0 = never stop)")
+                        help=f"with --demo: turns to run, cycling through the questions (default "
+                             f"{DEMO_DEFAULTS['turns']}; 0 = never stop)")
     add_dtype_argument(parser)
     return parser
 
@@ -86,8 +96,17 @@ def run_cli(args, model=None, tokenizer=None) -> list[TurnRecord]:
 
     values.check_values(args)
     turns = getattr(args, "turns", None)
-    if turns is not None and (turns < 0 or not getattr(args, "demo", False)):
+    is_demo = bool(getattr(args, "demo", False))
+    if turns is not None and (turns < 0 or not is_demo):
         raise ValueError(f"--turns {turns} needs --demo and a count >= 0 (0 = never stop), e.g. --demo --turns 64")
+    defaults = DEMO_DEFAULTS if is_demo else CHAT_DEFAULTS
+    for name in ("budget", "max_new_tokens"):
+        if getattr(args, name, None) is None:
+            setattr(args, name, defaults[name])
+    if is_demo and turns is None:
+        turns = DEMO_DEFAULTS["turns"]
+    if is_demo:
+        print(_demo_banner(args, turns), file=sys.stdout, flush=True)
     if model is None or tokenizer is None:
         model, tokenizer = load_model_for(args)
     if not getattr(tokenizer, "chat_template", None):
@@ -167,7 +186,42 @@ def run_cli(args, model=None, tokenizer=None) -> list[TurnRecord]:
             print(stats_line(session), file=out, flush=True)
     if demo is not None and records:
         print(_demo_summary(records, replies, args), file=out, flush=True)
+        print(_full_cache_line(model, tokenizer, session), file=out, flush=True)
     return records
+
+
+def _demo_banner(args, turns: int) -> str:
+    """The demo's first line: what it does, what to watch, how long it takes, and the endless version."""
+    from ..lab.bundled import DEFAULT_MODEL_NAME
+
+    what = f"{turns} questions" if turns else "questions without end (Ctrl-C stops)"
+    cache = f"one {args.method} cache of {args.budget} slots per layer" if method_spec(args.method).bounded \
+        else f"one {args.method} cache"
+    length = "about a minute on a laptop CPU, 2-4x that on a busy one" if turns and turns <= 6 else "minutes per turn"
+    return (f"[demo] {what} to {args.model or DEFAULT_MODEL_NAME}, in {cache}, answers up to {args.max_new_tokens} tokens "
+            f"({length}). Watch the [stats] line after each answer: the cache stops growing once the conversation "
+            f"passes the budget; the last line measures the same conversation in a full cache. Endless: "
+            f"lacache chat --demo --turns 0 --budget 256 --max-new-tokens 200")
+
+
+def _full_cache_line(model, tokenizer, session) -> str:
+    """The whole conversation run once through transformers' full ``DynamicCache``: its measured size beside
+    the bounded cache's (what the same chat would have cost without a bound)."""
+    import torch
+    from transformers import DynamicCache
+
+    from ..cache.generation import cache_bytes
+
+    text = session._template(session.messages, False)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    device = next(model.parameters()).device
+    full = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=ids.to(device), cache=full, logits_to_keep=1)
+    full_bytes, mine = cache_bytes(full), cache_bytes(session.cache)
+    ratio = f", {full_bytes / mine:.1f}x this cache's {mine / 2**20:.1f} MiB" if mine else ""
+    return (f"[demo] the same conversation ({ids.shape[1]} tokens) in a full DynamicCache, measured: "
+            f"{full_bytes / 2**20:.1f} MiB{ratio}; it grows with every turn, this one does not")
 
 
 def _demo_lines(turns: int | None):

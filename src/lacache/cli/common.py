@@ -218,6 +218,22 @@ def add_prefill_arguments(parser: argparse.ArgumentParser, budget: float, prefil
     parser.add_argument("--prefill-chunk", type=positive_int, default=chunk)
 
 
+def note_if_nothing_evicted(budget, holds: int, what: str, quiet: bool = False) -> bool:
+    """Say, in one line on stderr, that a ``--budget`` (slots, not a fraction) at or above the ``holds``
+    tokens a run keeps at most makes every bounded method a full cache: a run that compares nothing
+    should not look like one that does. True when it said so."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget < 1 or budget < holds:
+        return False  # below 1: a fraction of each prompt, which always evicts
+    if not quiet:
+        import sys
+
+        fraction = " (or a fraction such as 0.5)" if isinstance(budget, float) else ""  # eval's --budget
+        print(f"[lacache] note: --budget {budget:g} >= the {holds} tokens {what}: nothing is evicted, so a "
+              f"bounded cache works as the full one; use a --budget below {holds}{fraction} to see it compact",
+              file=sys.stderr)
+    return True
+
+
 def load_model_for(args: argparse.Namespace, device=None, shard=None):
     """``(model, tokenizer)`` for ``--model`` in ``--dtype`` (on ``device`` if given).
 
@@ -244,7 +260,10 @@ def load_model_for(args: argparse.Namespace, device=None, shard=None):
             return load_model(args.model, dtype=torch_dtype(args.dtype), device=device or device_for(shard))
     except OSError as err:
         reason = " ".join(str(err).split())  # loaders' messages span lines; the CLI prints one
-        raise ValueError(f"--model {model_label(args.model)} could not be loaded: {reason}") from err
+        from ..lab.bundled import BUNDLED_MODELS
+
+        raise ValueError(f"--model {model_label(args.model)} could not be loaded: {reason} (the bundled models, "
+                         f"offline: {', '.join(BUNDLED_MODELS)})") from err
     finally:
         if quiet and not bars_were_off:
             logging.enable_progress_bar()

@@ -51,6 +51,8 @@ def run_cli(args) -> list:
     methods = common.run_methods(args)
     lengths, depths = common.positive_ints(args.lengths, "lengths"), common.fractions(args.depths, "depths")
     options = common.parse_method_options(args.option, methods)
+    common.note_if_nothing_evicted(args.budget, max(lengths), "of the longest prompt (--lengths)",
+                                   getattr(args, "quiet", False))
     settings = {"model": models.model_label(args.model), "dtype": args.dtype, "budget": args.budget,
                 "prefill": args.prefill, "prefill_chunk": args.prefill_chunk, "filler": args.filler}
     shard = join()  # one process, or one of a torchrun / accelerate launch (then rank 0 reports)

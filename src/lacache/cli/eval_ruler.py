@@ -46,6 +46,8 @@ def run_cli(args, model=None, tokenizer=None) -> list:
     tasks = common.names(args.tasks, TASKS, "tasks")
     lengths = common.positive_ints(args.lengths, "lengths")
     options = common.parse_method_options(args.option, methods)
+    common.note_if_nothing_evicted(args.budget, max(lengths), "of the longest prompt (--lengths)",
+                                   getattr(args, "quiet", False))
     settings = {"model": models.model_label(args.model), "dtype": args.dtype, "budget": args.budget,
                 "prefill": args.prefill, "prefill_chunk": args.prefill_chunk, "filler": args.filler}
     shard = join()  # one process, or one of a torchrun / accelerate launch (then rank 0 reports)

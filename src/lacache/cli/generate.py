@@ -15,6 +15,7 @@ from .common import (
     add_model_argument,
     add_option_argument,
     load_model_for,
+    note_if_nothing_evicted,
     parse_method_options,
     positive_int,
 )
@@ -95,7 +96,7 @@ def _encode_prompt(tokenizer, prompt: str, use_template: bool):
 
 
 def _mb(num_bytes: int) -> str:
-    return f"{num_bytes / 2**20:.1f} MB"
+    return f"{num_bytes / 2**20:.1f} MiB"
 
 
 def run_cli(args) -> dict:
@@ -103,7 +104,8 @@ def run_cli(args) -> dict:
     import torch
 
     from .. import models
-    from ..cache.generation import IncrementalText, StreamStats, stream_tokens
+    from ..cache.generation import IncrementalText, StreamStats, cache_bytes, cache_slots, stream_tokens
+    from ..cache.memory import peak_rss_bytes
     from ..registry import make_cache
 
     values.check_values(args)
@@ -122,22 +124,32 @@ def run_cli(args) -> dict:
     if not args.quiet:
         print(args.prompt, file=sys.stderr)
         print("---", file=sys.stderr)
+    if method_spec(args.method).bounded:
+        prompt = int(input_ids.shape[-1])
+        note_if_nothing_evicted(args.budget, prompt + args.max_new_tokens,
+                                f"this run holds at most (prompt {prompt} + --max-new-tokens {args.max_new_tokens})")
     text_out = IncrementalText(tokenizer, skip_special_tokens=False)
-    for token_id in stream_tokens(
-        model,
-        input_ids,
-        cache,
-        args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        eos_token_id=eos,
-        seed=args.seed,
-        stats=stats,
-    ):
-        if args.quiet:
-            continue
-        out.write(text_out.feed(token_id))
-        out.flush()
+    interrupted = False
+    try:
+        for token_id in stream_tokens(
+            model,
+            input_ids,
+            cache,
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            eos_token_id=eos,
+            seed=args.seed,
+            stats=stats,
+        ):
+            if args.quiet:
+                continue
+            out.write(text_out.feed(token_id))
+            out.flush()
+    except KeyboardInterrupt:  # Ctrl-C: what was generated stays on screen, then the stats of it
+        interrupted = True
+        stats.cache_slots, stats.cache_bytes = cache_slots(cache), cache_bytes(cache)
+        stats.peak_rss_bytes = peak_rss_bytes()
     if not args.quiet:
         out.write("\n")
     report = {
@@ -152,6 +164,7 @@ def run_cli(args) -> dict:
         "cache_slots_per_layer": stats.cache_slots,
         "cache_bytes": stats.cache_bytes,
         "peak_rss_bytes": stats.peak_rss_bytes,
+        "interrupted": interrupted,
         "samples": [
             {"new_tokens": n, "cache_bytes": c, "rss_bytes": r} for n, c, r in stats.samples
         ],
@@ -160,7 +173,8 @@ def run_cli(args) -> dict:
         cache.close()  # score-based caches remove their attention hooks
     trail = ", ".join(f"{n}: {_mb(c)}" for n, c, _ in stats.samples)
     print(
-        f"[lacache] {args.method}: {stats.new_tokens} tokens at {stats.decode_tokens_per_second:.1f} tokens/s | "
+        f"[lacache] {args.method}: {stats.new_tokens} tokens{' (interrupted)' if interrupted else ''} at "
+        f"{stats.decode_tokens_per_second:.1f} tokens/s | "
         f"cache {stats.cache_slots} slots/layer, {_mb(stats.cache_bytes)} | peak RSS {_mb(stats.peak_rss_bytes)}",
         file=sys.stderr,
     )
@@ -169,4 +183,6 @@ def run_cli(args) -> dict:
     if args.json_path:
         Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
         atomic_write(args.json_path, lambda fh: json.dump(report, fh, indent=2))
+    if interrupted:
+        raise KeyboardInterrupt  # exit status 130, as for any command stopped by Ctrl-C
     return report

@@ -59,7 +59,7 @@ def _prompt_text(args) -> str:
             raise ValueError("--prompt is empty; give some text, or leave it out for the bundled essays")
         return args.prompt
     if args.prompt_file is not None:
-        values.check_text_file(args.prompt_file)
+        values.check_text_file(args.prompt_file, "--prompt-file")
         with open(args.prompt_file, encoding="utf-8") as fh:
             return fh.read()
     from ..lab.texts import load_essays
@@ -86,6 +86,7 @@ def run_cli(args: argparse.Namespace) -> dict:
     ids = tokenizer(text[: args.tokens * 12], return_tensors="pt")["input_ids"][:, : args.tokens]
     if ids.shape[1] < 1:
         raise ValueError("the prompt has no tokens; give some text")
+    common.note_if_nothing_evicted(args.budget, int(ids.shape[1]), "of this prompt (--tokens)", args.quiet)
     device = next(model.parameters()).device
     maps = []
     for method in methods:

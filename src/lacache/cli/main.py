@@ -29,6 +29,7 @@ import lacache.cli.serve as serve
 
 from .. import registry
 from ..lab.runinfo import command_context
+from . import values
 
 __all__ = ["EVALUATIONS", "build_parser", "main", "parse_args"]
 
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     module = EVALUATIONS[args.task] if args.command == "eval" else _COMMANDS[args.command]
     try:
+        values.check_values(args)  # every value, before a command imports torch or loads a model
         with command_context(argv, vars(args)):  # the "run" record of every result names this command
             module.run_cli(args)
     except ValueError as err:

@@ -68,10 +68,14 @@ def check_model(value: str | None) -> None:
     """
     if not value:
         return
-    from ..lab.models import DEFAULT_MODEL_NAME, SECOND_MODEL_NAME
+    from ..lab.bundled import BUNDLED_MODELS, DEFAULT_MODEL_NAME, resembling_bundled
 
-    if Path(value).expanduser().exists() or value in (DEFAULT_MODEL_NAME, SECOND_MODEL_NAME):
+    if Path(value).expanduser().exists() or value in BUNDLED_MODELS:
         return
+    meant = resembling_bundled(value)
+    if meant is not None:
+        raise ValueError(f"--model {value}: not a local file or folder, and not a bundled model; did you mean "
+                         f"--model {meant}? The bundled models (offline): {', '.join(BUNDLED_MODELS)}")
     advice = (f"give a local model folder, a .gguf file or a hub id (e.g. HuggingFaceTB/{DEFAULT_MODEL_NAME}), "
               f"or leave --model out for the bundled {DEFAULT_MODEL_NAME}")
     if value.lower().endswith(".gguf"):
@@ -84,14 +88,15 @@ def check_model(value: str | None) -> None:
         raise ValueError(f"--model {value}: no such file or folder, and not a hub id; {advice}") from None
 
 
-def check_text_file(value: str) -> None:
-    """``--text-file`` must be a readable file (checked before any model loads); empty means the default."""
+def check_text_file(value: str, flag: str = "--text-file") -> None:
+    """``flag`` (the option the user typed) must name a readable file, checked before any model loads;
+    empty means the default."""
     if not value:
         return
     path = Path(value).expanduser()
     if not path.is_file():
         what = "is a folder" if path.is_dir() else "does not exist"
-        raise ValueError(f"--text-file {value} {what}; give a UTF-8 text file, or leave --text-file out for the "
+        raise ValueError(f"{flag} {value} {what}; give a UTF-8 text file, or leave {flag} out for the "
                          "bundled essays")
 
 

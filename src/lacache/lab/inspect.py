@@ -11,6 +11,7 @@ is the command-line front end.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,42 +133,91 @@ def watch(model, ids: torch.Tensor, method: str, budget: int | None, steps: Sequ
     return maps
 
 
-def draw(maps: Sequence[RetentionMap], paths: Sequence[str | Path], title: str | None = None) -> None:
-    """Draw ``maps`` as a grid (one row per method, one column per step) and save it to each of ``paths``."""
+#: tokens shown in a zoomed panel: a few ladder periods, each token a square a reader can count
+ZOOM_TOKENS = 48
+
+
+def zoom_window(codes: np.ndarray, width: int = ZOOM_TOKENS) -> tuple[int, int] | None:
+    """``[start, end)`` of the ``width`` tokens where the layers differ most (the ladder's stagger), or None
+    when every layer holds the same tokens everywhere (StreamingLLM, a full cache): nothing to zoom on."""
+    held = codes != 0
+    mixed = held.any(axis=0) & ~held.all(axis=0)  # tokens some layers hold and others do not
+    if not mixed.any():
+        return None
+    width = min(width, codes.shape[1])
+    counts = np.convolve(mixed.astype(np.int32), np.ones(width, dtype=np.int32), mode="valid")
+    start = int(np.argmax(counts))
+    return start, start + width
+
+
+def draw(maps: Sequence[RetentionMap], paths: Sequence[str | Path], title: str | None = None) -> list[str]:
+    """Draw ``maps`` as a grid (one row per method, one column per step) and save it to each of ``paths``.
+
+    Under every map whose layers hold different tokens, a zoomed panel shows :data:`ZOOM_TOKENS` tokens
+    of the history as one square per (layer, token), where the per-layer stagger is plain to see (at
+    hundreds of tokens per panel it would read as hatching); the zoomed span is outlined on the map.
+    The legend lists only the roles the maps show (returned), and a footnote says what "covers" measures.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.colors import BoundaryNorm, ListedColormap
-    from matplotlib.patches import Patch
+    from matplotlib.patches import Patch, Rectangle
 
     methods = list(dict.fromkeys(m.method for m in maps))
     steps = sorted({m.step for m in maps})
     by_key = {(m.method, m.step): m for m in maps}
-    fig, axes = plt.subplots(len(methods), len(steps), squeeze=False,
-                             figsize=(4.2 * len(steps) + 1.2, 1.9 * len(methods) + 1.0))
+    zooms = {key: zoom_window(m.codes) for key, m in by_key.items()}
+    zoomed = [any(zooms.get((method, step)) for step in steps) for method in methods]
+    rows = [(method, False) for method in methods]
+    for method, has_zoom in zip(methods, zoomed):
+        if has_zoom:
+            rows.insert(rows.index((method, False)) + 1, (method, True))
+    heights = [1.0 if not zoom else 1.15 for _, zoom in rows]
+    fig, axes = plt.subplots(len(rows), len(steps), squeeze=False, gridspec_kw={"height_ratios": heights},
+                             figsize=(4.6 * len(steps) + 1.2, 1.95 * len(rows) + 1.3))
     cmap = ListedColormap(COLOURS)
     norm = BoundaryNorm(np.arange(len(ROLES) + 1) - 0.5, len(ROLES))
-    for r, method in enumerate(methods):
+    for r, (method, zoom) in enumerate(rows):
         for c, step in enumerate(steps):
             ax = axes[r][c]
             found = by_key.get((method, step))
-            if found is None:
+            window = zooms.get((method, step))
+            if found is None or (zoom and window is None):
                 ax.axis("off")
                 continue
-            ax.imshow(found.codes, aspect="auto", interpolation="nearest", cmap=cmap, norm=norm,
-                      extent=(-0.5, found.seen - 0.5, found.layers - 0.5, -0.5))
-            ax.set_title(f"{method}, step {step}: {found.label()}", fontsize=8)
+            if zoom:
+                start, end = window
+                part = found.codes[:, start:end]
+                ax.pcolormesh(np.arange(start, end + 1) - 0.5, np.arange(found.layers + 1) - 0.5, part, cmap=cmap,
+                              norm=norm, edgecolors="white", linewidth=0.4)
+                ax.invert_yaxis()
+                ax.set_title(f"zoom: tokens {start}-{end - 1}, one square per layer and token", fontsize=8)
+            else:
+                ax.imshow(found.codes, aspect="auto", interpolation="nearest", cmap=cmap, norm=norm,
+                          extent=(-0.5, found.seen - 0.5, found.layers - 0.5, -0.5))
+                ax.set_title(f"{method}, step {step}: {found.label()}", fontsize=8)
+                if window is not None:
+                    ax.add_patch(Rectangle((window[0] - 0.5, -0.5), window[1] - window[0], found.layers,
+                                           fill=False, edgecolor="black", linewidth=0.9))
             if c == 0:
                 ax.set_ylabel("layer", fontsize=8)
-            if r == len(methods) - 1:
+            if r == len(rows) - 1 or (zoom and r == len(rows) - 1):
                 ax.set_xlabel("token position", fontsize=8)
             ax.tick_params(labelsize=7)
-    handles = [Patch(facecolor=colour, edgecolor="#999999", label=role) for role, colour in zip(ROLES, COLOURS)]
-    fig.legend(handles=handles, loc="lower center", ncol=len(ROLES), fontsize=8, frameon=False)
+    present = sorted({int(code) for m in maps for code in np.unique(m.codes)})
+    handles = [Patch(facecolor=COLOURS[code], edgecolor="#999999", label=ROLES[code]) for code in present]
+    fig.legend(handles=handles, loc="lower center", ncol=max(1, len(handles)), fontsize=8, frameon=False,
+               bbox_to_anchor=(0.5, 0.035))
+    note = ("covers: share of the tokens seen that at least one layer still holds (a layer alone holds fewer; "
+            "the ladder staggers which ones, so together the layers span the history)")
+    fig.text(0.5, 0.005, "\n".join(textwrap.wrap(note, int(fig.get_figwidth() * 15))), ha="center", va="bottom",
+             fontsize=7, color="#444444")
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0.06, 1, 0.95 if title else 1))
+    fig.tight_layout(rect=(0, 0.09, 1, 0.95 if title else 1))
     for path in paths:
         fig.savefig(path, dpi=130)
     plt.close(fig)
+    return [ROLES[code] for code in present]

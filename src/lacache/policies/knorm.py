@@ -5,9 +5,8 @@ Attention-free like LaCache: it needs no queries, only one norm per new key.
 
 from __future__ import annotations
 
-import torch
-
 from .. import checks
+from .._lazy import torch
 from ..registry import Method, register
 from .base import LayerView
 from .scores import ScorePolicy, score_rule

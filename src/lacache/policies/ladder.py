@@ -71,6 +71,9 @@ class LadderPolicy(IndexPolicy):
         self._memo_bytes += size
         return True
 
+    def decode_state(self) -> int:
+        return self.cursor
+
     def reset(self) -> None:
         super().reset()
         self.cursor = self.sinks

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import copy
 
-import torch
-
+from .._lazy import torch
 from .base import LayerView, RetentionPolicy
 from .ladder import LadderPolicy
 from .ladder_geometry import LadderGeometry

@@ -8,9 +8,8 @@ subclass that says how a slot scores (``tova.py``, ``h2o.py``, ``knorm.py``).
 
 from __future__ import annotations
 
-import torch
-
 from .. import checks
+from .._lazy import torch
 from .base import LayerView, RetentionPolicy
 from .plan import RowPlan
 

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import torch
-
+from .._lazy import torch
 from ..registry import Method, register
 from .base import LayerView
 from .scores import ScorePolicy, score_rule

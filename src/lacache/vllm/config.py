@@ -139,6 +139,8 @@ def parse_config(raw: object, num_layers: int) -> ServingConfig:
     if unknown:
         raise ValueError(f"{KEY}: unknown option(s) {unknown} for method {method!r}; accepted: {sorted(accepted)}")
     positions = settings.pop("positions", BACKEND_OPTIONS["positions"])
+    if settings.pop("static", False) is not False:
+        raise ValueError(f"{KEY}.static: vLLM's own CUDA graphs run its decode steps already; leave static out")
     if positions != "shift":
         raise ValueError(f'{KEY}.positions={positions!r}: vLLM serving re-positions keys by slot only; use "shift"')
     fixed = sorted(set(settings) & set(spec.defaults))

@@ -25,25 +25,50 @@ files and printed tables that ``lacache bench`` leaves.
 
 from __future__ import annotations
 
-from ...cache.generation import cache_bytes
-from .authors_mechanics import ReferenceLadderCache
-from .cache_update import (
-    LADDER_STEP,
-    PSEUDO_METHODS,
-    REFERENCE,
-    bench_cache_update,
-    cache_configurations,
-    cache_methods,
-    cache_summary,
-    default_cache_methods,
-)
-from .decode import DECODE_METHODS, bench_decode, decode_summary
-from .memory import kv_bytes, model_geometry, peak_rss_since_reset, reset_peak_rss
-from .plots import plot_cache, plot_decode, plot_memory, plot_prefill, plot_stream
-from .prefill import bench_prefill
-from .standins import CacheStandIn, tiny_model
-from .stream import bench_cache_stream as bench_cache_stream  # importable, though not in today's __all__
-from .stream import bench_stream
+import importlib
+
+#: public name -> the module that defines it; imported on first use, so that the command line's
+#: parser (which reads the method names) does not wait for torch
+_WHERE = {
+    'cache_bytes': 'lacache.cache.generation',
+    'ReferenceLadderCache': '.authors_mechanics',
+    'LADDER_STEP': '.method_names',
+    'PSEUDO_METHODS': '.method_names',
+    'REFERENCE': '.method_names',
+    'bench_cache_update': '.cache_update',
+    'cache_configurations': '.cache_update',
+    'cache_methods': '.method_names',
+    'cache_summary': '.cache_update',
+    'default_cache_methods': '.method_names',
+    'DECODE_METHODS': '.decode',
+    'bench_decode': '.decode',
+    'decode_summary': '.decode',
+    'kv_bytes': '.memory',
+    'model_geometry': '.memory',
+    'peak_rss_since_reset': '.memory',
+    'reset_peak_rss': '.memory',
+    'plot_cache': '.plots',
+    'plot_decode': '.plots',
+    'plot_memory': '.plots',
+    'plot_prefill': '.plots',
+    'plot_stream': '.plots',
+    'bench_prefill': '.prefill',
+    'CacheStandIn': '.standins',
+    'tiny_model': '.standins',
+    'bench_stream': '.stream',
+    'bench_cache_stream': '.stream',
+}
+
+
+def __getattr__(name: str):
+    where = _WHERE.get(name)
+    if where is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = importlib.import_module(where, __name__)
+    value = getattr(module, name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "DECODE_METHODS",

@@ -5,9 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import torch
-
-from ...cache.generation import stream_tokens
+from ..._lazy import torch
 from ...registry import make_cache, method_spec
 
 __all__ = ["PREFILLS", "resolve_budget", "fresh_cache", "greedy_answer"]
@@ -60,6 +58,8 @@ def greedy_answer(
     chunk = input_ids.shape[1] if prefill == "full" else prefill_chunk
     ids: list[int] = []
     with fresh_cache(method, model, slots, options) as cache:
+        from ...cache.generation import stream_tokens  # the transformers backend: on first use
+
         for token in stream_tokens(model, input_ids, cache, new_tokens, prefill_chunk=chunk):
             if stop_ids and token in stop_ids:
                 break

@@ -15,8 +15,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import torch
-
+from ..._lazy import torch
 from ...registry import method_spec
 from ..progress import Progress
 from .common import PREFILLS, greedy_answer, resolve_budget

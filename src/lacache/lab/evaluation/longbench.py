@@ -20,8 +20,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
+from ..._lazy import torch
 from ..progress import Progress, as_progress
 from .common import greedy_answer
 from .distributed import SINGLE, Shard

@@ -13,8 +13,7 @@ import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
-import torch
-
+from ..._lazy import torch
 from ..progress import Progress, as_progress
 from .common import greedy_answer
 from .distributed import SINGLE, Shard
@@ -179,8 +178,13 @@ def plot_heatmaps(trials: Sequence[PasskeyTrial], path, title: str) -> None:
             for j, value in enumerate(row):
                 ax.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=8)
     axes[0][0].set_ylabel("needle depth")
+    import textwrap
+
+    lines = textwrap.wrap(title, max(30, int(fig.get_figwidth() * 11)))
+    # room above the panels' own titles for every line of the figure's title (they overlapped before)
+    fig.subplots_adjust(top=0.84 - 0.07 * (len(lines) - 1), wspace=0.35)
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
-    fig.suptitle(title)
+    fig.suptitle("\n".join(lines), y=0.99, fontsize=10)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 

@@ -14,8 +14,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import torch
-
+from ..._lazy import torch
 from .passkey import FILLERS, filler_ids
 
 __all__ = [

@@ -144,8 +144,11 @@ def _figure(src: str, caption: str) -> str:
 
 def _embedded(result: Result, names: Sequence[str]) -> list[str]:
     """The run's own image files among ``names``, embedded."""
-    figures = []
+    figures, stems = [], set()
     for path in figure_files(result.path.parent, names):
+        if path.stem in stems:  # the same figure in another format (inspect.png, inspect.svg): shown once
+            continue
+        stems.add(path.stem)
         uri = data_uri(path)
         if uri is not None:
             figures.append(_figure(uri, path.name))
