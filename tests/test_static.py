@@ -141,7 +141,79 @@ def test_a_static_cache_continues_on_the_host_path_and_back():
 
 
 # ----------------------------------------------------------------- compiled
-@pytest.mark.parametrize("method", METHODS)
+# ----------------------------------------------------------------- key-norm: the step chooses by score
+def _fed(model, cache, feed: torch.Tensor, steps: int, call=None, recompile_after: int | None = None):
+    """Prefill ``feed[:, :PROMPT]`` eagerly, then feed its next ``steps`` tokens one per step; the logits.
+
+    Key-norm keeps the smallest key norms, so equal keys (a greedy tiny model repeats itself) tie and
+    float rounding picks among them; distinct fed tokens keep every score distinct."""
+    call = model if call is None else call
+    start = cache.seen
+    logits = []
+    with torch.no_grad():
+        if not start:
+            model(input_ids=feed[:, :PROMPT], cache=cache, position_ids=torch.arange(PROMPT)[None])
+            start = PROMPT
+        try:
+            for step in range(start, start + steps):
+                if recompile_after is not None and step == start + recompile_after:
+                    dynamo.config.error_on_recompile = True
+                out = call(input_ids=feed[:, step : step + 1], cache=cache, position_ids=torch.tensor([[step]]))
+                logits.append(out.logits[:, -1].float().clone())
+        finally:
+            dynamo.config.error_on_recompile = False
+    return torch.stack(logits)
+
+
+def _distinct_tokens(rows: int, length: int, vocab: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    return torch.stack([torch.randperm(vocab, generator=generator)[:length] for _ in range(rows)])
+
+
+@pytest.mark.parametrize("rotation,rows", [("stored", 1), ("read", 1), ("none", 1), ("stored", 2)])
+def test_knorm_static_steps_choose_what_the_host_rule_chooses(rotation, rows):
+    """Each sequence's survivors chosen inside the step (a top-k per row) are the host rule's, through a
+    later host pass (a chat turn: the last step's compaction replayed on the host) and back."""
+    model = tiny_llama(vocab_size=512)
+    options = {"positions": "original"} if rotation == "none" else {}
+    host = make_cache("knorm", model, 32, **options)
+    static = make_cache("knorm", model, 32, static=True, **options)
+    if rotation != "none":
+        host.rotation = static.rotation = rotation
+    feed = _distinct_tokens(rows, 300, 512)
+    steps = 150 if rows == 1 else 60  # batched one-token steps are slow on CPU for a tiny model
+    expected, got = (_fed(model, cache, feed, steps) for cache in (host, static))
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+    _same_state(host, static, 4)
+    assert static._static.compactions == steps  # key-norm compacts at every step once full (chunk 0)
+    assert static.layers[1].token_index.shape == (rows, 32)
+    kept = static.token_positions(2, rows - 1).tolist()
+    assert kept[:4] == [0, 1, 2, 3] and kept[4:] != list(range(kept[-1] - 27, kept[-1] + 1))  # sinks, then by norm
+    at = PROMPT + steps
+    turn = feed[:, at : at + 7]
+    with torch.no_grad():
+        a, b = (model(input_ids=turn, cache=c, position_ids=torch.arange(at, at + 7)[None]).logits for c in (host, static))
+    assert torch.allclose(a, b, atol=1e-5) and static._static.armed
+    expected, got = (_fed(model, cache, feed, 20 if rows > 1 else 60) for cache in (host, static))
+    assert torch.allclose(got, expected, atol=1e-5)
+    _same_state(host, static, 4)
+
+
+def test_knorm_compiled_decode_runs_without_recompiling():
+    dynamo.reset()
+    """Every step past the budget compacts (key-norm's chunk is 0): 400 compactions inside the graph."""
+    model = tiny_llama(vocab_size=512)
+    feed = _distinct_tokens(1, 512, 512)
+    host, static = make_cache("knorm", model, 32), make_cache("knorm", model, 32, static=True)
+    expected = _fed(model, host, feed, 400)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    got = _fed(model, static, feed, 400, call=compiled, recompile_after=2)
+    assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
+    _same_state(host, static, 4, atol=1e-4)
+    assert static._static.compactions == 400
+
+
+@pytest.mark.parametrize("method", METHODS + ("knorm",))
 def test_a_decode_step_is_one_graph_without_breaks(method):
     model = tiny_llama()
     cache = make_cache(method, model, 32, static=True)
@@ -203,11 +275,12 @@ def test_generate_compiles_a_static_cache_and_matches_the_host_path():
 
 
 # ----------------------------------------------------------------- misuse
-def test_static_is_refused_for_rules_that_read_values():
+def test_static_is_refused_for_rules_without_a_static_path():
     model = tiny_llama()
-    for method in ("tova", "h2o", "knorm", "lacache-salient"):
-        with pytest.raises(ValueError, match=r"static=True: .*index-only methods"):
-            make_cache(method, model, 32, static=True)
+    for method, why in (("tova", "attention"), ("h2o", "attention"), ("lacache-salient", "no static decode path"),
+                        ("lacache-group", "no static decode path")):
+        with pytest.raises(ValueError, match=rf"static=True: .*{why}.*index-only methods .* and key-norm"):
+            make_cache(method, model, 64, static=True)
     with pytest.raises(ValueError, match=r"static='yes' must be True or False"):
         make_cache("lacache", model, 32, static="yes")
 

@@ -27,11 +27,13 @@ import torch
 from transformers.cache_utils import Cache
 
 from ..policies.base import LayerView, RetentionPolicy
+from ..policies.scores import ScorePolicy
 from ..rope import Rotator
 from .observe import QueryObserver, attention_probs
 from .padded import PaddedRows
 from .positions import STRATEGIES, StepPositions, rotation_for
 from .static import StaticDecode, static_refusal
+from .static_scores import ScoredStaticDecode
 from .storage import SlotLayer
 
 __all__ = ["BoundedCache", "POSITION_MODES"]
@@ -96,7 +98,7 @@ class BoundedCache(Cache):
             refusal = static_refusal(policy)
             if refusal is not None:
                 raise ValueError(f"static=True: {refusal}; or leave static=False")
-            self._static = StaticDecode(self)
+            self._static = (ScoredStaticDecode if isinstance(policy, ScorePolicy) else StaticDecode)(self)
             for layer in self.layers:
                 layer.before_read = self._sync_static
 

@@ -59,7 +59,7 @@ def build_bounded_cache(
     ``chunk=None`` means ``budget // 16`` when ``chunk_by_default`` (index-only rules amortise
     compaction) and 0 otherwise (score rules evict to exactly the budget every step). ``sinks`` is
     only checked here (the policy holds it). ``static=True`` runs one-token decode steps on fixed
-    shapes, which ``torch.compile`` captures whole (``lacache.cache.static``; index-only methods).
+    shapes, which ``torch.compile`` captures whole (``lacache.cache.static``; index-only methods and key-norm).
     """
     num_layers, rotators = validate_common(model, budget, positions, sinks)
     budget = int(budget)

@@ -21,7 +21,7 @@ import numpy as np
 from ..policies.base import IndexPolicy
 from ..policies.plan import CompactionPlan
 
-__all__ = ["Compaction", "DecodeSchedule", "plan_decode", "MAX_EVENTS"]
+__all__ = ["Compaction", "DecodeSchedule", "plan_decode", "count_schedule", "MAX_EVENTS"]
 
 #: compactions a schedule may list before its cycle closes (the authors' schedule compacts at every
 #: step and cycles within about ``budget`` compactions; the capped ladder within a few dozen)
@@ -34,14 +34,13 @@ class Compaction:
 
     #: slots held, the new token included, when the rule decides it (the step's own attention sees them all)
     trigger: int
-    #: per layer, the slots it drops, ascending: ``[layers, trigger - kept]``
+    #: slots held after it
+    kept: int
+    #: per layer, the slots it drops, ascending: ``[layers, trigger - kept]`` (``[layers, 0]`` when the step
+    #: chooses them itself: ``count_schedule``)
     drops: np.ndarray
-    #: the rule's plan (host rows for the token index)
-    plan: CompactionPlan
-
-    @property
-    def kept(self) -> int:
-        return self.plan.kept
+    #: the rule's plan (host rows for the token index); None when the step chooses
+    plan: CompactionPlan | None = None
 
 
 @dataclass(frozen=True)
@@ -117,5 +116,18 @@ def plan_decode(policy: IndexPolicy, slots: int, budget: int, target: int, num_l
         everything = np.arange(n, dtype=np.int64)
         drops = np.stack([np.setdiff1d(everything, plan.rows_for(layer), assume_unique=True)
                           for layer in range(num_layers)])
-        events.append(Compaction(n, drops, plan))
+        events.append(Compaction(n, plan.kept, drops, plan))
         n = plan.kept
+
+
+def count_schedule(slots: int, capacity: int, target: int, num_layers: int) -> DecodeSchedule:
+    """When one-token steps compact, for a rule that chooses the survivors itself (by score).
+
+    Timing depends on slot counts alone: a step that would hold more than ``capacity`` slots compacts
+    to ``target``, and from then on every ``capacity + 1 - target`` steps; which slots go is left to the
+    step (``cache.static_scores``), so the events carry no drops.
+    """
+    if not 0 < target <= capacity:
+        raise ValueError(f"target={target} must be between 1 and capacity={capacity}")
+    event = Compaction(capacity + 1, target, np.empty((num_layers, 0), dtype=np.int64))
+    return DecodeSchedule(int(slots), (event,), 0, {})

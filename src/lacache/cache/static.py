@@ -21,8 +21,10 @@ that grow. A static cache (``static=True``) runs its one-token steps here instea
 Multi-token passes (prefill, a chat turn, chunked prefill) stay on the host path and run eagerly:
 before one, ``sync`` replays on the host what the tensor steps did (token index, the rule's state,
 a compaction still pending); after it, the cache's decoder hook re-arms the tensors (``arm``).
-Content-aware rules (TOVA, H2O, key-norm, the salient pool) choose slots from values, which a plan
-made ahead cannot know: they have no static mode.
+A rule that scores each slot by its own key (key-norm) has a static mode too (``cache.static_scores``):
+its compactions come at times fixed by slot counts, and the step chooses the survivors with a
+top-k of fixed size. Rules that read attention (TOVA, H2O) or keep a pool (the salient ladder) have
+none: see ``static_refusal``.
 """
 
 from __future__ import annotations
@@ -38,11 +40,24 @@ __all__ = ["StaticDecode", "static_refusal"]
 def static_refusal(policy) -> str | None:
     """Why ``policy`` cannot run static decode steps, or None if it can."""
     from ..policies.base import IndexPolicy
+    from ..policies.scores import ScorePolicy
 
+    if isinstance(policy, ScorePolicy) and policy.keyed_state and not policy.needs_attention:
+        return None
     if not isinstance(policy, IndexPolicy) or policy.needs_attention or policy.observes_every_step:
-        return (f"{type(policy).__name__} chooses slots from keys or attention, which a compiled step cannot plan "
-                "ahead; static=True serves index-only methods (lacache, lacache-capped, lacache-reference, streaming)")
+        why = ("reads the step's attention, which a compiled step never shows the cache" if policy.needs_attention
+               else "has no static decode path")
+        return (f"{type(policy).__name__} {why}; static=True serves index-only methods (lacache, lacache-capped, "
+                "lacache-reference, streaming) and key-norm (knorm)")
     return None
+
+
+def _move(t: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """Slots of ``t`` ``[B, H, C, D]`` taken from ``source``: ``[C]`` for the batch, or ``[B, C]`` per sequence."""
+    if source.dim() == 1:
+        return t.index_select(2, source)
+    b, h, c, d = t.shape
+    return t.gather(2, source[:, None, :, None].expand(b, h, c, d))
 
 
 def _pow2(n: int) -> int:
@@ -87,12 +102,10 @@ class StaticDecode:
             self.armed = False
             return
         n = first._n
-        target = cache.budget - cache.chunk
-        schedule = self.schedule
-        at = None if schedule is None else schedule.states.get((n, cache.policy.decode_state()))
         k0, v0 = first._k, first._v
-        if at is None or not self._fits(k0, self.slots):
-            schedule = plan_decode(cache.policy, n, cache.budget, target, len(layers))
+        at = self._continue_at(n, k0)
+        if at is None:
+            schedule = self._plan(n)
             at = 0
             self._allocate(schedule, k0, v0)
             self._load_table(schedule, k0.device)
@@ -103,6 +116,7 @@ class StaticDecode:
                 v[:, :, :n] = layer._v[:, :, :n]
             layer._k, layer._v = k, v
         device = k0.device
+        self._load_slots(n)
         self._set("held", torch.tensor(n, device=device))
         self._set("applied", torch.tensor(at, device=device))
         self._set("seen", torch.tensor(cache._seen, device=device))
@@ -111,6 +125,21 @@ class StaticDecode:
         self._host = (n, cache._seen, at)
         self.dirty = False
         self.armed = True
+
+    def _continue_at(self, n: int, k0: torch.Tensor) -> int | None:
+        """Index of the next compaction in the current schedule for a cache holding ``n`` slots in the
+        rule's current state, or None when a new schedule is needed."""
+        if self.schedule is None or not self._fits(k0, self.slots):
+            return None
+        return self.schedule.states.get((n, self.cache.policy.decode_state()))
+
+    def _plan(self, n: int) -> DecodeSchedule:
+        """The compactions of one-token steps from ``n`` held slots (index-only rules: every one planned)."""
+        cache = self.cache
+        return plan_decode(cache.policy, n, cache.budget, cache.budget - cache.chunk, len(cache.layers))
+
+    def _load_slots(self, n: int) -> None:
+        """Per-slot tensors besides keys and values (none here: an index-only rule's table says it all)."""
 
     def _fits(self, k0: torch.Tensor, slots: int) -> bool:
         """Whether the fixed buffers hold ``slots`` slots of keys shaped, typed and placed like ``k0``."""
@@ -174,29 +203,34 @@ class StaticDecode:
         """Apply a due compaction to this layer, append the new token, return all ``C`` slots for attention."""
         slots = self.slots
         row, due, slot = self.new_slot()
-        drops = torch.where(due, self.drops.index_select(0, row)[0, layer_idx], slots)  # slot C: the no-op
-        keep = torch.ones(slots + 1, dtype=torch.bool, device=drops.device).index_fill(0, drops, False)[:slots]
-        dest = torch.where(keep, torch.cumsum(keep, 0) - 1, slots)
+        keep = self._keep(layer_idx, row, due)
+        dest = torch.where(keep, torch.cumsum(keep, -1) - 1, slots)
         every = self.every
-        source = every.scatter(0, dest, every[:slots])[:slots]  # kept slot i moves to dest[i]; others stay
+        if keep.dim() == 1:  # one choice for the whole batch
+            source = every.scatter(0, dest, every[:slots])[:slots]  # kept slot i moves to dest[i]; others stay
+        else:  # a choice per sequence: [B, C]
+            rows = keep.shape[0]
+            source = every.expand(rows, -1).scatter(1, dest, every[:slots].expand(rows, -1))[:, :slots]
         if positions is None:
             positions = self.seen.view(1, 1)
         position = positions[:, -1].to(self.held.device)
         frame = position - slot  # slot 0's position after this step
         k, v = self.keys[layer_idx], self.values[layer_idx]
-        moved = k.index_select(2, source)
+        moved = _move(k, source)
         if rotation == "stored":  # turn each key by how far its slot and the frame moved
-            delta = (frame - self.frame)[:, None] + (every[:slots] - source)[None]
+            moves = every[:slots] - source
+            delta = (frame - self.frame)[:, None] + (moves if moves.dim() == 2 else moves[None])
             cos, sin = rotator.angles(delta)
             moved = rotator.rotate(moved, cos, sin)
         k.copy_(moved)
-        v.copy_(v.index_select(2, source))
+        v.copy_(_move(v, source))
         if rotation == "read":  # stored un-rotated, turned to slot positions on every read
             cos, sin = rotator.angles(positions[:, -1:].to(key_states.device))
             key_states = rotator.rotate(key_states, cos, sin, inverse=True)
         at = slot.view(1)
         k.index_copy_(2, at, key_states)
         v.index_copy_(2, at, value_states)
+        self._write_slots(layer_idx, source, at, key_states)
         if layer_idx == len(self.keys) - 1:  # the step's counters, once every layer has used the old ones
             self.held.copy_(slot + 1)
             self.applied.add_(due.long())
@@ -207,6 +241,15 @@ class StaticDecode:
             cos, sin = rotator.angles(frame[:, None] + every[None, :slots])
             return rotator.rotate(k, cos, sin), v
         return k, v
+
+    def _keep(self, layer_idx: int, row: torch.Tensor, due: torch.Tensor) -> torch.Tensor:
+        """Which of the ``C`` slots survive this step (all of them unless a compaction is due): ``[C]``."""
+        slots = self.slots
+        drops = torch.where(due, self.drops.index_select(0, row)[0, layer_idx], slots)  # slot C: the no-op
+        return torch.ones(slots + 1, dtype=torch.bool, device=drops.device).index_fill(0, drops, False)[:slots]
+
+    def _write_slots(self, layer_idx: int, source: torch.Tensor, at: torch.Tensor, stored_key: torch.Tensor) -> None:
+        """Move per-slot tensors besides keys and values like the keys (``source``), and fill the new slot ``at``."""
 
     # ----------------------------------------------------------------- back to the host (eager)
     def sync(self) -> None:
@@ -247,6 +290,15 @@ class StaticDecode:
         if n != held or k - (pending is not None) != applied:
             raise RuntimeError(f"static decode holds {held} slots after {applied} compactions but the host replay "
                                f"counts {n} after {k}: please report this")
+        self._hand_back(held, seen, seen_before)
+        if pending is not None:
+            for layer in cache.layers:
+                layer.schedule(pending)
+        self.arm()
+
+    def _hand_back(self, held: int, seen: int, seen_before: int) -> None:
+        """Set the host path's counters and position frame to where the tensor steps left them."""
+        cache = self.cache
         cache._seen = seen
         cache._forwards += seen - seen_before
         frame = self.frame.tolist()
@@ -255,6 +307,3 @@ class StaticDecode:
             layer._n = held
             if layer.shift.frame is not None:
                 layer.shift.frame = frame * (len(layer.shift.frame) // len(frame) or 1)
-            if pending is not None:
-                layer.schedule(pending)
-        self.arm()

@@ -30,6 +30,14 @@ class TokenIndex:
         self._index = torch.empty((1, 0), dtype=torch.long)
         self._tail_start = self._tail_end = 0
 
+    @classmethod
+    def of(cls, index: torch.Tensor, seen: int) -> "TokenIndex":
+        """An index holding ``index`` (``[1 or B, n]``) after ``seen`` tokens (the next one added is ``seen``)."""
+        made = cls()
+        made._index = index
+        made._tail_start = made._tail_end = seen
+        return made
+
     def add(self, start: int, end: int) -> None:
         """Tokens ``start .. end - 1`` were appended."""
         if self._tail_end != start:

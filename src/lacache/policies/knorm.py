@@ -18,15 +18,19 @@ class KNormPolicy(ScorePolicy):
     """Key-norm: keep the slots whose keys have the smallest L2 norm (head-averaged); no attention needed."""
 
     observes_every_step = True
+    keyed_state = True
 
     def observe(self, view: LayerView) -> None:
-        q = view.query_length
-        new = view.keys()[:, :, -q:].float().norm(dim=-1).mean(dim=1)  # [B, q]
+        new = self.key_state(view.keys()[:, :, -view.query_length:])
         old = self.state[view.layer_idx]
         self.state[view.layer_idx] = new if old is None else torch.cat([old, new], dim=1)
 
-    def score(self, view: LayerView) -> torch.Tensor:
-        return -self.state[view.layer_idx]
+    def key_state(self, keys: torch.Tensor) -> torch.Tensor:
+        """Head-averaged L2 norms ``[B, q]`` (a position rotation leaves a key's norm unchanged)."""
+        return keys.float().norm(dim=-1).mean(dim=1)
+
+    def state_score(self, state: torch.Tensor) -> torch.Tensor:
+        return -state  # the smallest norms are kept
 
 
 def knorm_policy(num_layers: int, budget: int, sinks: int = 4, window: int | None = None) -> KNormPolicy:

@@ -32,7 +32,15 @@ class ScorePolicy(RetentionPolicy):
     Subclasses give ``score(view)`` (higher is kept). Rules whose scores accumulate over the stream
     keep one score per slot in ``state[layer]`` and set ``observes_every_step``; the kept columns of
     that state follow every compaction.
+
+    A rule whose state entry for a slot is fixed by that slot's own stored key when it is written
+    (key-norm) sets ``keyed_state`` and gives ``key_state``/``state_score``: a compiled decode step
+    can then hold the state in a tensor and choose the survivors itself (``cache.static_scores``).
+    Rules that read attention (TOVA, H2O) cannot: the cache never sees a compiled step's queries.
     """
+
+    #: a slot's state entry depends on its own stored key alone (``key_state``)
+    keyed_state: bool = False
 
     def __init__(self, num_layers: int, sinks: int, window: int):
         if sinks < 0:
@@ -49,7 +57,15 @@ class ScorePolicy(RetentionPolicy):
 
     def score(self, view: LayerView) -> torch.Tensor:
         """``[B, n]`` scores of the layer's slots (higher is kept); default: the accumulated state."""
-        return self.state[view.layer_idx]
+        return self.state_score(self.state[view.layer_idx])
+
+    def key_state(self, keys: torch.Tensor) -> torch.Tensor:
+        """``keyed_state`` rules: the state entries ``[B, q]`` of new slots from their stored keys ``[B, H, q, D]``."""
+        raise NotImplementedError(f"{type(self).__name__} does not score slots from their keys alone")
+
+    def state_score(self, state: torch.Tensor) -> torch.Tensor:
+        """Scores (higher is kept) from state entries; the identity unless a rule keeps something else."""
+        return state
 
     def retain(self, view: LayerView, target: int) -> RowPlan:
         idx = keep_top(self.score(view), target, self.sinks, self.window)
