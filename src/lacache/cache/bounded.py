@@ -29,6 +29,7 @@ from transformers.cache_utils import Cache
 from ..policies.base import LayerView, RetentionPolicy
 from ..policies.scores import ScorePolicy
 from ..rope import Rotator
+from .generate_modes import generate_mode_refusal
 from .observe import QueryObserver, attention_probs
 from .padded import PaddedRows
 from .positions import STRATEGIES, StepPositions, rotation_for
@@ -293,22 +294,33 @@ class BoundedCache(Cache):
         )
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._sync_static()
-        if self._padded is None:
-            return super().reorder_cache(beam_idx)
-        self._padded.pick(beam_idx.tolist())
+        """Beam search: sequence ``b`` continues sequence ``beam_idx[b]``."""
+        self._select_rows(beam_idx.tolist())
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        self._sync_static()
-        if self._padded is None:
-            return super().batch_repeat_interleave(repeats)
-        self._padded.pick([i for i in range(len(self._padded.rows)) for _ in range(repeats)])
+        self._select_rows([b for b in range(max(self.batch_size, 0)) for _ in range(repeats)])
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select_rows(torch.arange(max(self.batch_size, 0))[indices].reshape(-1).tolist())
+
+    def _select_rows(self, rows: list[int]) -> None:
+        """Keep the sequences ``rows`` of the batch, in that order (a row may repeat).
+
+        Everything held per sequence follows it: each layer's keys, values, position frame and token
+        index, and the rule's per-sequence state (key-norm's norms, H2O's accumulated attention, the
+        salient pool). A static cache does it on the host path (its compiled steps replayed first), then
+        moves the reordered slots back into its fixed buffers (``arm``: same addresses, so a compiled
+        step stays valid); a padded batch reorders its row caches whole.
+        """
         self._sync_static()
-        if self._padded is None:
-            return super().batch_select_indices(indices)
-        self._padded.pick(torch.arange(len(self._padded.rows))[indices].tolist())
+        if self._padded is not None:
+            self._padded.pick(rows)
+            return
+        for layer in self.layers:
+            layer.select_rows(rows)
+        self.policy.select_rows(rows)
+        if self._static is not None and self._static.armed:
+            self._static.arm()
 
     # ----------------------------------------------------------------- the update path
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -427,6 +439,10 @@ class BoundedCache(Cache):
                 f"this {type(self).__name__} was built for another model ({'; '.join(self.signature.differences(signature))}): "
                 f"build a new cache for this model with {type(self).__name__}.from_model(model, ...)"
             )
+        if not torch.compiler.is_compiling():  # a generate() mode the cache cannot serve (cache.generate_modes)
+            refusal = generate_mode_refusal(type(self).__name__)
+            if refusal is not None:
+                raise ValueError(refusal)
         q, batch = _query_shape(args, kwargs)
         if self.seen and q == 0:
             raise self._misuse(

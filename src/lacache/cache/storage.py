@@ -54,6 +54,13 @@ class TokenIndex:
             self._tail_start = self._tail_end
         return self._index
 
+    def select_rows(self, rows: list[int]) -> None:
+        """The batch's sequences became ``rows`` of the old batch (beam search reordering or repeating
+        sequences); an index shared by the whole batch stays shared."""
+        index = self.tensor
+        if index.shape[0] > 1:
+            self._index = index[torch.tensor(rows, dtype=torch.long)]
+
     def keep(self, host_rows: torch.Tensor) -> None:
         """Keep the slots ``host_rows`` (``[m]`` for every sequence, or ``[B, m]`` per sequence)."""
         index = self.tensor
@@ -245,22 +252,28 @@ class SlotLayer(CacheLayerMixin):
             twin._k, twin._v = self._k.clone(), self._v.clone()
         return twin
 
-    def _select_batch(self, fn, rows: list[int]) -> None:
+    def select_rows(self, rows: list[int]) -> None:
+        """Keep the sequences ``rows`` of the batch, in that order (a row may repeat): keys, values, the
+        position frame and the token index follow their sequence (beam search)."""
         self.settle()
         if self._k is not None:
-            self._k, self._v = fn(self._k), fn(self._v)
+            index = torch.tensor(rows, dtype=torch.long, device=self._k.device)
+            self._k, self._v = self._k.index_select(0, index), self._v.index_select(0, index)
         self.shift.select_rows(rows)
+        self._tokens.select_rows(rows)
+
+    def _rows(self) -> list[int]:
+        """The batch's sequences, in order (none before the first update)."""
+        return list(range(max(self.batch_size, 0)))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._select_batch(lambda t: t.index_select(0, beam_idx.to(t.device)), beam_idx.tolist())
+        self.select_rows(beam_idx.tolist())
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        rows = [r for r in range(len(self.frame or [])) for _ in range(repeats)]
-        self._select_batch(lambda t: t.repeat_interleave(repeats, dim=0), rows)
+        self.select_rows([r for r in self._rows() for _ in range(repeats)])
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        rows = torch.arange(len(self.frame or []))[indices].tolist()
-        self._select_batch(lambda t: t[indices, ...], rows)
+        self.select_rows(torch.tensor(self._rows(), dtype=torch.long)[indices].reshape(-1).tolist())
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError(

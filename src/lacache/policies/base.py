@@ -21,7 +21,16 @@ if TYPE_CHECKING:
 
     from .plan import CompactionPlan, RowPlan
 
-__all__ = ["LayerView", "RetentionPolicy", "IndexPolicy", "resolve_chunk"]
+__all__ = ["LayerView", "RetentionPolicy", "IndexPolicy", "resolve_chunk", "rows_of"]
+
+
+def rows_of(state: "torch.Tensor | None", rows: list[int]) -> "torch.Tensor | None":
+    """The sequences ``rows`` of a per-sequence state ``[B, ...]`` (None stays None)."""
+    if state is None:
+        return None
+    from .._lazy import torch
+
+    return state.index_select(0, torch.tensor(rows, dtype=torch.long, device=state.device))
 
 
 class LayerView:
@@ -106,6 +115,11 @@ class RetentionPolicy(ABC):
         sinks = min(self.sinks, slots)
         window = min(self.recent_window(), slots - sinks)
         return ["sink"] * sinks + ["kept"] * (slots - sinks - window) + ["window"] * window
+
+    def select_rows(self, rows: list[int]) -> None:
+        """The batch's sequences became ``rows`` of the old batch, in that order (beam search reordering or
+        repeating sequences): per-sequence state must follow its sequence. Nothing to do for a rule whose
+        state is shared by the batch (every index-only rule)."""
 
     def reset(self) -> None:
         """Forget per-stream state (a new sequence starts)."""

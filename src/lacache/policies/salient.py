@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 
 from .._lazy import torch
-from .base import LayerView, RetentionPolicy
+from .base import LayerView, RetentionPolicy, rows_of
 from .ladder import LadderPolicy
 from .ladder_geometry import LadderGeometry
 from .plan import RowPlan
@@ -112,6 +112,9 @@ class SalientLadderPolicy(RetentionPolicy):
                 if member:
                     roles[slot] = "salient"
         return roles
+
+    def select_rows(self, rows: list[int]) -> None:
+        self.state = [rows_of(state, rows) for state in self.state]  # pool members, per sequence
 
     def reset(self) -> None:
         self.ladder.reset()

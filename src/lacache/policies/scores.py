@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from .. import checks
 from .._lazy import torch
-from .base import LayerView, RetentionPolicy
+from .base import LayerView, RetentionPolicy, rows_of
 from .plan import RowPlan
 
 __all__ = ["ScorePolicy", "keep_top", "score_rule"]
@@ -73,6 +73,9 @@ class ScorePolicy(RetentionPolicy):
         if self.state[layer] is not None:
             self.state[layer] = self.state[layer].gather(1, idx)
         return RowPlan(idx)
+
+    def select_rows(self, rows: list[int]) -> None:
+        self.state = [rows_of(state, rows) for state in self.state]
 
     def reset(self) -> None:
         self.state = [None] * self.num_layers
