@@ -55,7 +55,8 @@ def test_help_lists_the_command_and_its_metrics(capsys):
         main(["serve", "--help"])
     text = capsys.readouterr().out
     for word in ("--budget", "--method", "--option", "--vllm-help", "lacache_compactions_total",
-                 "lacache_evicted_tokens_total", "--no-enforce-eager", "--no-reuse", "lacache_reused_tokens_total"):
+                 "lacache_evicted_tokens_total", "--dtype float32", "--no-reuse", "lacache_reused_tokens_total",
+                 "lacache_kept_caches"):
         assert word in text, word
 
 
@@ -66,7 +67,8 @@ def test_arguments_become_vllm_arguments(launch, model_dir):
     (call,) = launch
     got = call["argv"]
     # the model first, the default, the user's own arguments in their order, one additional_config last
-    assert got[:-2] == [str(model_dir), "--enforce-eager", "--port", "8123", "--max-model-len", "512", "-tp", "1"]
+    assert got[:-2] == [str(model_dir), "--enforce-eager", "--dtype", "float32", "--port", "8123", "--max-model-len",
+                        "512", "-tp", "1"]
     assert _additional(got) == {"lacache": {"method": "streaming", "budget": 64, "sinks": 2, "chunk": None}}
     # prometheus_client's multiprocess folder: set (fresh and empty) while vLLM runs, gone afterwards
     assert call["prometheus_dir"] and call["dir_was_empty"]
@@ -114,7 +116,8 @@ def test_the_bundled_model_is_the_default_and_gets_a_short_name(launch, monkeypa
     assert main(["serve", "--budget", "64", "--served-model-name", "mine"]) == 0
     first, second, named = (call["argv"] for call in launch)
     assert first == second
-    assert first[:5] == [str(bundled), "--enforce-eager", "--served-model-name", models.DEFAULT_MODEL_NAME, "--port"]
+    assert first[:7] == [str(bundled), "--enforce-eager", "--dtype", "float32", "--served-model-name",
+                         models.DEFAULT_MODEL_NAME, "--port"]
     assert named.count("--served-model-name") == 1 and named[named.index("--served-model-name") + 1] == "mine"
 
 

@@ -101,17 +101,20 @@ def _part(module: str) -> str:
         return "rule"
     if head in ("cache", "vllm", "rope"):
         return "backend"
+    if head == "support":  # the support matrix: declares what the backends do
+        return "support"
     return {"lab": "lab", "cli": "cli", "__main__": "cli", "_moved": "root"}.get(head, f"unplaced:{head}")
 
 
 def test_every_module_belongs_to_one_part():
     unplaced = sorted(name for name in _modules() if _part(name).startswith("unplaced"))
-    assert not unplaced, f"modules outside the rule / backends / lab / cli: {unplaced}"
+    assert not unplaced, f"modules outside the rule / backends / support matrix / lab / cli: {unplaced}"
 
 
 @pytest.mark.parametrize("part, may_not_import", [
     ("rule", {"backend", "lab", "cli"}),
-    ("backend", {"lab", "cli"}),
+    ("backend", {"support", "lab", "cli"}),
+    ("support", {"lab", "cli"}),
     ("lab", {"cli"}),
 ])
 def test_each_part_imports_only_what_is_beneath_it(part, may_not_import):

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from fake_pages import plain_pages as _pages
 from lacache.vllm.config import parse_config
-from lacache.vllm.paged import _pages
 from lacache.vllm.slots import RequestSlots
 from lacache.vllm.worker import WorkerState, _layer_number
 

@@ -21,7 +21,8 @@ def test_the_capacity_part_runs_the_method_asked_for():
                                             blocks=8, step_tokens=128, method=["streaming", "lacache-capped"])
     assert [(r["method"], r["budget"]) for r in rows] == [("full", None), ("streaming", 48), ("lacache-capped", 48)]
     served = vllm_serving._ENGINES[-1].llm_engine.vllm_config.additional_config["lacache"]
-    assert served == {"method": "lacache-capped", "budget": 48}
+    # reuse follows the bench's enable_prefix_caching=False (lacache's reuse is its prefix caching)
+    assert served == {"method": "lacache-capped", "budget": 48, "reuse": False}
     assert all(r["tokens_per_s"] > 0 and r["peak_running"] >= 1 for r in rows)
     # the scheduler ran each request's prompt and new tokens (the last one is sampled, never fed back),
     # plus whatever preemption threw away

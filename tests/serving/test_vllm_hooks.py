@@ -1,6 +1,7 @@
 """How the plugin attaches to vLLM (run by `make test-vllm`): nothing of it acts in an engine without
 the ``lacache`` key, vLLM's own classes are never patched even with it, and an unsupported vLLM is
-refused at engine start in one line naming the supported range."""
+refused at engine start in one line naming the supported range. (The two looks ``register()`` installs on vLLM's
+classes act only for engines with the key.)"""
 
 import json
 import os
@@ -11,6 +12,9 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("vllm")
+
+
+LOOKS = {"EngineArgs": ["create_engine_config"], "InputProcessor": ["_validate_params"]}
 
 
 def _states() -> list[dict]:
@@ -30,8 +34,8 @@ def states():
 def test_an_engine_without_the_key_runs_stock_vllm(states):
     plain = states[0]
     assert plain["tokens"] == 8
-    # the one thing register() installs, in every process: the look at each engine's config
-    assert plain["patched"] == {"EngineArgs": ["create_engine_config"]}
+    # the two looks register() installs, in every process: at each engine's config, at each request's parameters
+    assert plain["patched"] == LOOKS
     assert plain["registered"] == []
     assert (plain["scheduler"], plain["worker"], plain["runner"]) == ("Scheduler", "CPUWorker", "CPUModelRunner")
     assert plain["runner_state"] == []
@@ -43,7 +47,7 @@ def test_an_engine_without_the_key_runs_stock_vllm(states):
 def test_an_engine_with_the_key_extends_vllm_without_patching_it(states):
     bounded = states[1]
     assert bounded["tokens"] == 8
-    assert bounded["patched"] == {"EngineArgs": ["create_engine_config"]}  # vLLM's classes stay the originals
+    assert bounded["patched"] == LOOKS  # vLLM's other classes stay the originals
     assert bounded["registered"] == ["lacache.vllm.scheduler.LadderAttentionSpec->lacache.vllm.scheduler.LadderManager"]
     assert (bounded["scheduler"], bounded["worker"], bounded["runner"]) == (
         "LadderScheduler", "LadderCPUWorker", "LadderModelRunner")

@@ -51,7 +51,7 @@ def _sample(name: str) -> float:
 
 
 def test_a_compaction_is_counted_by_the_worker():
-    from lacache.vllm.paged import _pages
+    from fake_pages import plain_pages as _pages
     from lacache.vllm.worker import WorkerState
 
     heads, head_dim, block, layers = 1, 4, 16, 4

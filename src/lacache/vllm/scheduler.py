@@ -80,6 +80,8 @@ class LadderManager(FullAttentionManager):
         self._lookup: Callable[[str], object] = lambda request_id: None
         #: finished requests' caches, oldest first (``reuse``): evicted when an allocation needs their blocks
         self.kept: OrderedDict[str, KeptRequest] = OrderedDict()
+        #: adoptions of this scheduler step, final once it admitted the request: request id -> (key, entry)
+        self.adopting: dict[str, tuple[str, KeptRequest]] = {}
         self.reused_requests = 0
         self.reused_tokens = 0
 
@@ -159,7 +161,8 @@ class LadderManager(FullAttentionManager):
             self.block_pool.free_blocks(reversed(emptied))
 
     def _keepable(self, request) -> bool:
-        return not getattr(request, "mm_features", None) and getattr(request, "prompt_embeds", None) is None
+        """Whether a request's keys depend on its token ids alone (no images, no prompt embeddings)."""
+        return not request.mm_features and request.prompt_embeds is None
 
     def pop_blocks_for_free(self, request_id):
         """A request leaves: its blocks go back to the pool, or, when it finished and ``reuse`` is on, they
@@ -183,30 +186,64 @@ class LadderManager(FullAttentionManager):
         _, entry = self.kept.popitem(last=False)
         self.block_pool.free_blocks(reversed(entry.blocks))
 
+    def evict_all(self) -> int:
+        """Give every kept cache's blocks back to the pool (``reset_prefix_cache``: after a weight update no
+        kept KV may be continued). Returns how many were dropped."""
+        dropped = len(self.kept)
+        while self.kept:
+            self.evict_oldest()
+        return dropped
+
+    def kept_blocks(self) -> int:
+        """Blocks held by kept caches (the ``lacache_kept_blocks`` gauge)."""
+        return sum(len(entry.blocks) for entry in self.kept.values())
+
     def adopt(self, request) -> int:
-        """Before ``request`` is queued: if a kept cache's stream is a prefix of its prompt, the request takes
-        that cache's blocks and state and starts computing after it. Returns the tokens reused (0: none)."""
+        """As ``request`` is admitted (vLLM's prefix-cache look-up for a waiting request): if a kept cache's
+        stream is a prefix of its prompt, the request takes that cache's blocks and state and starts
+        computing after it. Returns the tokens reused (0: none).
+
+        The adoption is provisional until the scheduler's step ends (``settle_adoptions``): a request that
+        was then not admitted after all (the pool had no room for the rest of its row) gives the cache
+        back, so a waiting request never holds blocks."""
         config = self.config
         if config is None or not config.reuse or not self.kept or request.num_computed_tokens:
             return 0
-        if getattr(request, "mm_features", None) or getattr(request, "prompt_embeds", None) is not None:
-            return 0  # their keys depend on more than token ids
+        if request.request_id in self.adopting:  # looked up again in the same step
+            return len(self.adopting[request.request_id][1].tokens)
+        # a request that must not read a prefix cache (vLLM's rule: e.g. it asks for prompt logprobs, which
+        # only a full prefill computes) and requests whose keys depend on more than token ids never adopt
+        if request.skip_reading_prefix_cache or not self._keepable(request):
+            return 0
         entry = longest_kept_prefix(list(self.kept.values()), request.prompt_token_ids or (), _context(request))
         if entry is None:
             return 0
-        for key, value in self.kept.items():
-            if value is entry:
-                del self.kept[key]
-                break
+        key = next(key for key, value in self.kept.items() if value is entry)
+        del self.kept[key]
+        self.adopting[request.request_id] = (key, entry)
         self.req_to_blocks[request.request_id] = entry.blocks
         self.slots[request.request_id] = entry.slots
-        self.reused_requests += 1
-        self.reused_tokens += len(entry.tokens)
         return len(entry.tokens)
+
+    def settle_adoptions(self, admitted: set[str]) -> None:
+        """After a scheduler step: adoptions by requests it admitted are final; the others give their kept
+        cache back (as it was, newest), so nothing waiting holds blocks."""
+        for request_id, (key, entry) in list(self.adopting.items()):
+            del self.adopting[request_id]
+            if request_id in admitted:
+                self.reused_requests += 1
+                self.reused_tokens += len(entry.tokens)
+                continue
+            self.req_to_blocks.pop(request_id, None)
+            self.slots.pop(request_id, None)
+            self.kept[key] = entry
 
 
 def _context(request) -> tuple:
     """What a request's keys and values depend on besides its tokens: its LoRA adapter, and its cache salt
-    (which vLLM's prefix caching also keys on, so that users who set different salts never share KV)."""
-    lora = getattr(request, "lora_request", None)
-    return (getattr(lora, "lora_int_id", None), getattr(request, "cache_salt", None))
+    (which vLLM's prefix caching also keys on, so that users who set different salts never share KV).
+
+    Read as attributes of vLLM's ``Request`` with no default: should vLLM rename them, this fails loudly
+    instead of silently letting tenants share caches."""
+    lora = request.lora_request
+    return (None if lora is None else lora.lora_int_id, request.cache_salt)

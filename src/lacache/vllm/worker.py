@@ -56,6 +56,19 @@ def _rotary_module(model: torch.nn.Module):
     return first
 
 
+def _pure_rotations(table: torch.Tensor) -> torch.Tensor:
+    """vLLM's ``[positions, rotary_dim]`` table (cos half, then sin half) as pure rotations.
+
+    Some scalings fold a magnitude into the table: YaRN multiplies cos and sin by its attention factor
+    (``mscale``), which the model applies once when it rotates a new key. Turning an already-rotated
+    key by a position delta must not apply it again, so each (cos, sin) pair is divided by its own
+    length, which leaves the angle and drops any factor (a no-op for plain RoPE, linear and llama3)."""
+    half = table.shape[-1] // 2
+    cos, sin = table[:, :half], table[:, half:]
+    norm = torch.sqrt(cos * cos + sin * sin)
+    return torch.cat([cos / norm, sin / norm], dim=-1)
+
+
 class WorkerState:
     """Everything the plugin keeps on one model runner."""
 
@@ -73,7 +86,7 @@ class WorkerState:
         self.step: list[tuple[str, int]] = []
         rotary = _rotary_module(runner.model)
         self.rotary_dim = int(rotary.rotary_dim)
-        self.angles = rotary._compute_cos_sin_cache().to(torch.float32)  # [positions, rotary_dim]
+        self.angles = _pure_rotations(rotary._compute_cos_sin_cache().to(torch.float32))  # [positions, rotary_dim]
         self._paged: PagedKV | None = None
         self.layer_numbers: list[int] = []  # the model's number of each local attention layer (set with the pages)
         self.compactions = 0

