@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -25,13 +24,15 @@ print("RESULT", rc, "torch" in sys.modules, "transformers" in sys.modules)
 """
 
 
-def _run_cli(*argv: str) -> tuple[int, bool, bool, str, float]:
-    """(exit status, torch imported, transformers imported, stderr, seconds) of ``lacache argv`` in a fresh process."""
-    start = time.perf_counter()
+def _run_cli(*argv: str) -> tuple[int, bool, bool, str]:
+    """(exit status, torch imported, transformers imported, stderr) of ``lacache argv`` in a fresh process.
+
+    What keeps help and argument errors instant is that they import neither torch nor transformers
+    (torch alone takes 3-30 s to import): that is asserted, not the wall time, which a busy machine
+    stretches for reasons the code does not control."""
     done = subprocess.run([sys.executable, "-c", _PROBE, *argv], capture_output=True, text=True, timeout=120)
-    seconds = time.perf_counter() - start
     result = [line for line in done.stdout.splitlines() if line.startswith("RESULT")][-1].split()
-    return int(result[1]), result[2] == "True", result[3] == "True", done.stderr, seconds
+    return int(result[1]), result[2] == "True", result[3] == "True", done.stderr
 
 
 @pytest.mark.parametrize("argv", [
@@ -41,10 +42,9 @@ def _run_cli(*argv: str) -> tuple[int, bool, bool, str, float]:
     ["generate", "--model", "SmolLM2-135M"],  # a misspelt bundled model
 ])
 def test_help_and_argument_errors_import_neither_torch_nor_transformers(argv):
-    rc, torch_loaded, transformers_loaded, err, seconds = _run_cli(*argv)
+    rc, torch_loaded, transformers_loaded, err = _run_cli(*argv)
     assert rc in (0, 2), err
     assert not torch_loaded and not transformers_loaded
-    assert seconds < 5, seconds  # about 0.3 s on an idle 2-core machine; torch alone takes 3-30 s
 
 
 @pytest.mark.parametrize("typed, meant", [

@@ -9,7 +9,6 @@ newcomer pastes is what is tested. The vLLM snippet runs in ``make test-vllm``
 import contextlib
 import io
 import re
-import time
 from pathlib import Path
 
 import pytest
@@ -36,14 +35,11 @@ def test_the_usage_section_has_its_snippets():
 def test_a_readme_snippet_runs_alone_as_printed_and_shows_eviction(index):
     block = usage_blocks()[index]
     printed = io.StringIO()
-    start = time.perf_counter()
     with contextlib.redirect_stdout(printed):
         exec(compile(block, f"README.md snippet {index + 1}", "exec"), {"__name__": "__readme__"})
-    seconds = time.perf_counter() - start
     out = printed.getvalue()
     kept = re.findall(r"kept (\d+) of (\d+) tokens per layer", out)
     assert kept, out
     for slots, seen in kept:
         assert int(seen) > int(slots) > 0, out  # more tokens than the cache holds: it compacted
-    assert seconds < 120, seconds  # "well under a minute" on an idle laptop; CI's 2 busy cores are slower
     assert len(out.strip().splitlines()) >= 2 or "[" in out  # the text too, not only the count
