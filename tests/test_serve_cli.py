@@ -67,8 +67,8 @@ def test_arguments_become_vllm_arguments(launch, model_dir):
     (call,) = launch
     got = call["argv"]
     # the model first, the default, the user's own arguments in their order, one additional_config last
-    assert got[:-2] == [str(model_dir), "--enforce-eager", "--dtype", "float32", "--port", "8123", "--max-model-len",
-                        "512", "-tp", "1"]
+    assert got[:-2] == [str(model_dir), "--enforce-eager", "--dtype", "float32", "--enable-prompt-tokens-details",
+                        "--port", "8123", "--max-model-len", "512", "-tp", "1"]
     assert _additional(got) == {"lacache": {"method": "streaming", "budget": 64, "sinks": 2, "chunk": None}}
     # prometheus_client's multiprocess folder: set (fresh and empty) while vLLM runs, gone afterwards
     assert call["prometheus_dir"] and call["dir_was_empty"]
@@ -93,6 +93,10 @@ def test_users_settings_win_over_the_defaults(launch, model_dir):
     off, on = launch[0]["argv"], launch[1]["argv"]
     assert "--enforce-eager" not in off and "--no-enforce-eager" in off
     assert on.count("--enforce-eager") == 1
+    assert main(["serve", str(model_dir), "--budget", "64", "--dtype", "bfloat16",
+                 "--no-enable-prompt-tokens-details"]) == 0
+    mine = launch[2]["argv"]
+    assert "float32" not in mine and "--enable-prompt-tokens-details" not in mine
 
 
 def test_users_own_additional_config_is_merged_not_overridden(launch, model_dir):
@@ -116,8 +120,8 @@ def test_the_bundled_model_is_the_default_and_gets_a_short_name(launch, monkeypa
     assert main(["serve", "--budget", "64", "--served-model-name", "mine"]) == 0
     first, second, named = (call["argv"] for call in launch)
     assert first == second
-    assert first[:7] == [str(bundled), "--enforce-eager", "--dtype", "float32", "--served-model-name",
-                         models.DEFAULT_MODEL_NAME, "--port"]
+    assert first[:8] == [str(bundled), "--enforce-eager", "--dtype", "float32", "--enable-prompt-tokens-details",
+                         "--served-model-name", models.DEFAULT_MODEL_NAME, "--port"]
     assert named.count("--served-model-name") == 1 and named[named.index("--served-model-name") + 1] == "mine"
 
 

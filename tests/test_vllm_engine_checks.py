@@ -30,6 +30,8 @@ def _config(**model):
 def test_engine_refusals_read_the_config():
     args = SimpleNamespace(async_scheduling=None)
     assert engine_refusals(args, _config()) == []
+    for dtype in (torch.bfloat16, torch.float16):  # half-precision pages are served (tests/serving/test_vllm_dtypes.py)
+        assert engine_refusals(args, _config(dtype=dtype)) == []
     for model, option in [({"is_multimodal_model": True}, "a multimodal model"),
                           ({"uses_mrope": True}, "a multimodal model"),
                           ({"get_sliding_window": lambda: 4096}, "a sliding-window, hybrid or MLA model"),
@@ -37,8 +39,7 @@ def test_engine_refusals_read_the_config():
                           ({"rope": {"rope_type": "dynamic", "factor": 2.0}}, "rope_scaling / rope_parameters"),
                           ({"rope": {"full_attention": {"rope_type": "default"}, "sliding_attention":
                                      {"rope_type": "longrope"}}}, "rope_scaling / rope_parameters"),
-                          ({"enforce_eager": False}, "--no-enforce-eager (compiled model)"),
-                          ({"dtype": torch.bfloat16}, "--dtype other than float32")]:
+                          ({"enforce_eager": False}, "--no-enforce-eager (compiled model)")]:
         found = engine_refusals(args, _config(**model))
         assert len(found) == 1 and found[0].startswith(f"lacache: {option} is not served"), (model, found)
     assert engine_refusals(SimpleNamespace(async_scheduling=True), _config())[0].startswith(

@@ -35,7 +35,7 @@ async def main(settings: dict) -> dict:
 
     chunks, new = settings["chunks"], settings["new"]
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
-        model=settings["model"], dtype="float32", enforce_eager=True, max_model_len=settings["max_model_len"],
+        model=settings["model"], dtype=settings.get("dtype") or "auto", enforce_eager=True, max_model_len=settings["max_model_len"],
         gpu_memory_utilization=0.3, block_size=settings["block_size"], num_gpu_blocks_override=settings["blocks"], max_num_batched_tokens=128,
         additional_config={"lacache": settings["lacache"]}), stat_loggers=[Usage])
     greedy = dict(temperature=0, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
@@ -52,15 +52,18 @@ async def main(settings: dict) -> dict:
         for ids in chunks:
             yield StreamingInput(prompt={"prompt_token_ids": list(ids)})  # vLLM extends the list it is given
 
-    tokens, samples, position = [], [], 0
-    params = SamplingParams(max_tokens=new, min_tokens=new, **greedy)
+    tokens, logprobs, samples, position = [], [], [], 0
+    params = SamplingParams(max_tokens=new, min_tokens=new, logprobs=0 if settings.get("logprobs") else None, **greedy)
     async for out in engine.generate(inputs(), params, request_id="session"):
-        for token in out.outputs[0].token_ids:
+        for k, token in enumerate(out.outputs[0].token_ids):
+            if settings.get("logprobs"):
+                logprobs.append(out.outputs[0].logprobs[k][token].logprob)
             turn, step = divmod(len(tokens), new)
             position = sum(len(c) for c in chunks[: turn + 1]) + turn * (new - 1) + step
             tokens.append(token)
         samples.append((position, usage[-1] if usage else None))
-    result.update(tokens=tokens, samples=samples)
+    result.update(tokens=tokens, logprobs=logprobs, samples=samples,
+                  dtype=str(engine.vllm_config.model_config.dtype).replace("torch.", ""))
 
     # a second session, aborted while it waits for an input that never comes
     waiting = asyncio.Event()

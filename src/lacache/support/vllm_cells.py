@@ -15,6 +15,8 @@ _M = "tests/serving/test_vllm_matrix.py::"
 _TOKENS = "tests/serving/test_vllm_plugin.py::test_outputs_and_kept_tokens_equal_the_transformers_cache"
 _SAMPLED = _M + "test_sampled_tokens_have_the_transformers_cache_logprobs"
 _SOAK = "tests/serving/test_vllm_soak.py::test_the_server_survives_a_minute_of_good_and_bad_clients"
+_D = "tests/serving/test_vllm_dtypes.py::"
+_P = "tests/serving/test_vllm_pool_engine.py::"
 _ENGINE, _REQUEST = "vLLM engine", "vLLM request"
 _SERVED = "lacache-capped (the serving default)"
 _ANY = "every method"
@@ -34,6 +36,29 @@ ENGINE: list[Cell] = [
          "lacache, lacache-capped, streaming", EXACT,
          "the same tokens as model.generate with the transformers cache for 300 new tokens, and every layer holds "
          "the same tokens", (_TOKENS,)),
+    Cell(_ENGINE, "`--dtype bfloat16` (vLLM's default on x86 CPUs) and `--dtype float16`",
+         "lacache, lacache-capped, streaming", EXACT,
+         "within a stated tolerance: each greedy token is, within 4 spacings of the largest logit (in magnitude), a pick of the "
+         "transformers cache in the same dtype, its logprob as close, and every layer holds the same tokens "
+         "(300-token prompts, a 16-turn chat that continues its cache, a 50-input session); bitwise is out of "
+         "reach in half precision (docs/serving.md, Dtypes). Page layouts are measured at engine start",
+         (_D + "test_half_precision_tokens_and_kept_tokens_match_the_transformers_cache",
+          _D + "test_a_chat_continues_its_cache_in_the_default_dtype",
+          _D + "test_a_streaming_session_in_the_default_dtype",
+          "tests/test_vllm_paged.py::test_what_the_backend_wrote_is_read_back_exactly")),
+    Cell(_ENGINE, "no KV pool size given (no `--kv-cache-memory-bytes`, `VLLM_CPU_KVCACHE_SPACE`, "
+         "`--num-gpu-blocks-override`, `--gpu-memory-utilization`)", _ANY, EXACT,
+         "the pool is sized for `max_num_seqs` decoding rows and one peak row (at most half the memory available "
+         "at start) and said in one start-up line; the README's and docs/serving.md's commands run as printed",
+         (_P + "test_without_a_size_the_pool_holds_max_num_seqs_bounded_rows",
+          "tests/serving/test_vllm_docs.py::test_the_readme_serving_commands_run_as_printed",
+          "tests/serving/test_vllm_docs.py::test_the_serving_quick_start_runs_as_printed")),
+    Cell(_ENGINE, "a KV pool smaller than one request's peak row (budget + one prefill chunk)", _ANY, REFUSED,
+         "no request could ever run; lower the chunk (`--max-num-batched-tokens`) or give the pool the blocks the "
+         "line names (the line names the budget and the chunk)",
+         (_P + "test_a_pool_too_small_for_one_peak_row_is_refused_naming_budget_and_chunk",
+          "tests/test_vllm_pool.py::test_a_pool_smaller_than_one_peak_row_is_refused_naming_budget_and_chunk"),
+         "engine start"),
     Cell(_ENGINE, "chunked prefill (`max_num_batched_tokens` below the prompt)", _SERVED, EXACT,
          "every prompt position's logprob equals the transformers cache fed the prompt in the same chunks "
          "(compacting inside the prefill)",

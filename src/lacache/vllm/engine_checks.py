@@ -73,12 +73,6 @@ REFUSALS: tuple[EngineRefusal, ...] = (
                   "use --kv-cache-dtype auto (the model's dtype)",
                   lambda a, c: str(_get(c, "cache_config", "cache_dtype", default="auto")) != "auto",
                   ("kv_cache_dtype", "fp8")),
-    EngineRefusal("--dtype other than float32",
-                  "compaction turns moved keys where they are stored, and in half precision (e.g. the bfloat16 vLLM "
-                  "picks on CPUs with bf16 support) every move rounds them "
-                  "again; only float32 is compared with the transformers cache so far", "pass --dtype float32",
-                  lambda a, c: str(_get(c, "model_config", "dtype", default="torch.float32")) != "torch.float32",
-                  ("dtype", "bfloat16")),
     EngineRefusal("--kv-offloading-size (KV offloading)", "offloaded blocks are copied back by logical "
                   "position, and compaction moves slots under them", "leave KV offloading off",
                   lambda a, c: _get(c, "cache_config", "kv_offloading_size") is not None,

@@ -82,7 +82,11 @@ class PagedKV:
         def write(keys, values, scratch, slots):
             first.impl.do_kv_cache_update(first, keys, values, scratch, slots)
 
-        key_map, value_map = measure_layout(write, cache)
+        try:
+            key_map, value_map = measure_layout(write, cache)
+        except RuntimeError as error:  # at engine start: say which backend and dtype, and what else to try
+            raise RuntimeError(f"{error} ({type(first.impl).__name__}, {str(cache.dtype).replace('torch.', '')} "
+                               "pages); try --dtype float32") from None
         device = cache.device
         self.key_map, self.value_map = key_map.to(device), value_map.to(device)
         self.block_numel = cache[0].numel()

@@ -174,7 +174,35 @@ def configure_engine(vllm_config, engine_args=None) -> ServingConfig | None:
     block_size = getattr(cache, "block_size", None)
     row = f"; {config.row_note(int(block_size))}" if block_size else ""
     logger.info("lacache: bounded KV cache on: %s%s", config.describe(), row)
+    _size_pool(config, vllm_config, engine_args)
     return config
+
+
+def _size_pool(config: ServingConfig, vllm_config, engine_args) -> None:
+    """Refuse a pool the user sized too small for one peak row; size it for the bounded rows when the user did
+    not size it (``lacache.vllm.pool``). Both before the model loads."""
+    from . import pool
+
+    cache = vllm_config.cache_config
+    try:
+        per_block = pool.bytes_per_block(vllm_config)
+    except Exception:  # a config without the sizes (a stand-in in a test): leave the pool to vLLM
+        return
+    given = cache.num_gpu_blocks_override
+    if given is None and cache.kv_cache_memory_bytes is not None:
+        given = int(cache.kv_cache_memory_bytes) // per_block
+    if given is not None:
+        refused = pool.pool_refusal(config, vllm_config, int(given) - 1)  # vLLM keeps one block back (null block)
+        if refused:
+            raise ValueError(refused)
+        return
+    if pool.user_sized(vllm_config, engine_args):
+        return
+    import psutil
+
+    plan = pool.plan_pool(config, vllm_config, int(psutil.virtual_memory().available))
+    cache.kv_cache_memory_bytes = plan.nbytes
+    logger.info("lacache: %s", plan.line())
 
 
 def installed_vllm() -> tuple[str, str]:
@@ -290,6 +318,21 @@ class _WorkerHooks:
         runner._lacache_config = config
         runner._lacache = None
 
+    def determine_available_memory(self) -> int:
+        """vLLM's measure of the KV pool; a pool that cannot hold one request's peak row (budget + one prefill
+        chunk) is refused here in lacache's words: vLLM's own check would advise a shorter ``max_model_len``,
+        which a bounded request does not fill."""
+        available = super().determine_available_memory()
+        if self.vllm_config.cache_config.num_gpu_blocks_override is not None:
+            return available  # the pool is that many blocks, checked at engine start (configure_engine)
+        from . import pool
+
+        refused = pool.pool_refusal(self.model_runner._lacache_config, self.vllm_config,
+                                    int(available) // pool.bytes_per_block(self.vllm_config) - 1)
+        if refused:
+            raise ValueError(refused)
+        return available
+
 
 class _RunnerHooks:
     """vLLM's CPU model runner, with lacache acting after four of its steps (see ``worker.WorkerState``)."""
@@ -313,6 +356,16 @@ class _RunnerHooks:
         bounded = bounded_specs(super().get_kv_cache_spec())
         self.lacache_state()
         return bounded
+
+    def initialize_kv_cache(self, kv_cache_config, *args, **kwargs):
+        """At engine start, once the pages exist: measure where the backend's writer puts each key and value
+        (``paged.measure_layout``), so that a page layout compaction cannot read (a dtype, ISA or backend
+        not met before) is refused before the first request, never at the first compaction."""
+        result = super().initialize_kv_cache(kv_cache_config, *args, **kwargs)
+        profiling = args[0] if args else kwargs.get("is_profiling", False)
+        if not profiling:
+            self.lacache_state().measure_pages()
+        return result
 
     def _update_states(self, scheduler_output, *args, **kwargs):
         finished = scheduler_output.finished_req_ids

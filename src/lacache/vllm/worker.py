@@ -186,6 +186,12 @@ class WorkerState:
             del self.kept[first]
 
     # ------------------------------------------------------------------ compaction
+    def measure_pages(self) -> PagedKV:
+        """(Re)read the page layout of the KV caches the runner holds now (at engine start, and again should
+        vLLM allocate them anew)."""
+        self._paged = None
+        return self.paged()
+
     def paged(self) -> PagedKV:
         if self._paged is None:
             runner = self.runner
