@@ -168,7 +168,7 @@ def test_without_vllm_it_says_how_to_get_it(monkeypatch, model_dir, capsys):
     monkeypatch.setattr(serve, "_run_vllm", lambda argv: pytest.fail("vLLM started"))
     assert main(["serve", str(model_dir), "--budget", "64"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "lacache[vllm]" in err and "make .venv-vllm/bin/.lacache-vllm" in err
+    assert err.count("\n") == 1 and "lacache[vllm]" in err and "make vllm-env" in err
 
 
 def test_other_commands_still_refuse_unknown_arguments(capsys):

