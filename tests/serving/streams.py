@@ -1,7 +1,17 @@
 """Helpers the vLLM tests share: the transformers side of a stream fed in vLLM's passes, and a spy on
 vLLM's preemptions."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
+
+#: the prompts of the token tests (4, 31 and 73 tokens with the bundled tokenizer), float32 and half precision
+PROMPTS = ["Once upon a time", "The history of the lighthouse begins with a keeper who " * 3,
+           "Write a long story about a dragon. " * 9]
 
 
 def greedy_turn(model, cache, ids: list[int], new: int) -> list[int]:
@@ -82,3 +92,23 @@ def assert_close(rows: list[torch.Tensor], tokens: list[int], logprobs: list[flo
         assert gap <= tol and diff <= tol, (where, j, gap, diff, tol)
         worst = max(worst, gap / tol * SPACINGS, diff / tol * SPACINGS)
     return worst
+
+
+# ------------------------------------------------------------------------------ endless sessions
+def session_chunks(tokenizer, inputs: int = 50) -> list[list[int]]:
+    """The inputs of the streaming-session tests: 9 words of the essays each."""
+    from lacache.lab.texts import load_essays
+
+    words = load_essays(60_000).split()
+    return [tokenizer(" " + " ".join(words[9 * i: 9 * i + 9]))["input_ids"] for i in range(inputs)]
+
+
+def run_session(settings: dict) -> dict:
+    """Run session_check.py (a streaming session through AsyncLLM, in a child process) with ``settings``; its
+    result."""
+    run = subprocess.run([sys.executable, str(Path(__file__).with_name("session_check.py")), json.dumps(settings)],
+                         env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}, capture_output=True, text=True,
+                         timeout=1200)
+    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    assert run.returncode == 0 and lines, run.stderr[-3000:]
+    return json.loads(lines[0][len("RESULT "):])

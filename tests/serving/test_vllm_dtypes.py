@@ -20,11 +20,9 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in th
 os.environ["LACACHE_VLLM_RECORD"] = "1"
 
 import torch  # noqa: E402
-from streams import assert_close, forced_turn  # noqa: E402
+from streams import PROMPTS, assert_close, forced_turn, run_session, session_chunks  # noqa: E402
 
 BUDGET, NEW = 64, 300
-PROMPTS = ["Once upon a time", "The history of the lighthouse begins with a keeper who " * 3,
-           "Write a long story about a dragon. " * 9]
 _ENGINES = []
 
 
@@ -127,26 +125,15 @@ def test_a_chat_continues_its_cache_in_the_default_dtype(bundled):
 
 def test_a_streaming_session_in_the_default_dtype(bundled):
     """test_vllm_sessions.py's endless session (50 inputs, more than 20x the budget), in the dtype vLLM picks."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
 
     from lacache import make_cache
-    from lacache.lab.texts import load_essays
 
     model, tokenizer, model_dir = bundled
     budget, new, inputs = 64, 16, 50
-    words = load_essays(60_000).split()
-    chunks = [tokenizer(" " + " ".join(words[9 * i: 9 * i + 9]))["input_ids"] for i in range(inputs)]
+    chunks = session_chunks(tokenizer, inputs)
     settings = {"model": str(model_dir), "chunks": chunks, "new": new, "block_size": 32, "blocks": 8,
                 "max_model_len": 4096, "logprobs": True, "lacache": {"method": "lacache", "budget": budget, "reuse": False}}
-    run = subprocess.run([sys.executable, str(Path(__file__).with_name("session_check.py")), json.dumps(settings)],
-                         env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}, capture_output=True, text=True,
-                         timeout=1200)
-    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
-    assert run.returncode == 0 and lines, run.stderr[-3000:]
-    got = json.loads(lines[0][len("RESULT "):])
+    got = run_session(settings)
     served = getattr(torch, got["dtype"])
     assert served != torch.float32
     half = copy.deepcopy(model).to(served)

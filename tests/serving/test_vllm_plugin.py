@@ -16,10 +16,9 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in th
 os.environ["LACACHE_VLLM_RECORD"] = "1"
 
 import torch  # noqa: E402
+from streams import PROMPTS  # noqa: E402
 
 BUDGET, NEW = 64, 300
-PROMPTS = ["Once upon a time", "The history of the lighthouse begins with a keeper who " * 3,
-           "Write a long story about a dragon. " * 9]
 
 
 _ENGINES = []

@@ -9,26 +9,14 @@ finished requests' caches stay in the pool until a request needs their blocks; t
 test_vllm_reuse.py).
 """
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("vllm")
 
-from streams import greedy_turn  # noqa: E402
+from streams import greedy_turn, run_session, session_chunks  # noqa: E402
 
 BUDGET, NEW, INPUTS, BLOCK, BLOCKS = 64, 16, 50, 32, 8
-
-
-def _chunks(tokenizer) -> list[list[int]]:
-    from lacache.lab.texts import load_essays
-
-    words = load_essays(60_000).split()
-    return [tokenizer(" " + " ".join(words[9 * i: 9 * i + 9]))["input_ids"] for i in range(INPUTS)]
 
 
 def session_reference(model, cache, chunks: list[list[int]], new: int) -> list[int]:
@@ -42,17 +30,12 @@ def test_a_streaming_session_is_exact_bounded_and_flat(method):
     from lacache.lab.models import default_model_dir
 
     model, tokenizer = load_model(None)
-    chunks = _chunks(tokenizer)
+    chunks = session_chunks(tokenizer, INPUTS)
     total = sum(map(len, chunks)) + INPUTS * (NEW - 1)
     assert total >= 20 * BUDGET and total > (BLOCKS - 1) * BLOCK  # longer than the whole pool
     settings = {"model": str(default_model_dir()), "chunks": chunks, "new": NEW, "block_size": BLOCK,
                 "blocks": BLOCKS, "max_model_len": 4096, "dtype": "float32", "lacache": {"method": method, "budget": BUDGET, "reuse": False}}
-    run = subprocess.run([sys.executable, str(Path(__file__).with_name("session_check.py")), json.dumps(settings)],
-                         env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}, capture_output=True, text=True,
-                         timeout=1200)
-    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
-    assert run.returncode == 0 and lines, run.stderr[-3000:]
-    got = json.loads(lines[0][len("RESULT "):])
+    got = run_session(settings)
 
     cache = make_cache(method, model, BUDGET)
     want = session_reference(model, cache, chunks, NEW)
