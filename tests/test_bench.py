@@ -197,6 +197,21 @@ def _parse(argv):
     return parser.parse_args(argv)
 
 
+def test_bench_vllm_accepts_the_prefill_part():
+    """``--part prefill`` parses without vLLM; its prompt and batch default larger than the other parts'."""
+    from lacache.cli.bench_vllm import part_defaults
+
+    args = part_defaults(_parse(["bench", "vllm", "--part", "prefill", "--budget", "127", "--step-tokens", "128"]))
+    assert (args.part, args.prompt_tokens, args.batch, args.repeats, args.dtype) == ("prefill", 2048, 4, 3, "float32")
+    args = part_defaults(_parse(["bench", "vllm", "--part", "prefill", "--prompt-tokens", "512", "--batch", "2",
+                                 "--repeats", "1"]))
+    assert (args.prompt_tokens, args.batch, args.repeats) == (512, 2, 1)
+    args = part_defaults(_parse(["bench", "vllm", "--part", "stream"]))  # the other parts keep their defaults
+    assert (args.prompt_tokens, args.batch) == (64, 2)
+    with pytest.raises(SystemExit):
+        _parse(["bench", "vllm", "--part", "prefill", "--repeats", "0"])
+
+
 def _read_csv(path):
     with open(path) as fh:
         return list(csv.DictReader(fh))

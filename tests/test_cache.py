@@ -254,3 +254,27 @@ def test_positions_reach_the_cache_when_attention_layers_do_not_pass_them(attn, 
     ids = torch.randint(0, 96, (120,), generator=torch.Generator().manual_seed(3))
     pieces = [20] + [3] * 20 + [1] * 10 + [2] * 15  # several-token passes right after compactions
     assert run_against_reference(model, cache, ids, pieces, "slots") <= 1e-4
+
+
+@pytest.mark.parametrize("method", ["lacache-capped", "streaming"])
+def test_generate_in_chunks_that_divide_the_period_keeps_the_stream_semantics(method):
+    """``generate(prefill_chunk_size=k)`` cuts the prompt into chunks of ``k`` that transformers chooses: when ``k``
+    divides the cache's period no chunk crosses a compaction point, so it gives exactly ``stream_generate``'s
+    tokens (which splits at the points itself) and every layer holds the same tokens; a chunk size that crosses
+    points compacts at each chunk's end instead (docs/method.md, "Compaction points")."""
+    from lacache import make_cache
+
+    model = tiny_llama("eager")
+    prompt = torch.randint(0, 96, (1, 150), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        stream_cache = make_cache(method, model, 40, sinks=2)
+        period = stream_cache.points.period
+        assert period == 3  # chunk = 40 // 16 = 2
+        eos = model.generation_config.eos_token_id
+        tokens, _ = stream_generate(model, prompt, stream_cache, 30, prefill_chunk=64, eos_token_id=eos)
+        cache = make_cache(method, model, 40, sinks=2)
+        out = model.generate(prompt, cache=cache, max_new_tokens=30, do_sample=False, prefill_chunk_size=period)
+    assert out[0, 150:].tolist() == tokens
+    assert cache.seen == stream_cache.seen == 150 + len(tokens) - 1  # neither fed its last token
+    for layer in range(4):
+        assert cache.token_positions(layer).tolist() == stream_cache.token_positions(layer).tolist()

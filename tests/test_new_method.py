@@ -17,7 +17,6 @@ from conftest import bundled_tokenizer_and_tiny_model, save_tiny_model, tiny_lla
 from lacache import registry
 from lacache.cache.generation import stream_generate
 from lacache.vllm.config import parse_config
-from lacache.vllm.slots import RequestSlots
 
 sys.path.insert(0, str(Path(__file__).parent / "methods"))
 
@@ -106,8 +105,8 @@ def test_the_vllm_plugin_serves_it_keeping_the_transformers_caches_tokens(every_
     cache = lacache.make_cache("every-kth", model, 24, sinks=2, k=3)
     ids = torch.randint(0, 96, (1, 30), generator=torch.Generator().manual_seed(1))
     stream_generate(model, ids, cache, max_new_tokens=50, prefill_chunk=30)
-    slots = RequestSlots(config.new_policy(), config.budget, config.target, 4, track_tokens=True)
-    for q in [30] + [1] * 49:
+    slots = config.new_slots(track_tokens=True)
+    for q in config.points.split(0, 30, 30) + [1] * 49:  # the passes stream_generate ran (cut at the points)
         slots.advance(q)
     assert slots.seen == cache.seen and slots.slots == cache.num_slots
     assert slots.token_positions(0) == cache.token_positions(0).tolist()

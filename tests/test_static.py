@@ -21,6 +21,7 @@ from lacache import make_cache
 from lacache.cache.decode_schedule import plan_decode
 from lacache.policies.base import resolve_chunk
 from lacache.policies.lacache import ladder_policy
+from lacache.policies.points import points_for
 from lacache.policies.streaming import streaming_policy
 
 METHODS = ("lacache", "lacache-capped", "streaming")
@@ -30,10 +31,11 @@ PROMPT = 40
 # ----------------------------------------------------------------- the plan made ahead (torch-free)
 def _rule(kind: str, layers: int, budget: int):
     if kind == "streaming":
-        return streaming_policy(layers, budget), budget - resolve_chunk(None, budget, 5)
-    policy = ladder_policy(layers, budget, schedule=kind)
-    chunk = 0 if not policy.amortises else resolve_chunk(None, budget, policy.min_target())
-    return policy, budget - chunk
+        policy, chunk = streaming_policy(layers, budget), resolve_chunk(None, budget, 5)
+    else:
+        policy = ladder_policy(layers, budget, schedule=kind)
+        chunk = 0 if not policy.amortises else resolve_chunk(None, budget, policy.min_target())
+    return policy, points_for(policy, budget, chunk)
 
 
 @settings(max_examples=40, deadline=None)
@@ -43,18 +45,20 @@ def test_the_schedule_made_ahead_is_the_rule_driven_step_by_step(kind, layers, e
     """Every compaction the schedule lists (its cycle unrolled) is the one the rule makes, at the same step."""
     budget = {"reference": 2 * layers + 8, "capped": 2 * layers + 24, "streaming": 8}[kind] + extra
     try:
-        policy, target = _rule(kind, layers, budget)
+        policy, points = _rule(kind, layers, budget)
     except ValueError:
         return  # a geometry this budget cannot hold: the factory says so
-    n = prompt
-    if n > policy.capacity(budget):
-        n = policy.plan(n, target).kept
-    schedule = plan_decode(policy, n, budget, target, layers)
+    n, seen = 0, prompt  # a one-pass prefill of the prompt (it may cross compaction points)
+    target = points.after(0, 0, prompt, policy.capacity(budget))
+    n = policy.plan(prompt, target).kept if target is not None else prompt
+    schedule = plan_decode(policy, points, n, seen, budget, layers)
     assert 0 <= schedule.cycle_start < len(schedule.events)
     k = 0
     for _ in range(steps + 2 * len(schedule.events) * max(1, budget // 4)):
+        target = points.after(seen, n, 1, policy.capacity(budget))
         n += 1
-        if n <= policy.capacity(budget):
+        seen += 1
+        if target is None:
             continue
         plan = policy.plan(n, target)
         event = schedule.event(k)

@@ -9,7 +9,6 @@ from conftest import tiny_llama
 from lacache import LaCache
 from lacache.cache.generation import stream_generate
 from lacache.vllm.config import parse_config
-from lacache.vllm.slots import RequestSlots
 
 
 @pytest.mark.parametrize("raw, match", [
@@ -67,7 +66,7 @@ def test_slot_replay_keeps_the_tokens_the_transformers_cache_keeps(method, optio
     assert cache.chunk == config.chunk
     ids = torch.randint(0, 96, (1, 30), generator=torch.Generator().manual_seed(1))
     stream_generate(model, ids, cache, max_new_tokens=50, prefill_chunk=30)
-    slots = RequestSlots(config.new_policy(), config.budget, config.target, 4, track_tokens=True)
+    slots = config.new_slots(track_tokens=True)
     slots.advance(30)
     for _ in range(49):  # the last sampled token is never fed back
         slots.advance(1)

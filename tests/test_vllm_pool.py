@@ -29,21 +29,25 @@ def test_a_block_holds_keys_and_values_of_every_layer():
 
 @pytest.mark.parametrize("budget", [64, 255, 256, 1023])
 @pytest.mark.parametrize("step", [128, 2048])
-def test_the_pool_holds_max_num_seqs_decode_rows_and_one_peak_row(budget, step):
-    config = parse_config({"budget": budget}, 30)
+@pytest.mark.parametrize("method", ["lacache-capped", "streaming", "lacache"])
+def test_the_pool_holds_max_num_seqs_decode_rows_and_one_peak_row(budget, step, method):
+    """A rule with compaction points never holds more than its decode row (passes stop at the points); the authors'
+    schedule (``lacache``) holds its capacity plus a whole prefill chunk at its peak."""
+    config = parse_config({"method": method, "budget": budget}, 30)
     vllm = _vllm(step=step)
     plan = plan_pool(config, vllm, available_bytes=1 << 50)
     decode = -(-(config.capacity + 1) // 128)
-    peak = -(-(config.capacity + step) // 128)
+    peak = decode if method != "lacache" else -(-(config.capacity + step) // 128)
     assert (plan.decode_blocks, plan.peak_blocks, plan.requests) == (decode, peak, 128)
     assert plan.blocks == peak + 127 * decode
     assert plan.nbytes == (plan.blocks + 1) * bytes_per_block(vllm)  # vLLM's null block on top
     assert pool_refusal(config, vllm, plan.blocks) is None
     assert f"{plan.nbytes / GIB:.2f} GiB" in plan.line() and "128 decoding requests" in plan.line()
+    assert ("passes stop at every compaction point" in plan.line()) == (peak == decode)
 
 
 def test_a_small_machine_gets_fewer_rows_never_less_than_one_peak_row():
-    config = parse_config({"budget": 255}, 30)
+    config = parse_config({"method": "lacache", "budget": 255}, 30)
     vllm = _vllm()
     per_block = bytes_per_block(vllm)
     plan = plan_pool(config, vllm, available_bytes=int(60 * per_block / MAX_SHARE))
@@ -53,8 +57,20 @@ def test_a_small_machine_gets_fewer_rows_never_less_than_one_peak_row():
     assert tiny.requests == 1 and tiny.blocks == tiny.peak_blocks
 
 
+def test_a_pool_smaller_than_one_row_is_refused_naming_the_budget():
+    """With compaction points the peak row is the decode row, whatever the prefill chunk: the line says so."""
+    config = parse_config({"method": "lacache-capped", "budget": 255}, 30)
+    for step in (128, 2048):
+        vllm = _vllm(step=step)
+        assert pool_refusal(config, vllm, 2) is None
+        message = pool_refusal(config, vllm, 1)
+        assert message is not None and "\n" not in message
+        for words in ("budget 255", "256 slots = 2 blocks", "--num-gpu-blocks-override 3", "prefill chunk adds none"):
+            assert words in message, words
+
+
 def test_a_pool_smaller_than_one_peak_row_is_refused_naming_budget_and_chunk():
-    config = parse_config({"budget": 255}, 30)
+    config = parse_config({"method": "lacache", "budget": 255}, 30)
     vllm = _vllm(step=2048)
     peak = -(-(config.capacity + 2048) // 128)
     message = pool_refusal(config, vllm, peak - 1)

@@ -15,7 +15,6 @@ import torch
 
 from fake_pages import plain_pages as _pages
 from lacache.vllm.config import parse_config
-from lacache.vllm.slots import RequestSlots
 from lacache.vllm.worker import WorkerState, _layer_number
 
 HEADS, HEAD_DIM, BLOCK, BLOCKS = 2, 4, 16, 4
@@ -64,7 +63,7 @@ def test_a_later_pipeline_stage_keeps_its_own_layers_tokens():
     config = parse_config({"method": "lacache-reference", "budget": 24, "sinks": 2, "span": 1, "overlap": 0}, 4)
     names = ["model.layers.2.self_attn.attn", "model.layers.3.self_attn.attn"]  # the second stage of two
     state, layers = _worker(names, config)
-    slots = RequestSlots(config.new_policy(), config.budget, config.target, 4, track_tokens=True)
+    slots = config.new_slots(track_tokens=True)
     prompt = 40
     for name in names:  # slot p of every layer holds token p (keys and values), as vLLM wrote them
         token = torch.arange(prompt, dtype=torch.float32)[:, None, None].expand(prompt, HEADS, HEAD_DIM)

@@ -14,18 +14,26 @@ PROMPTS = ["Once upon a time", "The history of the lighthouse begins with a keep
            "Write a long story about a dragon. " * 9]
 
 
-def greedy_turn(model, cache, ids: list[int], new: int) -> list[int]:
-    """Feed ``ids`` to ``cache`` in one pass, then ``new`` greedy tokens one pass each, the last one not fed
+def greedy_turn(model, cache, ids: list[int], new: int, most: int | None = None) -> list[int]:
+    """Feed ``ids`` to ``cache`` in passes of at most ``most`` tokens (default: as many as the cache's compaction
+    points allow, ``generation.prefill_passes``), then ``new`` greedy tokens one pass each, the last one not fed
     (as vLLM leaves a finished request: its final sampled token never gets a KV slot)."""
-    from lacache.cache.generation import next_positions
+    from lacache.cache.generation import next_positions, prefill_passes
 
-    out, x = [], torch.tensor([ids])
+    out = []
     with torch.no_grad():
-        for _ in range(new):
-            logits = model(input_ids=x, position_ids=next_positions(cache, x.shape[1], "cpu"),
+        logits = None
+        for start, length in prefill_passes(cache, len(ids), most or len(ids)):
+            x = torch.tensor([ids[start:start + length]])
+            logits = model(input_ids=x, position_ids=next_positions(cache, length, "cpu"),
                            past_key_values=cache).logits[0, -1]
+        for step in range(new):
             out.append(int(logits.argmax()))
+            if step == new - 1:
+                break
             x = torch.tensor([[out[-1]]])
+            logits = model(input_ids=x, position_ids=next_positions(cache, 1, "cpu"),
+                           past_key_values=cache).logits[0, -1]
     return out
 
 
@@ -61,17 +69,22 @@ def spacing(logit: float, dtype) -> float:
 
 
 def forced_turn(model, cache, ids: list[int], tokens: list[int]) -> list[torch.Tensor]:
-    """Feed ``ids`` in one pass, then ``tokens`` one pass each, the last one not fed (as ``greedy_turn``, but the
-    tokens are given: vLLM's); the logits before each token, in float32."""
-    from lacache.cache.generation import next_positions
+    """Feed ``ids`` in passes that end at the cache's compaction points, then ``tokens`` one pass each, the last one
+    not fed (as ``greedy_turn``, but the tokens are given: vLLM's); the logits before each token, in float32."""
+    from lacache.cache.generation import next_positions, prefill_passes
 
-    rows, x = [], torch.tensor([ids])
+    rows = []
     with torch.no_grad():
-        for token in tokens:
-            logits = model(input_ids=x, position_ids=next_positions(cache, x.shape[1], "cpu"),
+        for start, length in prefill_passes(cache, len(ids), len(ids)):
+            x = torch.tensor([ids[start:start + length]])
+            logits = model(input_ids=x, position_ids=next_positions(cache, length, "cpu"),
                            past_key_values=cache).logits[0, -1].float()
+        for j, token in enumerate(tokens):
             rows.append(logits)
-            x = torch.tensor([[token]])
+            if j == len(tokens) - 1:
+                break
+            logits = model(input_ids=torch.tensor([[token]]), position_ids=next_positions(cache, 1, "cpu"),
+                           past_key_values=cache).logits[0, -1].float()
     return rows
 
 

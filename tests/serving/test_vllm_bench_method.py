@@ -30,3 +30,27 @@ def test_the_capacity_part_runs_the_method_asked_for():
         assert r["scheduled_tokens"] == 2 * (len(ids) + 40 - 1) + r["recomputed_tokens"]
         assert r["bound_running"] == 2 and r["row_blocks"] == 1
     assert rows[0]["compactions"] == 0 and rows[1]["compactions"] > 0 and rows[2]["compactions"] > 0
+
+
+def test_the_prefill_part_times_each_engine_alone_and_together():
+    """``--part prefill``: the full cache runs the prompt in whole chunks; a bounded method stops its passes at
+    compaction points (so it takes at least as many steps), and no pass attends more than its config's peak row."""
+    from lacache import load_model
+    from lacache.lab.bench import vllm_serving
+    from lacache.lab.models import default_model_dir
+    from lacache.lab.texts import load_essays
+
+    _, tokenizer = load_model(None)
+    ids = tokenizer(load_essays(max_chars=2000))["input_ids"][:120]
+    rows = vllm_serving.bench_vllm_prefill(str(default_model_dir()), ids, budget=48, batch=2, step_tokens=32,
+                                           repeats=1, method=["lacache-capped"])
+    assert [(r["method"], r["mode"], r["requests"]) for r in rows] == [
+        ("full", "alone", 1), ("full", "together", 2), ("lacache-capped", "alone", 1), ("lacache-capped", "together", 2)]
+    full_alone, full_together, alone, together = rows
+    assert full_alone["steps"] == -(-120 // 32) and -(-240 // 32) <= full_together["steps"] <= 2 * full_alone["steps"]
+    assert full_alone["peak_row"] == full_alone["peak_row_bound"] == 120 and full_alone["compactions"] == 0
+    assert alone["steps"] >= full_alone["steps"] and alone["compactions"] > 0
+    assert 48 < alone["peak_row"] <= alone["peak_row_bound"] < 120
+    assert together["peak_row"] <= together["peak_row_bound"]
+    assert all(r["tokens_per_s"] > 0 and r["ttft_s"] <= r["seconds"] for r in rows)
+    assert full_alone["vs_full"] == full_together["vs_full"] == 1.0 and alone["vs_full"] > 0 and together["vs_full"] > 0

@@ -72,16 +72,17 @@ def _words(tokenizer, start: int, count: int) -> list[int]:
 
 def _stream_logprobs(model, method: str, prompt: list[int], generated: list[int], chunk: int = CHUNK,
                      budget: int = BUDGET):
-    """The transformers cache fed ``prompt`` in vLLM's chunks, then each generated token but the last in a
+    """The transformers cache fed ``prompt`` in vLLM's chunks (each ending at the cache's compaction points, as
+    lacache's scheduler clips them), then each generated token but the last in a
     pass of its own: (log-softmax of every prompt position's prediction, of every generated token's)."""
     from lacache import make_cache
-    from lacache.cache.generation import next_positions
+    from lacache.cache.generation import next_positions, prefill_passes
 
     cache = make_cache(method, model, budget)
     prompt_rows, rows = [], []
     with torch.no_grad():
-        for start in range(0, len(prompt), chunk):
-            x = torch.tensor([prompt[start:start + chunk]])
+        for start, length in prefill_passes(cache, len(prompt), chunk):
+            x = torch.tensor([prompt[start:start + length]])
             logits = model(input_ids=x, position_ids=next_positions(cache, x.shape[1], "cpu"),
                            past_key_values=cache).logits[0].float()
             prompt_rows.append(torch.log_softmax(logits, -1))

@@ -25,7 +25,6 @@ pytest.importorskip("vllm")
 prometheus_client = pytest.importorskip("prometheus_client")
 
 from lacache.vllm.config import parse_config  # noqa: E402
-from lacache.vllm.slots import RequestSlots  # noqa: E402
 
 BUDGET, NEW = 64, 150
 NAMES = ("lacache_compactions_total", "lacache_evicted_tokens_total", "lacache_moved_slot_layers_total",
@@ -34,7 +33,7 @@ NAMES = ("lacache_compactions_total", "lacache_evicted_tokens_total", "lacache_m
 
 def _replay(config, passes: list[int]) -> dict:
     """What the metrics should say for one request run in ``passes``: the plugin's own slot replay."""
-    slots = RequestSlots(config.new_policy(), config.budget, config.target, config.num_layers)
+    slots = config.new_slots()
     found = dict.fromkeys(NAMES, 0)
     for q in passes:
         plan = slots.advance(q)
@@ -82,7 +81,7 @@ def test_a_compaction_is_counted_by_the_worker():
     config = parse_config({"method": "streaming", "budget": 24, "sinks": 2}, layers)
     state = WorkerState(runner, config)
     before = {name: _sample(name) for name in NAMES}
-    slots = RequestSlots(config.new_policy(), config.budget, config.target, layers)
+    slots = config.new_slots()
     state.requests["r"] = slots
     plan = slots.advance(40)  # a prompt of 40 tokens: one compaction to the budget
     assert plan is not None and plan.kept < 40

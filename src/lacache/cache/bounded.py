@@ -27,6 +27,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from ..policies.base import LayerView, RetentionPolicy
+from ..policies.points import CompactionPoints, points_for
 from ..policies.scores import ScorePolicy
 from ..rope import Rotator
 from .generate_modes import generate_mode_refusal
@@ -74,6 +75,8 @@ class BoundedCache(Cache):
         self.budget = int(budget)
         self.chunk = int(chunk)
         self.policy = policy
+        #: where this stream compacts (``policies.points``): passes split at them keep the same tokens
+        self.points: CompactionPoints = points_for(policy, self.budget, self.chunk)
         self.positions = positions
         # one per layer (models mixing sliding and global layers use different RoPE frequencies)
         self.rotators: list[Rotator] = rotator if isinstance(rotator, list) else [rotator] * num_layers
@@ -202,6 +205,16 @@ class BoundedCache(Cache):
         if self._padded is not None:
             return sum(row.memory_bytes() for row in self._padded.rows)
         return sum(layer.memory_bytes() for layer in self.layers)
+
+    def pass_limit(self) -> int | None:
+        """The most tokens the next forward may bring without crossing a compaction point (None: any);
+        ``split_passes`` splits a stream's tokens at them."""
+        return self.points.pass_limit(self.seen)
+
+    def split_passes(self, tokens: int, most: int | None = None) -> list[int]:
+        """The lengths of the passes, of at most ``most`` tokens, that feed ``tokens`` more tokens to this cache
+        without crossing a compaction point: fed this way a stream keeps the same slots however it is chunked."""
+        return self.points.split(self.seen, int(tokens), most)
 
     def describe(self) -> dict:
         return {"cache": type(self).__name__, "budget": self.budget, "chunk": self.chunk,
@@ -496,10 +509,11 @@ class BoundedCache(Cache):
         slots_before = self.num_slots
         positions = StepPositions(position_ids, slots_before, q, int(key_states.shape[0]))
         self._check_continues(positions)  # shares the step's one host read of its positions
+        target = self.points.after(self.seen, slots_before, q, self.policy.capacity(self.budget))
         self.seen += q
         self._forwards += 1
-        over = slots_before + q > self.policy.capacity(self.budget)
-        return _Step(self._forwards, q, positions, self.budget - self.chunk, over)
+        return _Step(self._forwards, q, positions, target if target is not None else self.budget - self.chunk,
+                     target is not None)
 
     # ----------------------------------------------------------------- left-padded batches
     def _spawn(self) -> BoundedCache:

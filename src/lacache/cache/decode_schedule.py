@@ -20,6 +20,7 @@ import numpy as np
 
 from ..policies.base import IndexPolicy
 from ..policies.plan import CompactionPlan
+from ..policies.points import CompactionPoints
 
 __all__ = ["Compaction", "DecodeSchedule", "plan_decode", "count_schedule", "MAX_EVENTS"]
 
@@ -87,25 +88,29 @@ def _state(policy: IndexPolicy):
     return state
 
 
-def plan_decode(policy: IndexPolicy, slots: int, budget: int, target: int, num_layers: int,
+def plan_decode(policy: IndexPolicy, points: CompactionPoints, slots: int, seen: int, budget: int, num_layers: int,
                 max_events: int = MAX_EVENTS) -> DecodeSchedule:
-    """The compactions of one-token decode steps for a cache holding ``slots`` slots whose rule is ``policy``.
+    """The compactions of one-token decode steps for a cache holding ``slots`` slots after ``seen`` tokens, whose
+    rule is ``policy``.
 
-    ``policy`` is not advanced (a fork is driven). The cache compacts when a step would hold more than
-    ``policy.capacity(budget)`` slots, to ``target`` (``budget - chunk``), exactly as
-    ``BoundedCache`` does for every forward pass.
+    ``policy`` is not advanced (a fork is driven). A step compacts where ``points`` says (``policies.points``:
+    the one rule ``BoundedCache`` and vLLM replay for every forward pass), to what it says.
     """
     rule = policy.fork()
     n = int(slots)
+    seen = int(seen)
+    period = points.period or 1
     states: dict = {}
     events: list[Compaction] = []
     while True:
-        key = (n, _state(rule))
+        key = (n, seen % period, _state(rule))
         if key in states:  # the future from here is the one already listed from there
             return DecodeSchedule(int(slots), tuple(events), states[key], states)
         states[key] = len(events)
+        target = points.after(seen, n, 1, rule.capacity(budget))
         n += 1
-        if n <= rule.capacity(budget):
+        seen += 1
+        if target is None:
             continue
         if len(events) >= max_events:
             raise ValueError(
@@ -120,14 +125,27 @@ def plan_decode(policy: IndexPolicy, slots: int, budget: int, target: int, num_l
         n = plan.kept
 
 
-def count_schedule(slots: int, capacity: int, target: int, num_layers: int) -> DecodeSchedule:
-    """When one-token steps compact, for a rule that chooses the survivors itself (by score).
+def count_schedule(points: CompactionPoints, slots: int, seen: int, capacity: int, num_layers: int) -> DecodeSchedule:
+    """When one-token steps compact, for a rule that chooses the survivors itself (by score) and always keeps
+    exactly the target.
 
-    Timing depends on slot counts alone: a step that would hold more than ``capacity`` slots compacts
-    to ``target``, and from then on every ``capacity + 1 - target`` steps; which slots go is left to the
-    step (``cache.static_scores``), so the events carry no drops.
+    Timing depends on slot counts and the stream position alone (``points``); which slots go is left to the
+    step (``cache.static_scores``), so the events carry no drops: a transient first compaction, then one that
+    repeats every period.
     """
-    if not 0 < target <= capacity:
-        raise ValueError(f"target={target} must be between 1 and capacity={capacity}")
-    event = Compaction(capacity + 1, target, np.empty((num_layers, 0), dtype=np.int64))
-    return DecodeSchedule(int(slots), (event,), 0, {})
+    if not 0 < points.target <= capacity:
+        raise ValueError(f"target={points.target} must be between 1 and capacity={capacity}")
+    none = np.empty((num_layers, 0), dtype=np.int64)
+    n, seen = int(slots), int(seen)
+    events: list[Compaction] = []
+    while len(events) < 2:
+        target = points.after(seen, n, 1, capacity)
+        n += 1
+        seen += 1
+        if target is not None:
+            events.append(Compaction(n, target, none))
+            n = target
+    first, steady = events
+    if first.trigger == steady.trigger:
+        return DecodeSchedule(int(slots), (steady,), 0, {})
+    return DecodeSchedule(int(slots), (first, steady), 1, {})

@@ -134,6 +134,19 @@ def _choose(logits: torch.Tensor, temperature: float, top_p: float, generator) -
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def prefill_passes(cache: Cache, tokens: int, most: int) -> Iterator[tuple[int, int]]:
+    """(start, length) of each pass that feeds ``tokens`` more tokens to ``cache`` in passes of at most ``most``:
+    a bounded cache's passes also end at its compaction points, so how the stream is chunked never changes
+    what the cache keeps. Every consumer that chunks a stream (generation, chat, evaluations, benchmarks)
+    splits it here."""
+    lengths = (cache.split_passes(tokens, most) if isinstance(cache, BoundedCache)
+               else [min(most, tokens - start) for start in range(0, tokens, most)])
+    start = 0
+    for length in lengths:
+        yield start, length
+        start += length
+
+
 @torch.no_grad()
 def stream_tokens(
     model,
@@ -155,9 +168,12 @@ def stream_tokens(
     ``temperature`` 0 is greedy; ``top_p`` in (0, 1] keeps the smallest set of tokens whose
     probabilities reach it. Bad settings raise ``ValueError`` at the first ``next()``.
 
-    ``prefill_chunk`` feeds the prompt in pieces, compacting after each, so a prompt of any length
-    costs memory for ``budget + prefill_chunk`` slots only; default: the cache's budget (or the
-    whole prompt for an unbounded cache).
+    ``prefill_chunk`` feeds the prompt in passes of at most that many tokens; a bounded cache also
+    ends a pass at each of its compaction points (``BoundedCache.split_passes``), so the stream keeps
+    the same slots, and gives the same tokens, whatever ``prefill_chunk`` is, and a prompt of any
+    length costs memory for ``budget + 1`` slots (``budget + prefill_chunk`` for the authors'
+    schedule, which has no points); default: the cache's budget (or the whole prompt for an
+    unbounded cache).
     """
     check_sampling(temperature, top_p)
     _check_stream_settings(max_new_tokens, seed, sample_every)
@@ -183,8 +199,8 @@ def stream_tokens(
     started = time.perf_counter()
     logits = None
     cache_kwarg = cache_argument(model, cache)  # resolved once, not per token
-    for start in range(0, input_ids.shape[1], prefill_chunk):
-        piece = input_ids[:, start : start + prefill_chunk]
+    for start, length in prefill_passes(cache, input_ids.shape[1], prefill_chunk):
+        piece = input_ids[:, start : start + length]
         positions = next_positions(cache, piece.shape[1], device)
         out = model(input_ids=piece, position_ids=positions, **cache_kwarg)
         logits = out.logits[:, -1]

@@ -131,12 +131,13 @@ class StaticDecode:
         rule's current state, or None when a new schedule is needed."""
         if self.schedule is None or not self._fits(k0, self.slots):
             return None
-        return self.schedule.states.get((n, self.cache.policy.decode_state()))
+        cache = self.cache
+        return self.schedule.states.get((n, cache._seen % (cache.points.period or 1), cache.policy.decode_state()))
 
     def _plan(self, n: int) -> DecodeSchedule:
         """The compactions of one-token steps from ``n`` held slots (index-only rules: every one planned)."""
         cache = self.cache
-        return plan_decode(cache.policy, n, cache.budget, cache.budget - cache.chunk, len(cache.layers))
+        return plan_decode(cache.policy, cache.points, n, cache._seen, cache.budget, len(cache.layers))
 
     def _load_slots(self, n: int) -> None:
         """Per-slot tensors besides keys and values (none here: an index-only rule's table says it all)."""
@@ -267,17 +268,17 @@ class StaticDecode:
         held, seen, applied = int(self.held), int(self.seen), int(self.applied)
         n, seen_before, k = self._host
         schedule = self.schedule
-        target = cache.budget - cache.chunk
         pending = None
         for token in range(seen_before, seen):
+            target = cache.points.after(token, n, 1, cache.policy.capacity(cache.budget))
             n += 1
             for layer in cache.layers:
                 layer._tokens.add(token, token + 1)
-            event = schedule.event(k)
-            if n != event.trigger:
+            if target is None:
                 continue
+            event = schedule.event(k)
             plan = cache.policy.plan(n, target)  # advances the rule exactly as the host path would have
-            if not (plan.kept == event.kept and np.array_equal(plan.index, event.plan.index)):
+            if not (n == event.trigger and plan.kept == event.kept and np.array_equal(plan.index, event.plan.index)):
                 raise RuntimeError("static decode diverged from its rule's plan: please report this")
             k += 1
             self.compactions += 1

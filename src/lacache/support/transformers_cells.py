@@ -158,6 +158,24 @@ CELLS: list[Cell] = [
          "equal length",
          ("tests/test_static.py::test_a_padded_batch_works_eagerly_with_its_2d_mask_and_is_refused_as_a_4d_one",),
          where="generate() call"),
+    # ------------------------------------------------------------------ how a prompt is cut into passes
+    Cell(_T, "a stream fed in passes of any size (`stream_generate(prefill_chunk=...)`, `lacache chat`, chunked "
+         "evaluations, `bench prefill`)", "host path; every method but the authors' schedule", EXACT,
+         "passes end at the cache's compaction points (`policies.points`), so the tokens and what every layer holds "
+         "are the same for prefill chunks of 7, 64 and 300 tokens and equal token-by-token feeding (hypothesis, on "
+         "the vLLM replay, the transformers cache and the static planner alike)",
+         ("tests/test_points.py::test_stream_generate_gives_the_same_tokens_and_slots_for_any_prefill_chunk",
+          "tests/test_points.py::test_the_bundled_model_gives_the_same_tokens_for_any_prefill_chunk",
+          "tests/test_points.py::test_any_split_at_the_points_holds_what_token_by_token_holds",
+          "tests/test_points.py::test_a_score_rule_with_a_chunk_holds_the_same_slots_for_any_split")),
+    Cell(_T, "a one-pass prefill (`generate(prompt)`) and `prefill_chunk_size=k`", f"host path; {_EVERY}", EXACT,
+         "the other semantics: each pass (the whole prompt, or each chunk of k) is attended at once, then compacted "
+         "(to what token-by-token feeding holds at its end); exact against lacache's own loop fed the same passes. "
+         "A k that divides the cache's period (`cache.points.period`) crosses no point and gives stream_generate's "
+         "tokens; the authors' schedule is exact in the same passes only",
+         ("tests/test_cache.py::test_generate_with_chunked_prefill_matches_own_loop",
+          "tests/test_cache.py::test_generate_in_chunks_that_divide_the_period_keeps_the_stream_semantics",
+          "tests/test_cache.py::test_generate_matches_reference_with_eviction")),
     # ------------------------------------------------------------------ lacache's own entry point
     Cell(_T, "`custom_generate=lacache.generate` (a callable, a hub folder, pipelines)",
          "greedy search and sampling; lacache, streaming (the cache make_cache builds, as in the rows above)", EXACT,

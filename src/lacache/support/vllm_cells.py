@@ -17,6 +17,7 @@ _SAMPLED = _M + "test_sampled_tokens_have_the_transformers_cache_logprobs"
 _SOAK = "tests/serving/test_vllm_soak.py::test_the_server_survives_a_minute_of_good_and_bad_clients"
 _D = "tests/serving/test_vllm_dtypes.py::"
 _P = "tests/serving/test_vllm_pool_engine.py::"
+_SAME = "tests/serving/test_vllm_same_answer.py::"
 _ENGINE, _REQUEST = "vLLM engine", "vLLM request"
 _SERVED = "lacache-capped (the serving default)"
 _ANY = "every method"
@@ -53,25 +54,38 @@ ENGINE: list[Cell] = [
          (_P + "test_without_a_size_the_pool_holds_max_num_seqs_bounded_rows",
           "tests/serving/test_vllm_docs.py::test_the_readme_serving_commands_run_as_printed",
           "tests/serving/test_vllm_docs.py::test_the_serving_quick_start_runs_as_printed")),
-    Cell(_ENGINE, "a KV pool smaller than one request's peak row (budget + one prefill chunk)", _ANY, REFUSED,
-         "no request could ever run; lower the chunk (`--max-num-batched-tokens`) or give the pool the blocks the "
-         "line names (the line names the budget and the chunk)",
+    Cell(_ENGINE, "a KV pool smaller than one request's peak row (the decode row, budget + 1; budget + one prefill "
+         "chunk for the authors' schedule)", _ANY, REFUSED,
+         "no request could ever run; give the pool the blocks the line names (it names the budget, and for the "
+         "authors' schedule the chunk to lower, `--max-num-batched-tokens`)",
          (_P + "test_a_pool_too_small_for_one_peak_row_is_refused_naming_budget_and_chunk",
+          "tests/test_vllm_pool.py::test_a_pool_smaller_than_one_row_is_refused_naming_the_budget",
           "tests/test_vllm_pool.py::test_a_pool_smaller_than_one_peak_row_is_refused_naming_budget_and_chunk"),
          "engine start"),
-    Cell(_ENGINE, "chunked prefill (`max_num_batched_tokens` below the prompt)", _SERVED, EXACT,
-         "every prompt position's logprob equals the transformers cache fed the prompt in the same chunks "
-         "(compacting inside the prefill)",
-         (_M + "test_prompt_logprobs_never_continue_a_kept_cache_and_match_every_position",)),
+    Cell(_ENGINE, "chunked prefill (`max_num_batched_tokens` below the prompt) and concurrent requests", _SERVED, EXACT,
+         "the scheduler ends every pass at the request's next compaction point, so the answer depends on the tokens "
+         "alone: a request beside three long prefills gets the tokens it gets alone, which are the transformers "
+         "cache's for any prefill chunk; every prompt position's logprob equals the transformers cache's",
+         (_SAME + "test_a_request_beside_long_prefills_gets_the_answer_it_gets_alone",
+          _M + "test_prompt_logprobs_never_continue_a_kept_cache_and_match_every_position")),
+    Cell(_ENGINE, "the authors' schedule (`method` `lacache` or `lacache-reference`) beside other requests, with "
+         "reuse or after preemption", "lacache, lacache-reference", EXACT,
+         "it sets its own compaction points (almost every token), so it is exact against the transformers cache "
+         "fed in the same passes only, and how vLLM chunks a prompt depends on the load: a start-up warning says "
+         "so; every other served method gives the same answer under any load (docs/method.md, Compaction points)",
+         (_TOKENS, "tests/test_points.py::test_a_crossing_pass_keeps_the_transformers_cache_and_vllm_in_step")),
     Cell(_ENGINE, "`--tensor-parallel-size 2`", "lacache-capped, lacache", EXACT,
          "the TP=1 tokens and the transformers cache's",
          ("tests/serving/test_vllm_tensor_parallel.py::test_tensor_parallel_2_gives_the_tp1_and_transformers_tokens_with_bounded_kv",)),
     Cell(_ENGINE, "prefix caching (`--enable-prefix-caching`, vLLM's default)", _SERVED, EXACT,
          "switched off (compaction rewrites blocks); lacache's reuse takes its place and follows the same "
          "switch unless the lacache key sets `reuse`; a continued cache gives the tokens of the whole "
-         "conversation fed as one stream in the same passes",
+         "conversation fed as one stream, and the answers of a server without reuse at every turn of a 10-turn "
+         "chat; a turn whose kept cache was evicted (re-prefilled) gets the reused turn's answer",
          (_M + "test_reuse_follows_the_operators_prefix_caching_choice",
-          "tests/serving/test_vllm_reuse.py::test_each_turn_continues_the_last_ones_cache_and_equals_one_stream")),
+          "tests/serving/test_vllm_reuse.py::test_each_turn_continues_the_last_ones_cache_and_equals_one_stream",
+          _SAME + "test_a_ten_turn_chat_gets_the_same_answers_with_and_without_reuse",
+          _SAME + "test_a_turn_whose_kept_cache_was_evicted_gets_the_answer_of_one_that_reused_it")),
     Cell(_ENGINE, "`reset_prefix_cache` (also with `reset_running_requests=True`)", _SERVED, EXACT,
          "drops every kept cache first, then vLLM's reset succeeds; the next turn is a full prefill",
          (_M + "test_reset_prefix_cache_drops_every_kept_cache_and_succeeds",)),
@@ -81,10 +95,11 @@ ENGINE: list[Cell] = [
          (_M + "test_a_scaled_rope_is_exact_against_the_transformers_cache",
           "tests/test_vllm_engine_checks.py::test_moved_keys_turn_by_pure_rotations")),
     Cell(_ENGINE, "preemption (pool pressure, `reset_running_requests`)", _SERVED, EXACT,
-         "a preempted request is recomputed from token 0 on both sides, as the transformers cache fed the "
-         "stream in the recompute's passes, and finishes; no block leaks. Admission by each request's peak row "
-         "keeps it from happening while decoding. (Exactness whatever the passes is the next issue's work.)",
-         ("tests/serving/test_vllm_engine.py::test_preempted_requests_recompute_and_finish_without_leaking_blocks",)),
+         "a preempted request is recomputed from token 0 (chunked as the load allows) and continues exactly as "
+         "the undisturbed request; no block leaks. Admission by each request's peak row keeps it from happening "
+         "while decoding unless the pool is tighter than the running rows",
+         ("tests/serving/test_vllm_engine.py::test_preempted_requests_recompute_and_finish_without_leaking_blocks",
+          _SAME + "test_a_request_preempted_mid_decode_continues_as_if_undisturbed")),
 ]
 ENGINE += [Cell(_ENGINE, refusal.option, _ANY, REFUSED, f"{refusal.why}; {refusal.instead}",
                 _engine_refusal_test(refusal), "engine start") for refusal in REFUSALS]
@@ -93,7 +108,7 @@ REQUEST: list[Cell] = [
     Cell(_REQUEST, "sampling: `n`, `temperature`, `top_p`, `top_k`, `min_p`, `seed`, `presence_penalty`, "
          "`frequency_penalty`, `repetition_penalty`, `logit_bias`, `bad_words`, `allowed_token_ids`", _SERVED, EXACT,
          "whatever vLLM sampled, every sampled token's raw logprob equals the transformers cache's on that token "
-         "stream, fed in the same passes, past many compactions", (_SAMPLED,)),
+         "stream, past many compactions", (_SAMPLED,)),
     Cell(_REQUEST, "`structured_outputs`", _SERVED, EXACT,
          "a mask on the logits (tested with a regex): the gaps between the offered tokens' logprobs (logit "
          "differences, which a mask leaves alone) equal the transformers cache's at every step", (_SAMPLED,)),

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..policies.base import IndexPolicy, RetentionPolicy, resolve_chunk
+from ..policies.points import CompactionPoints, points_for
 from ..registry import BACKEND_OPTIONS, method_spec, served_default_method, served_methods
 
 __all__ = ["KEY", "ServingConfig", "parse_config", "serving_config", "served_methods"]
@@ -60,6 +61,17 @@ class ServingConfig:
         """Slots a compaction leaves: ``budget - chunk``."""
         return self.budget - self.chunk
 
+    @property
+    def points(self) -> CompactionPoints:
+        """Where every request compacts (``policies.points``): the scheduler clips each pass at them."""
+        return points_for(self._policy, self.budget, self.chunk)
+
+    def new_slots(self, track_tokens: bool = False):
+        """A fresh replay of one request's slots (``slots.RequestSlots``), as the scheduler and workers keep."""
+        from .slots import RequestSlots
+
+        return RequestSlots(self.new_policy(), self.budget, self.points, self.num_layers, track_tokens=track_tokens)
+
     def new_policy(self) -> RetentionPolicy:
         """A fresh rule for one request; index-only rules share their memoised plans."""
         policy = self._policy.fork()
@@ -71,6 +83,12 @@ class ServingConfig:
         """Slots a decoding request holds at its peak: ``capacity`` and the token being computed. The
         scheduler reserves this row at admission and both sides keep it (``slots.kept_blocks``)."""
         return self.capacity + 1
+
+    def peak_slots(self, step: int) -> int:
+        """The most slots one request's pass attends over when a prefill chunk is ``step`` tokens: the decode row
+        for a rule with compaction points (the scheduler stops every pass at them, ``policies.points``), the
+        held slots plus a whole chunk for a rule that sets its own points (the authors' schedule)."""
+        return max(self.decode_slots, self.points.peak(self.capacity, int(step)))
 
     def decode_row(self, block_size: int) -> tuple[int, int]:
         """(slots, blocks) of ``decode_slots`` in whole blocks of ``block_size``."""
@@ -103,8 +121,8 @@ class ServingConfig:
         return note
 
     def describe(self) -> dict:
-        return {"method": self.method, "budget": self.budget, "chunk": self.chunk, "reuse": self.reuse,
-                **self._policy.describe()}
+        return {"method": self.method, "budget": self.budget, "chunk": self.chunk, "period": self.points.period,
+                "reuse": self.reuse, **self._policy.describe()}
 
 
 def parse_config(raw: object, num_layers: int) -> ServingConfig:

@@ -174,6 +174,11 @@ def configure_engine(vllm_config, engine_args=None) -> ServingConfig | None:
     block_size = getattr(cache, "block_size", None)
     row = f"; {config.row_note(int(block_size))}" if block_size else ""
     logger.info("lacache: bounded KV cache on: %s%s", config.describe(), row)
+    if config.points.period is None:
+        logger.warning("lacache: method %r (the authors' schedule) sets its own compaction points, so a request's "
+                       "answer depends on how the engine chunks its prompt (other requests, reuse, preemption); "
+                       "every other served method (e.g. the default, lacache-capped) gives the same answer under "
+                       "any load", config.method)
     _size_pool(config, vllm_config, engine_args)
     return config
 
@@ -261,6 +266,24 @@ class _SchedulerHooks:
                                  if isinstance(manager, LadderManager)]
         for manager in self._ladder_managers:
             manager.bind(config, step_cap, vllm_config.model_config.max_model_len, self.requests.get)
+        #: where every request compacts: each pass is clipped to end at the next point, so what a request's
+        #: cache holds depends on its tokens alone, not on how this step's token budget chunked them
+        self._points = config.points
+        if self._points.period is not None:
+            # vLLM clips prefill chunks for Mamba state checkpoints through this flag and method, for running
+            # and waiting requests alike; lacache's clip takes the method's place (see _mamba_block_aligned_split)
+            self.need_mamba_block_aligned_split = True
+
+    def _mamba_block_aligned_split(self, request, num_new_tokens, num_new_local_computed_tokens=0,
+                                   num_external_computed_tokens=0, *args, **kwargs):
+        """Clip a request's pass so it ends at or before its next compaction point (``policies.points``).
+
+        vLLM calls this for every request it schedules when ``need_mamba_block_aligned_split`` is set; the
+        plugin refuses Mamba models (``bounded_specs``), so the method is lacache's alone here. The pass starts
+        after the tokens already computed (and those a kept cache brings: ``num_new_local_computed_tokens``)."""
+        start = int(request.num_computed_tokens) + int(num_new_local_computed_tokens) + int(num_external_computed_tokens)
+        limit = self._points.pass_limit(start)
+        return num_new_tokens if limit is None else min(int(num_new_tokens), limit)
 
     def _get_local_prefix_cache_hit(self, request):
         """vLLM's prefix-cache look-up for a request being admitted. With the plugin, prefix caching is off and

@@ -2,8 +2,11 @@
 
 vLLM's CPU backend reserves a share of the node's memory for the KV pool (``gpu_memory_utilization``,
 0.92 by default), sized for requests of ``max_model_len`` tokens. A bounded request never holds more
-than its *peak row*: the slots its rule keeps (``ServingConfig.capacity``) plus one prefill chunk of
-``max_num_batched_tokens`` tokens being computed; a decoding request holds ``capacity + 1``. So
+than its *peak row* (``ServingConfig.peak_slots``): for a rule with compaction points (every served
+rule but the authors' schedule) the decode row, ``budget + 1``, since the scheduler stops every pass
+at a compaction point; for the authors' schedule, the slots it keeps (``capacity``) plus one
+prefill chunk of ``max_num_batched_tokens`` tokens being computed. A decoding request holds
+``capacity + 1``. So
 unless the engine sets its own size (``kv_cache_memory_bytes`` / ``VLLM_CPU_KVCACHE_SPACE``,
 ``num_gpu_blocks_override``, or a ``gpu_memory_utilization`` other than vLLM's default), the plugin
 gives the pool exactly what ``max_num_seqs`` decoding requests and one prefilling request take, at
@@ -82,10 +85,12 @@ class PoolPlan:
         held = (f"{self.requests} decoding requests" if self.requests >= self.max_num_seqs
                 else f"{self.requests} decoding requests at once (max_num_seqs is {self.max_num_seqs}: the rest wait; "
                      f"at most {MAX_SHARE:.0%} of the memory available at start)")
+        chunk = (f" and one prefill chunk of {self.step} tokens ({self.peak_blocks} blocks at its peak)"
+                 if self.peak_blocks > self.decode_blocks else
+                 " (a prefill chunk needs no more: passes stop at every compaction point)")
         return (f"KV pool sized for the bounded rows: {self.nbytes / GIB:.2f} GiB = {self.blocks + 1} blocks of "
-                f"{self.block_size} slots, for {held} of {self.decode_blocks} block(s) and one prefill chunk of "
-                f"{self.step} tokens ({self.peak_blocks} blocks at its peak); set --kv-cache-memory-bytes (or "
-                f"VLLM_CPU_KVCACHE_SPACE) to choose another size")
+                f"{self.block_size} slots, for {held} of {self.decode_blocks} block(s){chunk}; set "
+                f"--kv-cache-memory-bytes (or VLLM_CPU_KVCACHE_SPACE) to choose another size")
 
 
 def user_sized(vllm_config, engine_args=None) -> bool:
@@ -108,7 +113,7 @@ def plan_pool(config: ServingConfig, vllm_config, available_bytes: int) -> PoolP
     per_block = bytes_per_block(vllm_config)
     step = step_tokens(vllm_config)
     decode = _cdiv(config.decode_slots, block_size)
-    peak = _cdiv(config.capacity + step, block_size)
+    peak = _cdiv(config.peak_slots(step), block_size)
     seqs = max(1, int(vllm_config.scheduler_config.max_num_seqs))
     limit = int(available_bytes * MAX_SHARE) // per_block - 1  # usable blocks within the share
     requests = seqs
@@ -122,9 +127,15 @@ def pool_refusal(config: ServingConfig, vllm_config, pool_blocks: int) -> str | 
     """One line when a pool of ``pool_blocks`` usable blocks cannot hold one request's peak row, or None."""
     block_size = int(vllm_config.cache_config.block_size)
     step = step_tokens(vllm_config)
-    peak = _cdiv(config.capacity + step, block_size)
+    peak = _cdiv(config.peak_slots(step), block_size)
     if pool_blocks >= peak:
         return None
+    if config.points.period is not None:  # passes stop at compaction points: no chunk ever adds to the row
+        return (f"lacache: the KV pool holds {pool_blocks} usable block(s) of {block_size} slots, too few for one "
+                f"request's row: budget {config.budget} + the token being computed = {config.decode_slots} slots = "
+                f"{peak} blocks (passes stop at every compaction point, so the prefill chunk adds none); give the "
+                f"pool at least {peak + 1} blocks (--num-gpu-blocks-override {peak + 1}, or more "
+                f"--kv-cache-memory-bytes) or use a smaller --budget")
     room = pool_blocks * block_size - config.capacity
     if room >= 16:
         chunk = room // 16 * 16

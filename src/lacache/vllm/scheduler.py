@@ -4,8 +4,13 @@ vLLM sizes a request's block row by its logical length. A bounded request holds 
 physical slots, so:
 
 * ``LadderAttentionSpec`` marks the model's attention layers as bounded and tells the start-up
-  check that a request needs ``budget + max_num_batched_tokens`` slots at most, not
-  ``max_model_len`` (so an engine starts with a pool smaller than one full-length request);
+  check that a request needs its peak row at most (``ServingConfig.peak_slots``: ``budget + 1``
+  for a rule with compaction points, ``capacity + max_num_batched_tokens`` for the authors'
+  schedule), not ``max_model_len`` (so an engine starts with a pool smaller than one full-length
+  request);
+* ``LadderScheduler`` (``plugin``) stops every request's pass at its next compaction point
+  (``policies.points``), so what a request's cache holds depends on its tokens alone, never on
+  how a busy engine chunked them;
 * ``LadderManager`` replays each request's passes through the same retention rule as the workers
   (``RequestSlots``), sizes allocations by physical slots, and returns the tail blocks a
   compaction emptied to the pool before each allocation, so the scheduler admits more requests.
@@ -47,7 +52,7 @@ class LadderAttentionSpec(FullAttentionSpec):
         if config is None:
             return super().max_memory_usage_bytes(vllm_config)
         step = min(vllm_config.scheduler_config.max_num_batched_tokens, vllm_config.model_config.max_model_len)
-        return cdiv(config.capacity + step, self.block_size) * self.page_size_bytes
+        return cdiv(config.peak_slots(step), self.block_size) * self.page_size_bytes
 
 
 def bounded_specs(specs: dict) -> dict:
@@ -120,15 +125,14 @@ class LadderManager(FullAttentionManager):
         return slots
 
     def _fresh(self) -> RequestSlots:
-        cfg = self._settings()
-        return RequestSlots(cfg.new_policy(), cfg.budget, cfg.target, cfg.num_layers)
+        return self._settings().new_slots()
 
     def _physical(self, request_id: str, num_tokens: int) -> int:
         """Slots the row must have for ``num_tokens`` logical tokens: the physical ones, and at least the
         request's decode row (reserved at admission, so decoding never needs another block)."""
         slots = self.slots.get(request_id)
         evicted = slots.evicted if slots is not None else 0
-        need = max(0, min(num_tokens - evicted, self._settings().capacity + self.step_cap))
+        need = max(0, min(num_tokens - evicted, self._settings().peak_slots(self.step_cap)))
         return max(need, self.decode_slots(request_id)) if need else 0
 
     def get_num_blocks_to_allocate(self, request_id, num_tokens, new_computed_blocks, total_computed_tokens,

@@ -1,8 +1,9 @@
 """One request's slot accounting, the same on vLLM's scheduler and on its workers.
 
 Both sides replay every forward pass of a request through the same retention rule: after a pass
-of ``q`` tokens the request holds ``n + q`` slots, and if that exceeds the budget the rule's plan
-compacts it to ``plan.kept``. The scheduler needs only the counts (to free the blocks a
+of ``q`` tokens the request holds ``n + q`` slots, and when the pass reached one of the stream's
+compaction points (``policies.points``: the one rule every backend asks) with more slots than the
+point allows, the rule's plan compacts it to ``plan.kept``. The scheduler needs only the counts (to free the blocks a
 compaction empties and size the next allocation); the worker also applies the plan to the paged
 keys and values. Because the rule is deterministic, the two never need to talk.
 """
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..policies.base import LayerView, RetentionPolicy
+from ..policies.points import CompactionPoints
 
 __all__ = ["RequestSlots", "KeptRequest", "kept_blocks", "longest_kept_prefix"]
 
@@ -35,10 +37,11 @@ def kept_blocks(held_slots: int, row_blocks: int, decode_slots: int, block_size:
 class RequestSlots:
     """Slots one request holds per layer, and which original tokens they are."""
 
-    def __init__(self, policy: RetentionPolicy, budget: int, target: int, num_layers: int, track_tokens: bool = False):
+    def __init__(self, policy: RetentionPolicy, budget: int, points: CompactionPoints, num_layers: int,
+                 track_tokens: bool = False):
         self.policy = policy
         self.budget = budget
-        self.target = target
+        self.points = points
         self.num_layers = num_layers
         self.slots = 0  # physical slots held (every layer the same)
         self.seen = 0  # logical tokens processed
@@ -58,12 +61,13 @@ class RequestSlots:
         if self.tokens is not None:
             new = np.arange(self.seen, self.seen + q, dtype=np.int64)
             self.tokens = np.concatenate([self.tokens, np.broadcast_to(new, (self.tokens.shape[0], q))], axis=1)
+        target = self.points.after(self.seen, self.slots, q, self.policy.capacity(self.budget))
         self.slots += q
         self.seen += q
         self.passes += 1
-        if self.slots <= self.policy.capacity(self.budget):
+        if target is None:
             return None
-        plan = self.policy.retain(LayerView(0, self.slots, q, self.passes), self.target)
+        plan = self.policy.retain(LayerView(0, self.slots, q, self.passes), target)
         if self.tokens is not None:
             rows = plan.index
             if rows.shape[0] > 1 and self.tokens.shape[0] == 1:

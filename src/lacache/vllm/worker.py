@@ -100,7 +100,7 @@ class WorkerState:
         if slots is None or logical_start < slots.seen:  # new, or preempted and recomputed from scratch
             cfg = self.config
             # the original index of every slot costs a copy per step: kept only when inspection asks for it
-            slots = RequestSlots(cfg.new_policy(), cfg.budget, cfg.target, cfg.num_layers, track_tokens=self.record)
+            slots = cfg.new_slots(track_tokens=self.record)
             self.requests[req_id] = slots
         if logical_start != slots.seen:
             raise RuntimeError(f"lacache: request {req_id} resumes at token {logical_start} but its cache holds "

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from ...cache.generation import cache_bytes, cache_slots, next_positions
+from ...cache.generation import cache_bytes, cache_slots, next_positions, prefill_passes
 from ...cache.memory import current_rss_bytes
 from ...registry import default_method
 from .decode import _budget, _close, _make_cache
@@ -39,7 +39,8 @@ def bench_prefill(
     method_options: dict | None = None,
     on_row: Callable[[dict], None] | None = None,
 ) -> dict:
-    """Feed ``input_ids`` in chunks of ``prefill_chunk`` through a cache, as ``stream_tokens`` does.
+    """Feed ``input_ids`` in chunks of ``prefill_chunk`` through a cache, as ``stream_tokens`` does (a bounded
+    cache's passes also end at its compaction points: ``generation.prefill_passes``).
 
     Each chunk is positioned after the cache's slots and only its last logit is computed. One row per
     chunk: tokens so far, tokens/s of the chunk and overall, process RSS, cache bytes, CUDA memory.
@@ -61,8 +62,8 @@ def bench_prefill(
     rss_before = current_rss_bytes()
     rows = []
     began = time.perf_counter()
-    for start in range(0, total, prefill_chunk):
-        piece = input_ids[:, start : start + prefill_chunk]
+    for start, length in prefill_passes(cache, total, prefill_chunk):
+        piece = input_ids[:, start : start + length]
         t0 = time.perf_counter()
         model(input_ids=piece, position_ids=next_positions(cache, piece.shape[1], device), cache=cache,
               logits_to_keep=1)
