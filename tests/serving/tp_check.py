@@ -68,8 +68,10 @@ def transformers_run(model, method: str, budget: int | None, ids: list[int]):
 
     cache = make_cache(method, model, budget) if method != "full" else make_cache("full", model)
     with torch.no_grad():
+        # chunks of one period end at the compaction points, as vLLM's scheduler cuts its passes
+        period = getattr(getattr(cache, "points", None), "period", None)
         out = model.generate(torch.tensor([ids]), past_key_values=cache, max_new_tokens=NEW,
-                             min_new_tokens=NEW, do_sample=False)
+                             min_new_tokens=NEW, do_sample=False, prefill_chunk_size=period)
     return out[0, len(ids):].tolist(), cache
 
 
