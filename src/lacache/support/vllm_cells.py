@@ -59,6 +59,7 @@ ENGINE: list[Cell] = [
          "no request could ever run; give the pool the blocks the line names (it names the budget, and for the "
          "authors' schedule the chunk to lower, `--max-num-batched-tokens`)",
          (_P + "test_a_pool_too_small_for_one_peak_row_is_refused_naming_budget_and_chunk",
+          _P + "test_a_pool_too_small_for_one_decode_row_is_refused_naming_the_budget",
           "tests/test_vllm_pool.py::test_a_pool_smaller_than_one_row_is_refused_naming_the_budget",
           "tests/test_vllm_pool.py::test_a_pool_smaller_than_one_peak_row_is_refused_naming_budget_and_chunk"),
          "engine start"),
