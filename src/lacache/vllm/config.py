@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 
 from ..policies.base import IndexPolicy, RetentionPolicy, resolve_chunk
 from ..policies.points import CompactionPoints, points_for
@@ -61,7 +62,7 @@ class ServingConfig:
         """Slots a compaction leaves: ``budget - chunk``."""
         return self.budget - self.chunk
 
-    @property
+    @cached_property
     def points(self) -> CompactionPoints:
         """Where every request compacts (``policies.points``): the scheduler clips each pass at them."""
         return points_for(self._policy, self.budget, self.chunk)
