@@ -62,3 +62,55 @@ def test_scoring_counts_a_key_anywhere_in_the_answer():
     t = PasskeyTrial("x", 10, 0.5, 0, 5, "12345", " 12345. Remember", True, 0.1)
     _, _, grid = accuracy_grid([t, PasskeyTrial("x", 10, 0.5, 1, 5, "54321", " 5432", False, 0.1)], "x")
     assert grid == [[0.5]]
+
+
+class _Engines:
+    """Stands in for ``vllm_backend.VllmAnswers``: records each engine's prompts; answers with the prompt's key
+    for even-length prompts (so scoring is seen to read the answer), a wrong number otherwise."""
+
+    def __init__(self, tokenizer, keys):
+        self.tokenizer, self.keys, self.engines = tokenizer, keys, []
+
+    def answer(self, method, slots, options, prompts, new_tokens, stop_ids):
+        self.engines.append((method, slots, len(prompts), tuple(new_tokens), tuple(stop_ids)))
+        return [self.tokenizer(f" {self.keys[tuple(p)] if len(p) % 2 == 0 else '00000'}.",
+                               add_special_tokens=False)["input_ids"] for p in prompts]
+
+
+def test_the_vllm_backend_runs_one_engine_per_method_and_budget_and_scores_as_transformers(tokenizer):
+    """``--backend vllm``: the transformers run's prompts, budgets and scoring, each (method, budget in slots)
+    answered by one engine with all its prompts; the rows come back in the transformers run's order, and a
+    resumed run asks no engine for a finished trial."""
+    lengths, depths, seeds = [300, 401], [0.0, 1.0], [0, 1]
+    keys = {}
+    for n in lengths:
+        for d in depths:
+            for s in seeds:
+                p = build_passkey_prompt(tokenizer, n, d, seed=s)
+                keys[tuple(p.input_ids[0].tolist())] = p.key
+    engines = _Engines(tokenizer, keys)
+    recorded = {}
+    trials = run_passkey(None, tokenizer, ["full", "knorm"], lengths, depths, seeds, 0.5, vllm=engines,
+                         on_trial=recorded.__setitem__)
+    assert [(t.length, t.depth, t.seed, t.method) for t in trials] == [
+        (n, d, s, m) for n in lengths for d in depths for s in seeds for m in ["full", "knorm"]]
+    assert engines.engines == [("full", None, 8, (8,) * 8, (None,) * 8), ("knorm", 150, 4, (8,) * 4, (None,) * 4),
+                               ("knorm", 200, 4, (8,) * 4, (None,) * 4)]
+    assert all(t.correct == (t.length % 2 == 0) for t in trials) and {t.budget for t in trials} == {None, 150, 200}
+    assert len(recorded) == 16
+    engines.engines.clear()
+    again = run_passkey(None, tokenizer, ["full", "knorm"], lengths, depths, seeds, 0.5, vllm=engines,
+                        finished={k: v for k, v in recorded.items() if k[3] == "full" or k[0] == 300})
+    assert engines.engines == [("knorm", 200, 4, (8,) * 4, (None,) * 4)] and again == trials
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--backend", "vllm"], "pass --prefill chunked"),
+    (["--backend", "vllm", "--prefill", "chunked", "--methods", "tova"], "tova is not served in vLLM"),
+])
+def test_the_vllm_backend_refuses_what_it_cannot_run_in_one_line(argv, match, tmp_path, capsys):
+    from lacache.cli.main import main
+
+    assert main(["eval", "passkey", "--out", str(tmp_path), *argv]) == 2
+    err = capsys.readouterr().err
+    assert match in err and err.count("\n") <= 2, err

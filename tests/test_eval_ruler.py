@@ -272,3 +272,26 @@ def test_cli_runs_writes_files_and_rejects_unknown_names(tokenizer, tmp_path, ca
         ruler_cli.run_cli(_cli_args(["--methods", "full,nope"]), model=model, tokenizer=tokenizer)
     with pytest.raises(ValueError, match="tasks"):
         ruler_cli.run_cli(_cli_args(["--tasks", "qa"]), model=model, tokenizer=tokenizer)
+
+
+def test_the_vllm_backend_gets_each_tasks_answer_length_and_stops(tokenizer):
+    """``--backend vllm`` for RULER: each engine gets every prompt of its budget with that task's answer length and
+    stop tokens (the transformers run's), and the answers are scored by the same string match."""
+    asked = []
+
+    class Engines:
+        def answer(self, method, slots, options, prompts, new_tokens, stop_ids):
+            asked.append((method, slots, list(new_tokens), list(stop_ids)))
+            return [tokenizer("x", add_special_tokens=False)["input_ids"] for _ in prompts]
+
+    tasks = ["niah_multikey", "common_words"]
+    trials = ruler.run_ruler(None, tokenizer, ["full", "lacache-salient"], tasks, [300], [0], 0.5, vllm=Engines())
+    assert [(t.task, t.method) for t in trials] == [(task, m) for task in tasks for m in ["full", "lacache-salient"]]
+    newline = ruler.stop_ids_for(tokenizer, "niah_multikey")
+    assert newline and asked == [
+        (m, slots, [TASK_NEW[task] for task in tasks], [ruler.stop_ids_for(tokenizer, task) for task in tasks])
+        for m, slots in (("full", None), ("lacache-salient", 150))]
+    assert all(t.score == 0.0 for t in trials)
+
+
+TASK_NEW = ruler.TASK_NEW_TOKENS

@@ -112,9 +112,8 @@ def test_the_vllm_plugin_serves_it_keeping_the_transformers_caches_tokens(every_
     assert slots.token_positions(0) == cache.token_positions(0).tolist()
 
 
-def test_content_aware_methods_are_refused_by_vllm_with_the_reason():
-    with pytest.raises(ValueError, match="key norms"):
-        parse_config({"method": "knorm", "budget": 64}, 4)
+def test_key_reading_methods_are_served_and_attention_methods_refused_with_the_reason():
+    assert parse_config({"method": "knorm", "budget": 64}, 4).reads_keys  # key norms: read from the paged keys
     with pytest.raises(ValueError, match="attention scores"):
         parse_config({"method": "h2o", "budget": 64}, 4)
 

@@ -384,3 +384,49 @@ def test_the_bundled_model_gives_the_same_tokens_for_any_prefill_chunk(smol, met
     for chunk, (tokens, held) in zip((64, 300), others):
         assert tokens == tokens_7, f"prefill_chunk={chunk} gave other tokens than prefill_chunk=7"
         assert held == held_7, f"prefill_chunk={chunk} holds other tokens than prefill_chunk=7"
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@pytest.mark.parametrize("method", ["knorm", "lacache-salient", "lacache-group"])
+@given(data=st.data(), budget=st.integers(40, 90), length=st.integers(1, 400))
+def test_key_reading_rules_count_on_the_scheduler_what_the_worker_keeps(method, data, budget, length):
+    """vLLM serves a rule that ranks slots by key norm in two halves: the scheduler replays only how many slots
+    survive (``count_after``), the worker hands in every layer's norms and keeps one row per layer. Over any
+    split at the points both hold the same count after every pass, every row is ascending and holds the sinks
+    and the recent window, and a kept row is what the rule chooses from those norms (the worker's norms of the
+    survivors follow them, as the worker does). Norms are drawn from a few values, so ties are common: the
+    older slot wins them."""
+    try:
+        config = parse_config({"method": method, "budget": budget}, 4)
+    except ValueError:
+        assume(False)
+    assert config.reads_keys and config.points.period == config.chunk + 1
+    scheduler, worker = config.new_slots(), config.new_slots(track_tokens=True)
+    held: dict[int, torch.Tensor] = {}
+    rng = np.random.default_rng(length)
+    sinks, window = worker.policy.sinks, worker.policy.window
+    for q in _passes(data.draw, config.points, length, crossing=False):
+        read = {}
+
+        def norms(layer, n):
+            old = held.get(layer, torch.zeros(0))
+            every = torch.cat([old, torch.from_numpy(rng.choice([1.0, 1.5, 2.0], n - old.shape[0])).float()])
+            read[layer] = every
+            return every[None]
+
+        scheduler.advance(q)
+        plan = worker.advance(q, norms=norms, layers=range(4))
+        assert scheduler.slots == worker.slots <= budget and scheduler.seen == worker.seen
+        if plan is None:
+            continue
+        for layer in range(4):
+            rows = plan.rows_for(layer)
+            assert (np.diff(rows) > 0).all() and rows[:sinks].tolist() == list(range(sinks))
+            n = read[layer].shape[0]
+            assert rows[-window:].tolist() == list(range(n - window, n))
+            if method == "knorm":  # the smallest norms, the older of equal ones
+                score = -read[layer].clone()
+                score[:sinks] = score[n - window:] = float("inf")
+                order = sorted(range(n), key=lambda i: (-float(score[i]), i))[:len(rows)]
+                assert rows.tolist() == sorted(order)
+            held[layer] = read[layer][torch.from_numpy(rows)]

@@ -88,11 +88,12 @@ def test_entries_say_what_their_rule_reads_and_whether_vllm_serves_it():
     sees = {name: registry.method_spec(name).sees for name in registry.METHODS}
     assert sees["tova"] == sees["h2o"] == "attention" and sees["knorm"] == sees["lacache-salient"] == "keys"
     assert sees["lacache"] == sees["streaming"] == "slots"
-    assert set(registry.served_methods()) == {"streaming", "lacache", "lacache-capped", "lacache-reference"}
+    assert set(registry.served_methods()) == {"streaming", "lacache", "lacache-capped", "lacache-reference", "knorm",
+                                              "lacache-salient", "lacache-group"}
     assert (registry.unbounded_method(), registry.baseline_method(), registry.default_method()) == (
         "full", "streaming", "lacache")
-    with pytest.raises(ValueError, match="served=True needs an index-only rule"):
-        registry.Method("x", _newest_half, "x", sees="keys", served=True)
+    with pytest.raises(ValueError, match="served=True needs a rule that reads slots or keys"):
+        registry.Method("x", _newest_half, "x", sees="attention", served=True)
     with pytest.raises(ValueError, match="sees='everything'"):
         registry.Method("x", _newest_half, "x", sees="everything")
     with pytest.raises(ValueError, match="base='nope' is not registered"):
@@ -104,7 +105,7 @@ def test_entries_say_what_their_rule_reads_and_whether_vllm_serves_it():
     with pytest.raises(ValueError, match="is the serving default already"):
         registry.register(registry.Method("x", _newest_half, "x", serving_default=True))
     with pytest.raises(ValueError, match="vLLM does not serve it"):
-        registry.register(registry.Method("x", _newest_half, "x", sees="keys", serving_default=True))
+        registry.register(registry.Method("x", _newest_half, "x", sees="attention", serving_default=True))
 
 
 def test_the_named_classes_are_their_methods_cache_classes():

@@ -179,7 +179,8 @@ def test_knorm_static_steps_choose_what_the_host_rule_chooses(rotation, rows):
     """Each sequence's survivors chosen inside the step (a top-k per row) are the host rule's, through a
     later host pass (a chat turn: the last step's compaction replayed on the host) and back."""
     model = tiny_llama(vocab_size=512)
-    options = {"positions": "original"} if rotation == "none" else {}
+    # chunk=0: key-norm evicts to exactly the budget at every step, a compaction inside every static step
+    options = {"positions": "original", "chunk": 0} if rotation == "none" else {"chunk": 0}
     host = make_cache("knorm", model, 32, **options)
     static = make_cache("knorm", model, 32, static=True, **options)
     if rotation != "none":
@@ -189,7 +190,7 @@ def test_knorm_static_steps_choose_what_the_host_rule_chooses(rotation, rows):
     expected, got = (_fed(model, cache, feed, steps) for cache in (host, static))
     assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
     _same_state(host, static, 4)
-    assert static._static.compactions == steps  # key-norm compacts at every step once full (chunk 0)
+    assert static._static.compactions == steps  # key-norm with chunk 0 compacts at every step once full
     assert static.layers[1].token_index.shape == (rows, 32)
     kept = static.token_positions(2, rows - 1).tolist()
     assert kept[:4] == [0, 1, 2, 3] and kept[4:] != list(range(kept[-1] - 27, kept[-1] + 1))  # sinks, then by norm
@@ -205,10 +206,10 @@ def test_knorm_static_steps_choose_what_the_host_rule_chooses(rotation, rows):
 
 def test_knorm_compiled_decode_runs_without_recompiling():
     dynamo.reset()
-    """Every step past the budget compacts (key-norm's chunk is 0): 400 compactions inside the graph."""
+    """Every step past the budget compacts (key-norm with chunk=0): 400 compactions inside the graph."""
     model = tiny_llama(vocab_size=512)
     feed = _distinct_tokens(1, 512, 512)
-    host, static = make_cache("knorm", model, 32), make_cache("knorm", model, 32, static=True)
+    host, static = make_cache("knorm", model, 32, chunk=0), make_cache("knorm", model, 32, chunk=0, static=True)
     expected = _fed(model, host, feed, 400)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     got = _fed(model, static, feed, 400, call=compiled, recompile_after=2)

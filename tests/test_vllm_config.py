@@ -20,7 +20,7 @@ from lacache.vllm.config import parse_config
     ({"budget": 256, "bogus": 1}, r"unknown option\(s\) \['bogus'\]"),
     ({"budget": 256, "positions": "original"}, "positions='original'"),
     ({"budget": 256, "static": True}, "static: vLLM's own CUDA graphs"),
-    ({"budget": 256, "salient": 0.125}, "salient"),
+    ({"method": "h2o", "budget": 256}, "not served in vLLM .*attention scores"),
     ({"method": "lacache-reference", "budget": 256, "window": 8}, "takes no window"),
     ({"method": "lacache-reference", "budget": 256, "chunk": 8}, "takes no chunk"),
     ({"method": "lacache-reference", "budget": 256, "schedule": "reference"}, "leave it out"),
@@ -47,6 +47,18 @@ def test_settings_mirror_from_model_defaults():
     capped = parse_config({"method": "lacache", "budget": 256, "window": 64}, 30)  # a capped-only option: capped
     assert capped.describe()["schedule"] == "capped" and capped.chunk == 16 and capped.target == 240
     assert parse_config({"method": "streaming", "budget": 64, "sinks": 2}, 30).describe()["sinks"] == 2
+
+
+@pytest.mark.parametrize("raw", [{"method": "knorm", "budget": 256}, {"method": "lacache-salient", "budget": 256},
+                                 {"method": "lacache-group", "budget": 256},
+                                 {"method": "lacache", "budget": 256, "salient": 0.125}])
+def test_key_reading_rules_are_served_with_an_amortised_schedule(raw):
+    """Served, every rule frees budget // 16 slots per compaction (key-norm too, as in the transformers cache), so it
+    compacts at points a period of 17 tokens apart."""
+    config = parse_config(raw, 30)
+    assert config.reads_keys and config.chunk == 16 and config.points.period == 17 and config.peak_slots(2048) == 257
+    assert not parse_config({"budget": 256}, 30).reads_keys
+    assert parse_config({**raw, "chunk": 0}, 30).points.period is None
 
 
 @pytest.mark.parametrize("method,options", [

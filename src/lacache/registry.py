@@ -6,7 +6,7 @@ A method's entry says everything the rest of lacache needs to know about it:
   under ``lacache/policies/``, which also holds this registration);
 * ``sees`` — what the rule reads: slot counts only (``"slots"``), the stored keys (``"keys"``) or
   the new queries' attention (``"attention"``). It decides what the backends must provide: the
-  transformers cache observes queries for ``"attention"``; vLLM serves only ``"slots"`` rules;
+  transformers cache observes queries for ``"attention"``; vLLM serves ``"slots"`` and ``"keys"`` rules;
 * its option names and defaults (the factory's keyword parameters, plus the backend's
   ``positions`` and ``chunk``), the defaults a variant fixes, and the default method lists
   (``SUITES``) it is part of.
@@ -69,7 +69,8 @@ class Method:
     chunked: bool = True
     #: the method this one is a variant of (its cache class, its family in tables)
     base: str | None = None
-    #: served in vLLM: True by default for index-only rules, which need nothing but slot counts
+    #: served in vLLM: True by default for rules that read slots or keys (the workers read key norms from the
+    #: paged keys); never for rules that read attention, which vLLM's fused kernels do not expose
     served: bool | None = None
     #: the bounded baseline of gap-closed tables (one entry)
     baseline: bool = False
@@ -83,9 +84,9 @@ class Method:
         if self.sees not in SEES:
             raise ValueError(f"Method {self.name!r}: sees={self.sees!r} must be one of {SEES}, e.g. sees='slots'")
         if self.served is None:
-            object.__setattr__(self, "served", self.bounded and self.sees == "slots")
-        elif self.served and self.sees != "slots":
-            raise ValueError(f"Method {self.name!r}: served=True needs an index-only rule (sees='slots'); vLLM's "
+            object.__setattr__(self, "served", self.bounded and self.sees != "attention")
+        elif self.served and self.sees == "attention":
+            raise ValueError(f"Method {self.name!r}: served=True needs a rule that reads slots or keys; vLLM's "
                              f"fused attention exposes no {self.sees}")
 
     @property

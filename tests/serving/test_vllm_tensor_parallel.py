@@ -6,8 +6,10 @@ processes, each holding 2 of the 4 KV heads of every layer in its own paged KV c
 replaying the retention rule and compacting its own pages. Three prompts (6, 46 and 76 tokens) get
 200 greedy tokens each with budget 32: with the serving default (the capped schedule) every request
 compacts every other step, with the authors' schedule (``lacache``) on almost every step, and the
-prompts longer than the budget compact at prefill too. The serving default runs at TP=2 and TP=1,
-``lacache`` at TP=2 only (compared with the transformers cache), to keep to one extra engine.
+prompts longer than the budget compact at prefill too; key-norm (``knorm``) ranks each layer's slots by
+the key norm averaged over both ranks' heads (one all-reduce per compaction), so both ranks keep the
+same slots. The serving default runs at TP=2 and TP=1, ``lacache`` and ``knorm`` at TP=2 only
+(compared with the transformers cache), to keep to two extra engines.
 
 Why this fails if the plugin were broken under TP: each rank computes the attention of its own heads
 from its own pages, and the all-reduce after every attention layer mixes them into every token. If
@@ -40,8 +42,9 @@ import pytest
 pytest.importorskip("vllm")
 
 #: what tp_check.py checks: the serving default (no method named) at TP=2 and TP=1, then the authors'
-#: schedule, which compacts on almost every token, at TP=2 only (one more TP=2 engine: 30-80 s on 2 cores)
-METHODS = ("default", "lacache")
+#: schedule, which compacts on almost every token, and key-norm, which ranks slots by the norm averaged over
+#: every rank's heads (one all-reduce per compaction), at TP=2 only (30-80 s per TP=2 engine on 2 cores)
+METHODS = ("default", "lacache", "knorm")
 
 FIELDS = ("method", "prompt", "tp1", "transformers", "full_cache", "ranks", "kv_heads_per_rank",
           "rank_compactions", "seen", "expected_seen", "slots_per_rank", "capacity", "held_tokens",

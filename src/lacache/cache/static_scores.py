@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from ..policies.base import LayerView
+from ..policies.base import LayerView, rank_slots
 from .decode_schedule import DecodeSchedule, count_schedule
 from .static import StaticDecode, _static
 from .storage import TokenIndex
@@ -72,7 +72,7 @@ class ScoredStaticDecode(StaticDecode):
         score = policy.state_score(self.state[layer_idx])
         forced = torch.where((slot < policy.sinks) | (slot >= held - policy.window), float("inf"), score)
         forced = torch.where(slot < held, forced, float("-inf"))  # free slots never survive
-        top = forced.topk(self._target, dim=-1).indices
+        top = rank_slots(forced, self._target)  # equal scores: the older slot, as keep_top
         keep = torch.zeros_like(forced, dtype=torch.bool).scatter(1, top, True)
         return keep | ~due
 

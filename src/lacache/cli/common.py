@@ -280,3 +280,33 @@ def progress_for(args: argparse.Namespace, desc: str, unit: str = "trial", units
     if shard.distributed:
         desc = f"{desc} [rank 0 of {shard.world}]"
     return Progress(desc, unit, units=units, quiet=bool(getattr(args, "quiet", False)) or not shard.main)
+
+
+def add_backend_argument(parser: argparse.ArgumentParser) -> None:
+    """``--backend``: the transformers cache (default) or the vLLM engine with the plugin."""
+    parser.add_argument("--backend", choices=["transformers", "vllm"], default="transformers",
+                        help="vllm: answer through the vLLM engine with the lacache plugin (needs vllm; one engine per "
+                             "method and budget, prompts submitted together, prefilled in chunks of --prefill-chunk "
+                             "tokens as vLLM's max_num_batched_tokens; --prefill must be chunked)")
+
+
+def vllm_runner(args, methods, longest: int):
+    """The engines' settings for ``--backend vllm``, refused in one line before any model loads."""
+    from ..lab.evaluation.vllm_backend import VllmAnswers
+    from ..lab.models import default_model_dir
+    from ..registry import method_spec
+
+    if args.prefill != "chunked":
+        raise ValueError("--backend vllm prefills in chunks of --prefill-chunk tokens (vLLM's max_num_batched_tokens): "
+                         "pass --prefill chunked")
+    refused = [m for m in methods if method_spec(m).bounded and not method_spec(m).served]
+    if refused:
+        raise ValueError(f"--backend vllm: {', '.join(refused)} is not served in vLLM (it reads attention); "
+                         "leave it out of --methods")
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        raise ValueError("--backend vllm needs vLLM: run it in the environment `make vllm-env` builds "
+                         "(.venv-vllm/bin/lacache)") from None
+    return VllmAnswers(str(args.model or default_model_dir()), dtype=DTYPES[args.dtype], prefill_chunk=args.prefill_chunk,
+                       max_model_len=longest + 64)

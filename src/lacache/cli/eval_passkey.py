@@ -22,6 +22,7 @@ def add_parser(tasks_subparsers) -> argparse.ArgumentParser:
     pk.add_argument("--seeds", type=common.positive_int, default=2, help="trials per cell (different keys and filler)")
     pk.add_argument("--filler", choices=list(FILLERS), default="grass")
     common.add_prefill_arguments(pk, budget=0.5, prefill="full", chunk=128)
+    common.add_backend_argument(pk)
     common.add_run_arguments(pk, "passkey", "runs/passkey")
     return pk
 
@@ -55,6 +56,10 @@ def run_cli(args) -> list:
                                    getattr(args, "quiet", False))
     settings = {"model": models.model_label(args.model), "dtype": args.dtype, "budget": args.budget,
                 "prefill": args.prefill, "prefill_chunk": args.prefill_chunk, "filler": args.filler}
+    vllm = None
+    if args.backend == "vllm":
+        vllm = common.vllm_runner(args, methods, max(lengths))
+        settings["backend"] = "vllm"
     shard = join()  # one process, or one of a torchrun / accelerate launch (then rank 0 reports)
     progress = open_run(args, "passkey", "eval passkey", settings,
                         per_method=method_settings(args, methods, options), encode=asdict,
@@ -65,11 +70,13 @@ def run_cli(args) -> list:
             model, tokenizer, methods, lengths, depths, list(range(args.seeds)), args.budget, filler=args.filler,
             prefill=args.prefill, prefill_chunk=args.prefill_chunk, method_options=options,
             finished=progress.finished, on_trial=progress.add, shard=shard,
-            progress=common.progress_for(args, f"passkey (budget {args.budget:g})", shard=shard),
+            progress=common.progress_for(args, f"passkey (budget {args.budget:g})", shard=shard)
+            if vllm is None else not getattr(args, "quiet", False), vllm=vllm,
         )
         if not shard.main:
             return trials
-        title = (f"Pass-key accuracy, budget {args.budget}, {args.prefill} prefill, {args.filler} filler, "
+        title = (f"Pass-key accuracy{' through vLLM' if vllm else ''}, budget {args.budget}, {args.prefill} prefill, "
+                 f"{args.filler} filler, "
                  f"{len(depths)} depths x {args.seeds} seeds per length")
         write_run(
             args.out, "passkey",

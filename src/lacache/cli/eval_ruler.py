@@ -25,6 +25,7 @@ def add_parser(tasks_subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--seeds", type=common.positive_int, default=3, help="prompts per task and length")
     parser.add_argument("--filler", choices=list(FILLERS), default="grass")
     common.add_prefill_arguments(parser, budget=0.5, prefill="full", chunk=128)
+    common.add_backend_argument(parser)
     common.add_run_arguments(parser, "ruler", "runs/ruler", "folder for ruler.csv, ruler.json, ruler.png")
     return parser
 
@@ -50,6 +51,10 @@ def run_cli(args, model=None, tokenizer=None) -> list:
                                    getattr(args, "quiet", False))
     settings = {"model": models.model_label(args.model), "dtype": args.dtype, "budget": args.budget,
                 "prefill": args.prefill, "prefill_chunk": args.prefill_chunk, "filler": args.filler}
+    vllm = None
+    if getattr(args, "backend", "transformers") == "vllm":
+        vllm = common.vllm_runner(args, methods, max(lengths))
+        settings["backend"] = "vllm"
     shard = join()  # one process, or one of a torchrun / accelerate launch (then rank 0 reports)
     progress = open_run(args, "ruler", "eval ruler", settings, per_method=method_settings(args, methods, options),
                         encode=asdict, decode=lambda row: RulerTrial(**row), shard=shard)
@@ -59,11 +64,11 @@ def run_cli(args, model=None, tokenizer=None) -> list:
         trials = run_ruler(model, tokenizer, methods, tasks, lengths, list(range(args.seeds)), args.budget,
                            filler=args.filler, prefill=args.prefill, prefill_chunk=args.prefill_chunk,
                            method_options=options, finished=progress.finished, on_trial=progress.add,
-                           progress=common.progress_for(args, f"ruler (budget {args.budget:g})", shard=shard),
-                           shard=shard)
+                           progress=common.progress_for(args, f"ruler (budget {args.budget:g})", shard=shard)
+                           if vllm is None else not getattr(args, "quiet", False), shard=shard, vllm=vllm)
         if not shard.main:
             return trials
-        title = (f"RULER-style tasks, budget {args.budget}, {args.prefill} prefill, {args.filler} filler, "
+        title = (f"RULER-style tasks{' through vLLM' if vllm else ''}, budget {args.budget}, {args.prefill} prefill, {args.filler} filler, "
                  f"{args.seeds} seeds per task and length (mean string-match score)")
         write_run(
             args.out, "ruler",

@@ -21,7 +21,42 @@ if TYPE_CHECKING:
 
     from .plan import CompactionPlan, RowPlan
 
-__all__ = ["LayerView", "RetentionPolicy", "IndexPolicy", "resolve_chunk", "rows_of"]
+__all__ = ["LayerView", "RetentionPolicy", "IndexPolicy", "resolve_chunk", "rows_of", "key_norms", "head_norms",
+           "round_norms", "rank_slots"]
+
+
+def key_norms(keys: "torch.Tensor") -> "torch.Tensor":
+    """Head-averaged L2 norms ``[B, n]`` of keys ``[B, H, n, D]``, rounded to 8 significant bits.
+
+    A rotation leaves a key's norm unchanged, but only up to rounding: the same key written at another
+    slot, re-rotated by a compaction, or computed by another backend's kernels differs in its last
+    bits, and equal keys (a repeated token in the first layer) tie only up to them. Rounding the norm
+    to bfloat16's 8 bits makes such keys compare *equal*, and ``rank_slots`` then breaks the tie by
+    slot order, so both backends choose the same survivors; two norms that differ by more than 0.4%
+    still rank by size. (A norm lying within rounding noise of a boundary between two 8-bit values can
+    still round apart: rare, ~1e-4 of slots at float32 noise, and only matters at the cut.)"""
+    return round_norms(head_norms(keys))
+
+
+def head_norms(keys: "torch.Tensor") -> "torch.Tensor":
+    """Head-averaged L2 norms ``[B, n]`` of keys ``[B, H, n, D]``, unrounded (``key_norms`` rounds them; a backend
+    whose heads are split over processes averages these across them first)."""
+    return keys.float().norm(dim=-1).mean(dim=1)
+
+
+def round_norms(norms: "torch.Tensor") -> "torch.Tensor":
+    """Norms rounded to bfloat16's 8 significant bits, as float32: what key-reading rules compare."""
+    from .._lazy import torch
+
+    return norms.to(torch.bfloat16).float()
+
+
+def rank_slots(score: "torch.Tensor", count: int) -> "torch.Tensor":
+    """Indices ``[B, count]`` of the ``count`` highest ``score`` slots, ties going to the older (lower) slot.
+
+    ``torch.topk`` leaves the order of equal scores unspecified (it differs by device, shape and
+    version), so key-reading rules rank with a stable sort instead: the one tie rule of every backend."""
+    return score.sort(dim=-1, descending=True, stable=True).indices[..., :count]
 
 
 def rows_of(state: "torch.Tensor | None", rows: list[int]) -> "torch.Tensor | None":
@@ -39,20 +74,24 @@ class LayerView:
     ``num_slots`` counts the layer's slots including this forward's new tokens (the newest last);
     ``step`` numbers the forward passes of the stream, so a rule that plans every layer at once
     knows when a new pass began. ``keys()`` are the stored keys ``[B, H, n, D]`` (their norms do not
-    depend on the position shift); ``attention()`` is the head-averaged attention of the new
-    queries over all slots ``[B, q, n]``, computed on first use and only for caches that observe
-    queries.
+    depend on the position shift); ``norms()`` their head-averaged L2 norms ``[B, n]`` as the
+    key-reading rules compare them (``key_norms``): computed from the keys, or handed in by a
+    backend that keeps them instead of the keys (vLLM's workers read each slot's norm once, from
+    its paged key); ``attention()`` is the head-averaged attention of the new queries over all
+    slots ``[B, q, n]``, computed on first use and only for caches that observe queries.
     """
 
-    __slots__ = ("layer_idx", "num_slots", "query_length", "step", "_keys", "_attention", "_attention_fn")
+    __slots__ = ("layer_idx", "num_slots", "query_length", "step", "_keys", "_norms", "_attention", "_attention_fn")
 
     def __init__(self, layer_idx: int, num_slots: int, query_length: int, step: int,
-                 keys: "torch.Tensor | None" = None, attention: "Callable[[], torch.Tensor] | None" = None):
+                 keys: "torch.Tensor | None" = None, attention: "Callable[[], torch.Tensor] | None" = None,
+                 norms: "torch.Tensor | None" = None):
         self.layer_idx = layer_idx
         self.num_slots = num_slots
         self.query_length = query_length
         self.step = step
         self._keys = keys
+        self._norms = norms
         self._attention_fn = attention
         self._attention = None
 
@@ -60,6 +99,17 @@ class LayerView:
         if self._keys is None:
             raise RuntimeError("this view carries no keys")
         return self._keys
+
+    @property
+    def carries_norms(self) -> bool:
+        """The backend handed in every slot's norm (the rule must not read them from its own state)."""
+        return self._norms is not None
+
+    def norms(self) -> "torch.Tensor":
+        """Every slot's key norm ``[B, n]`` as the key-reading rules compare them (``key_norms``)."""
+        if self._norms is None:
+            self._norms = key_norms(self.keys())
+        return self._norms
 
     def attention(self) -> "torch.Tensor":
         if self._attention is None:
@@ -93,6 +143,13 @@ class RetentionPolicy(ABC):
     def min_target(self) -> int:
         """The smallest ``target`` this policy can compact to."""
         return self.sinks + 1
+
+    def count_after(self, n: int, target: int) -> int:
+        """Slots a compaction of ``n`` slots down to ``target`` leaves, advancing whatever that count depends
+        on, without reading keys: what a backend that never sees keys replays (vLLM's scheduler sizes each
+        request's row with it while its workers choose the slots). A rule whose count depends on what it
+        reads has none."""
+        raise NotImplementedError(f"{type(self).__name__}: how many slots survive depends on what it reads")
 
     def capacity(self, budget: int) -> int:
         """Slots the cache may hold before a forward pass must compact: the budget, unless the rule
@@ -145,6 +202,9 @@ class IndexPolicy(RetentionPolicy):
     @abstractmethod
     def plan(self, n: int, target: int) -> "CompactionPlan":
         """Plan the compaction of ``n`` slots down to at most ``target`` (and advance any state)."""
+
+    def count_after(self, n: int, target: int) -> int:
+        return self.plan(n, target).kept
 
     def retain(self, view: LayerView, target: int) -> "CompactionPlan":
         if self._planned_step != view.step or self._step_plan is None:

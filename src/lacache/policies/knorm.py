@@ -8,7 +8,7 @@ from __future__ import annotations
 from .. import checks
 from .._lazy import torch
 from ..registry import Method, register
-from .base import LayerView
+from .base import LayerView, key_norms
 from .scores import ScorePolicy, score_rule
 
 __all__ = ["KNormPolicy", "knorm_policy"]
@@ -26,8 +26,13 @@ class KNormPolicy(ScorePolicy):
         self.state[view.layer_idx] = new if old is None else torch.cat([old, new], dim=1)
 
     def key_state(self, keys: torch.Tensor) -> torch.Tensor:
-        """Head-averaged L2 norms ``[B, q]`` (a position rotation leaves a key's norm unchanged)."""
-        return keys.float().norm(dim=-1).mean(dim=1)
+        """Head-averaged L2 norms ``[B, q]`` (a position rotation leaves a key's norm unchanged), at the
+        precision every backend compares them (``key_norms``)."""
+        return key_norms(keys)
+
+    def score(self, view: LayerView) -> torch.Tensor:
+        # vLLM's workers hand in every slot's norm at compaction time instead of observing each pass
+        return self.state_score(view.norms() if view.carries_norms else self.state[view.layer_idx])
 
     def state_score(self, state: torch.Tensor) -> torch.Tensor:
         return -state  # the smallest norms are kept
@@ -41,5 +46,8 @@ def knorm_policy(num_layers: int, budget: int, sinks: int = 4, window: int | Non
     return score_rule(KNormPolicy, num_layers, budget, sinks, window)
 
 
+# chunked (``chunk=None``: budget // 16 freed per compaction, at compaction points) like the ladder, in every
+# backend: vLLM cannot afford a compaction per token per request, and one default keeps both backends' answers
+# equal (before issue 31 key-norm evicted to exactly the budget every token; ``chunk=0`` still does)
 register(Method("knorm", knorm_policy, "key-norm: the smallest key norms + sinks + a recent window", sees="keys",
-                chunked=False, suites=frozenset({"ppl", "passkey"})))
+                suites=frozenset({"ppl", "passkey"})))

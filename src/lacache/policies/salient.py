@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 
 from .._lazy import torch
-from .base import LayerView, RetentionPolicy, rows_of
+from .base import LayerView, RetentionPolicy, rank_slots, rows_of
 from .ladder import LadderPolicy
 from .ladder_geometry import LadderGeometry
 from .plan import RowPlan
@@ -77,7 +77,7 @@ class SalientLadderPolicy(RetentionPolicy):
 
     def retain(self, view: LayerView, target: int) -> RowPlan:
         layer_idx = view.layer_idx
-        norms = view.keys().float().norm(dim=-1).mean(dim=1)  # [B, n]; RoPE keeps norms
+        norms = view.norms()  # [B, n]; RoPE keeps norms
         batch, n = norms.shape
         device = norms.device
         in_pool = self._in_pool(layer_idx, batch, n, device)
@@ -94,13 +94,22 @@ class SalientLadderPolicy(RetentionPolicy):
         if self.radius:
             salience = torch.nn.functional.max_pool1d(salience[:, None], 2 * self.radius + 1, 1, self.radius)[:, 0]
         score = torch.where(candidate, salience, torch.full_like(norms, float("-inf")))
-        chosen = score.topk(take, dim=-1).indices
+        chosen = rank_slots(score, take)  # equal salience: the older slot
         new_pool = torch.zeros_like(in_pool)
         new_pool.scatter_(1, chosen, True)
         index = torch.cat([kept, chosen], dim=1).sort(dim=-1).values
         self.state[layer_idx] = new_pool.gather(1, index)
         self._pooled[layer_idx] = take
         return RowPlan(index)
+
+    def count_after(self, n: int, target: int) -> int:
+        """Slots a compaction of ``n`` to ``target`` leaves, advancing the ladder and the pool's size but not
+        which slots are in it: what vLLM's scheduler replays (it never sees keys)."""
+        pooled = self._pooled[0]
+        ladder = self.ladder.plan(n - pooled, target - self.pool).kept
+        take = min(self.pool, n - ladder)
+        self._pooled = [take] * self.num_layers
+        return ladder + take
 
     def slot_roles(self, layer_idx: int, slots: int, batch_index: int = 0) -> list[str]:
         """The ladder's roles, with this layer's pool members (of sequence ``batch_index``) marked ``"salient"``."""

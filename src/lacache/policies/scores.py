@@ -10,20 +10,21 @@ from __future__ import annotations
 
 from .. import checks
 from .._lazy import torch
-from .base import LayerView, RetentionPolicy, rows_of
+from .base import LayerView, RetentionPolicy, rank_slots, rows_of
 from .plan import RowPlan
 
 __all__ = ["ScorePolicy", "keep_top", "score_rule"]
 
 
 def keep_top(score: torch.Tensor, target: int, sinks: int, window: int) -> torch.Tensor:
-    """Indices ``[B, target]`` (ascending) of the top-``score`` slots, always keeping sinks and the window."""
+    """Indices ``[B, target]`` (ascending) of the top-``score`` slots, always keeping sinks and the window;
+    equal scores keep the older slot (``rank_slots``)."""
     n = score.shape[-1]
     forced = score.clone()
     forced[:, : min(sinks, n)] = float("inf")
     if window:
         forced[:, max(0, n - window) :] = float("inf")
-    return forced.topk(target, dim=-1).indices.sort(dim=-1).values
+    return rank_slots(forced, target).sort(dim=-1).values
 
 
 class ScorePolicy(RetentionPolicy):
@@ -54,6 +55,10 @@ class ScorePolicy(RetentionPolicy):
 
     def min_target(self) -> int:
         return self.sinks + self.window
+
+    def count_after(self, n: int, target: int) -> int:
+        """Slots a compaction of ``n`` down to ``target`` leaves: exactly ``target`` (the top slots)."""
+        return min(n, target)
 
     def score(self, view: LayerView) -> torch.Tensor:
         """``[B, n]`` scores of the layer's slots (higher is kept); default: the accumulated state."""

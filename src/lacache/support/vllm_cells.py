@@ -37,6 +37,14 @@ ENGINE: list[Cell] = [
          "lacache, lacache-capped, streaming", EXACT,
          "the same tokens as model.generate with the transformers cache for 300 new tokens, and every layer holds "
          "the same tokens", (_TOKENS,)),
+    Cell(_ENGINE, "rules that rank slots by key norm (float32, greedy, chunked prefill, a pool smaller than one "
+         "max-length request)", "knorm, lacache-salient, lacache-group", EXACT,
+         "the same tokens as model.generate with the transformers cache for 300 new tokens; every layer holds the same "
+         "tokens but where a key's norm lies within the backends' float noise of a boundary of the 8-bit values both "
+         "rank by (equal ones keep the older slot): at most 1 slot in 200 may differ (docs/serving.md, Rules that read "
+         "keys). The workers read each slot's norm once from the paged keys; served, every rule compacts at points "
+         "(chunk budget // 16, key-norm included)",
+         (_TOKENS, "tests/test_points.py::test_key_reading_rules_count_on_the_scheduler_what_the_worker_keeps")),
     Cell(_ENGINE, "`--dtype bfloat16` (vLLM's default on x86 CPUs) and `--dtype float16`",
          "lacache, lacache-capped, streaming", EXACT,
          "within a stated tolerance: each greedy token is, within 4 spacings of the largest logit (in magnitude), a pick of the "
@@ -75,7 +83,8 @@ ENGINE: list[Cell] = [
          "fed in the same passes only, and how vLLM chunks a prompt depends on the load: a start-up warning says "
          "so; every other served method gives the same answer under any load (docs/method.md, Compaction points)",
          (_TOKENS, "tests/test_points.py::test_a_crossing_pass_keeps_the_transformers_cache_and_vllm_in_step")),
-    Cell(_ENGINE, "`--tensor-parallel-size 2`", "lacache-capped, lacache", EXACT,
+    Cell(_ENGINE, "`--tensor-parallel-size 2`", "lacache-capped, lacache, knorm (the key-reading rules average "
+         "norms over the ranks' heads)", EXACT,
          "the TP=1 tokens and the transformers cache's",
          ("tests/serving/test_vllm_tensor_parallel.py::test_tensor_parallel_2_gives_the_tp1_and_transformers_tokens_with_bounded_kv",)),
     Cell(_ENGINE, "prefix caching (`--enable-prefix-caching`, vLLM's default)", _SERVED, EXACT,

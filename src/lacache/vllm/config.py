@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 
-from ..policies.base import IndexPolicy, RetentionPolicy, resolve_chunk
+from ..policies.base import RetentionPolicy, resolve_chunk
 from ..policies.points import CompactionPoints, points_for
 from ..registry import BACKEND_OPTIONS, method_spec, served_default_method, served_methods
 
@@ -23,12 +23,11 @@ __all__ = ["KEY", "ServingConfig", "parse_config", "serving_config", "served_met
 KEY = "lacache"
 
 # What a rule reads decides whether a paged engine can run it: index-only rules need nothing but
-# slot counts, so the plugin runs them on the host. vLLM's fused attention kernels never
-# materialise the queries' attention, and the paged keys' norms are not tracked (left for a later
-# version).
+# slot counts, and key-reading rules need counts on the scheduler and key norms on the workers, which
+# read them from the paged keys. vLLM's fused attention kernels never materialise the queries'
+# attention, so rules that read it are refused.
 _WHY_NOT = {
     "attention": "it needs attention scores, which vLLM's fused attention does not expose",
-    "keys": "it needs key norms per slot, which the plugin does not track yet",
 }
 
 
@@ -50,6 +49,13 @@ class ServingConfig:
     _policy: RetentionPolicy
     #: keep a finished request's compacted cache for a request that continues its token stream
     reuse: bool = True
+
+    @property
+    def reads_keys(self) -> bool:
+        """The rule chooses survivors by key norm (the workers read them from the paged keys)."""
+        from ..policies.base import IndexPolicy
+
+        return not isinstance(self._policy, IndexPolicy)
 
     @property
     def capacity(self) -> int:
@@ -171,15 +177,13 @@ def parse_config(raw: object, num_layers: int) -> ServingConfig:
         raise ValueError(f'{KEY}.sinks={sinks!r} must be a non-negative integer, e.g. "sinks": 4')
     try:
         policy = spec.make_policy(num_layers, budget, **settings)
-        if not isinstance(policy, IndexPolicy):  # an option made the rule content-aware (the salient pool)
-            given = sorted(k for k in settings if settings[k] != accepted.get(k))
-            raise ValueError(f"{'/'.join(given) or 'these settings'}: the rule they make reads more than slot "
-                             "counts (e.g. the salient pool needs key norms per slot) and is not served in vLLM yet; "
-                             "leave them out")
-        chunk = settings.get("chunk")
-        if chunk is None and not spec.chunked:
-            chunk = 0
-        chunk = resolve_chunk(chunk, budget, policy.min_target()) if policy.amortises else 0
+        if policy.needs_attention or type(policy).count_after is RetentionPolicy.count_after:
+            raise ValueError(f"method {method!r} makes a {type(policy).__name__}, which cannot say how many slots "
+                             "survive a compaction without reading attention (the scheduler never sees it); "
+                             f'use one of {served_methods()}, e.g. "method": "{served_default_method()}"')
+        # every served rule amortises its compactions (chunk None: budget // 16; key-norm too): an engine cannot
+        # afford a compaction per token per request
+        chunk = resolve_chunk(settings.get("chunk"), budget, policy.min_target()) if policy.amortises else 0
     except (TypeError, ValueError) as err:  # the shared builders name the parameter; say where it came from
         raise ValueError(f"{KEY}: {err}") from None
     return ServingConfig(method, budget, chunk, dict(raw), num_layers, policy, reuse)

@@ -368,7 +368,7 @@ class _RunnerHooks:
         if self._lacache is None:
             from .worker import WorkerState
 
-            self._lacache = WorkerState(self, self._lacache_config)
+            self._lacache = WorkerState(self, self._lacache_config, _mean_over_ranks())
         return self._lacache
 
     def get_kv_cache_spec(self):
@@ -475,3 +475,20 @@ def __getattr__(name: str):
     if name in _ENGINE_CLASSES:
         return _engine_class(name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _mean_over_ranks():
+    """Under tensor parallel, the mean over every rank of a tensor each rank computed from its own KV heads (the
+    key-reading rules rank slots by the norm averaged over all heads); None on one device. Every rank holds the
+    same number of KV heads (vLLM splits or replicates them evenly), so the mean of the ranks' means is the mean
+    over the heads."""
+    from vllm.distributed import get_tensor_model_parallel_world_size, tensor_model_parallel_all_reduce
+
+    ranks = get_tensor_model_parallel_world_size()
+    if ranks <= 1:
+        return None
+
+    def mean(local):
+        return tensor_model_parallel_all_reduce(local.contiguous()) / ranks
+
+    return mean

@@ -6,6 +6,11 @@ compaction points (``policies.points``: the one rule every backend asks) with mo
 point allows, the rule's plan compacts it to ``plan.kept``. The scheduler needs only the counts (to free the blocks a
 compaction empties and size the next allocation); the worker also applies the plan to the paged
 keys and values. Because the rule is deterministic, the two never need to talk.
+
+A rule that reads keys (key-norm, the salient and group ladders) chooses *which* slots survive from
+the keys' norms, but *how many* from counts alone (``RetentionPolicy.count_after``): the scheduler
+replays the counts, and the worker hands each layer's norms in (``advance(q, norms=...)``) and gets
+one row of survivors per layer.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..policies.base import LayerView, RetentionPolicy
+from ..policies.base import IndexPolicy, LayerView, RetentionPolicy
+from ..policies.plan import CompactionPlan
 from ..policies.points import CompactionPoints
 
 __all__ = ["RequestSlots", "KeptRequest", "kept_blocks", "longest_kept_prefix"]
@@ -46,6 +52,10 @@ class RequestSlots:
         self.slots = 0  # physical slots held (every layer the same)
         self.seen = 0  # logical tokens processed
         self.passes = 0
+        #: the rule chooses slots from key norms (``RetentionPolicy.count_after`` gives their number)
+        self.reads_keys = not isinstance(policy, IndexPolicy)
+        #: the worker's norms of the held slots, per model layer (key-reading rules; follow the request on reuse)
+        self.norms: dict = {}
         # original token index of every slot, [1 or layers, slots] (the worker keeps it for inspection)
         self.tokens: np.ndarray | None = np.zeros((1, 0), dtype=np.int64) if track_tokens else None
 
@@ -54,8 +64,13 @@ class RequestSlots:
         """Logical tokens minus physical slots: how far physical addresses lag logical positions."""
         return self.seen - self.slots
 
-    def advance(self, q: int):
-        """A forward pass of ``q`` tokens ran; returns the compaction plan it triggers, or None."""
+    def advance(self, q: int, norms=None, layers=None):
+        """A forward pass of ``q`` tokens ran; returns the compaction plan it triggers, or None.
+
+        A key-reading rule needs ``norms(layer, n)`` (``[1, n]``, the layer's every slot, ``LayerView.norms``)
+        and the model ``layers`` it is asked for (the worker's): it then returns one row of survivors per layer
+        (other layers keep their first ``kept`` slots in the plan, never applied). Without them (the
+        scheduler) only the count advances and the plan is None."""
         if q <= 0:
             return None
         if self.tokens is not None:
@@ -67,6 +82,8 @@ class RequestSlots:
         self.passes += 1
         if target is None:
             return None
+        if self.reads_keys:
+            return self._choose(q, target, norms, layers)
         plan = self.policy.retain(LayerView(0, self.slots, q, self.passes), target)
         if self.tokens is not None:
             rows = plan.index
@@ -75,6 +92,34 @@ class RequestSlots:
             self.tokens = np.take_along_axis(self.tokens, np.broadcast_to(rows, (self.tokens.shape[0], rows.shape[1])),
                                              axis=1) if rows.shape[0] > 1 else self.tokens[:, rows[0]]
         self.slots = plan.kept
+        return plan
+
+    def _choose(self, q: int, target: int, norms, layers) -> CompactionPlan | None:
+        if norms is None:  # the scheduler: how many survive, not which
+            self.slots = self.policy.count_after(self.slots, target)
+            if self.tokens is not None:
+                raise RuntimeError("token tracking needs the keys' norms (the worker's replay)")
+            return None
+        n = self.slots
+        rows = np.tile(np.arange(n, dtype=np.int64), (self.num_layers, 1))
+        kept = None
+        for layer in layers:
+            chosen = self.policy.retain(LayerView(layer, n, q, self.passes, norms=norms(layer, n)), target).index
+            if chosen.shape[0] != 1:
+                raise RuntimeError("lacache: a served request is one sequence; the rule planned several rows")
+            row = chosen[0].cpu().numpy()
+            if kept is None:
+                kept = row.shape[0]
+            elif row.shape[0] != kept:
+                raise RuntimeError(f"lacache: layers kept {kept} and {row.shape[0]} slots; a served rule must keep the "
+                                   "same number in every layer")
+            rows[layer, :kept] = row
+        kept = self.policy.count_after(n, target) if kept is None else kept
+        plan = CompactionPlan(np.ascontiguousarray(rows[:, :kept]), 0)
+        if self.tokens is not None:
+            tokens = np.broadcast_to(self.tokens, (self.num_layers, n)) if self.tokens.shape[0] == 1 else self.tokens
+            self.tokens = np.take_along_axis(tokens, plan.index, axis=1)
+        self.slots = kept
         return plan
 
     def token_positions(self, layer: int) -> list[int]:

@@ -10,7 +10,10 @@ plugin keeps, per request, the ``RequestSlots`` replay of the retention rule and
 * after ``execute_model``: each request advances by the tokens it ran; when it overflows its
   budget, every layer's kept slots are gathered, re-rotated by ``new slot - old slot`` (keys are
   stored after RoPE) and written to the front of the row with the backend's own writer; the row's
-  tail blocks are dropped, as the scheduler's ``LadderManager`` frees them.
+  tail blocks are dropped, as the scheduler's ``LadderManager`` frees them. A rule that reads keys
+  (key-norm, the salient and group ladders) is handed each layer's key norms: those of the slots
+  written since the request's last compaction are read from the paged keys then (never per token),
+  the older ones were kept from earlier compactions (a rotation leaves a norm unchanged).
 
 ``lacache.vllm.plugin`` calls these from its model runner (``LadderModelRunner``); this module
 imports no vLLM.
@@ -25,6 +28,7 @@ import weakref
 
 import torch
 
+from ..policies.base import head_norms, round_norms
 from ..rope import rotate_half
 from . import metrics
 from .config import ServingConfig
@@ -72,9 +76,12 @@ def _pure_rotations(table: torch.Tensor) -> torch.Tensor:
 class WorkerState:
     """Everything the plugin keeps on one model runner."""
 
-    def __init__(self, runner, config: ServingConfig):
+    def __init__(self, runner, config: ServingConfig, mean_over_ranks=None):
         self.runner = runner
         self.config = config
+        #: under tensor parallel, ``[layers, k]`` head-averaged norms of this rank's heads -> the mean over every
+        #: rank's (one all-reduce per compaction); None on one device
+        self.mean_over_ranks = mean_over_ranks
         self.requests: dict[str, RequestSlots] = {}
         self.finished: dict[str, RequestSlots] = {}  # kept for inspection when LACACHE_VLLM_RECORD=1
         #: finished requests' states by the first block of their row (``reuse``): the scheduler keeps their
@@ -136,9 +143,16 @@ class WorkerState:
             slots = self.requests.get(req_id)
             if slots is None:
                 continue
-            plan = slots.advance(q)
+            started = time.perf_counter()
+            if slots.reads_keys:
+                norms = self._norm_reader(req_id, slots)
+                plan = slots.advance(q, norms=norms, layers=self.layer_numbers)
+                if plan is not None:
+                    slots.norms = {layer: every[torch.from_numpy(plan.rows_for(layer))]
+                                   for layer, every in norms.read.items()}
+            else:
+                plan = slots.advance(q)
             if plan is not None:
-                started = time.perf_counter()
                 self._compact(req_id, slots, plan)
                 self.compaction_seconds += time.perf_counter() - started
         self.step = []
@@ -186,6 +200,36 @@ class WorkerState:
             del self.kept[first]
 
     # ------------------------------------------------------------------ compaction
+    def _norm_reader(self, req_id: str, slots: RequestSlots):
+        """``norms(layer, n)`` for ``RequestSlots.advance``: every slot's key norm ``[1, n]`` of one layer, the
+        slots since the last compaction read from the paged keys (they were written at their slot and never
+        moved), the others kept from then. Read for every layer at the first call (most steps never make one),
+        averaged over the ranks' heads under tensor parallel, then rounded (``policies.base.key_norms``).
+        What it read stays on ``norms.read`` (the survivors' are kept)."""
+        paged = self.paged()
+
+        def norms(layer: int, n: int) -> torch.Tensor:
+            if not norms.new:
+                rows = list(self.runner.requests[req_id].block_ids[0])
+                start = next(iter(slots.norms.values())).shape[0] if slots.norms else 0
+                wanted = torch.arange(start, n, dtype=torch.int64)
+                local = []
+                for i in range(len(self.layer_numbers)):
+                    keys, _ = paged.read(i, rows, wanted)  # [k, heads, dim]
+                    local.append(head_norms(keys.permute(1, 0, 2)[None])[0])
+                means = torch.stack(local) if local else torch.zeros(0, n - start)
+                if self.mean_over_ranks is not None:
+                    means = self.mean_over_ranks(means)
+                means = round_norms(means).cpu()
+                norms.new = {number: means[i] for i, number in enumerate(self.layer_numbers)}
+            held = slots.norms.get(layer)
+            every = norms.new[layer] if held is None else torch.cat([held, norms.new[layer]])
+            norms.read[layer] = every
+            return every[None]
+
+        norms.read, norms.new = {}, {}
+        return norms
+
     def measure_pages(self) -> PagedKV:
         """(Re)read the page layout of the KV caches the runner holds now (at engine start, and again should
         vLLM allocate them anew)."""

