@@ -305,17 +305,22 @@ def test_a_key_norm_rule_keeps_the_same_slots_alone_and_beside_long_prefills(set
     from lacache.vllm.worker import states
 
     model, tokenizer, words = setup
-    os.environ["LACACHE_VLLM_RECORD"] = "1"
+    before = os.environ.get("LACACHE_VLLM_RECORD")
+    os.environ["LACACHE_VLLM_RECORD"] = "1"  # the workers keep what each request held
     try:
         llm = _engine_for("lacache-salient")
-    finally:
-        del os.environ["LACACHE_VLLM_RECORD"]
+    finally:  # as it was: other test modules of this process set it for their own engines
+        if before is None:
+            del os.environ["LACACHE_VLLM_RECORD"]
+        else:
+            os.environ["LACACHE_VLLM_RECORD"] = before
     worker = states()[-1]
     chat = _chat_prompt(setup)
     longs = [_ids(tokenizer, words, 30000 + 600 * k, 500) for k in range(3)]
 
     def kept(request_id):
-        slots = next(s for k, s in worker.finished.items() if k == request_id or k.startswith(request_id + "-"))
+        held = {**worker.requests, **worker.finished}  # a finished request is forgotten at the next step
+        slots = next(s for k, s in held.items() if k == request_id or k.startswith(request_id + "-"))
         return [slots.token_positions(layer) for layer in range(model.config.num_hidden_layers)]
 
     out = llm.generate([{"prompt_token_ids": chat}], _params(NEW), use_tqdm=False)[0]
