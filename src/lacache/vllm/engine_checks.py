@@ -44,6 +44,8 @@ class EngineRefusal:
     applies: Callable[[object, object], bool]  # (engine_args, vllm_config) -> refused?
     #: an engine argument / LLM keyword and value that trips it (the tests start an engine with each)
     example: tuple = ()
+    #: the methods it applies to (the support matrix's scope)
+    methods: str = "every method"
 
     def message(self) -> str:
         return f"lacache: {self.option} is not served with a bounded KV cache: {self.why}; {self.instead}"
@@ -55,6 +57,21 @@ def _get(obj, *path, default=None):
         if obj is None:
             return default
     return obj
+
+
+def _ranks_half_precision_keys(args, config) -> bool:
+    """A rule that ranks slots by key norm, in a dtype other than float32 (its slot choice is then not the
+    transformers cache's: the keys' own rounding moves norms across the 8-bit values both backends compare)."""
+    dtype = str(_get(config, "model_config", "dtype", default="float32")).replace("torch.", "")
+    if dtype == "float32":
+        return False
+    from .config import serving_config
+
+    try:
+        served = serving_config(config)
+    except (ValueError, TypeError, AttributeError):  # a bad lacache key is refused by its own check
+        return False
+    return served is not None and served.reads_keys
 
 
 def _rope_refused(args, config) -> bool:
@@ -86,6 +103,11 @@ REFUSALS: tuple[EngineRefusal, ...] = (
                   "use --tensor-parallel-size to split the model instead",
                   lambda a, c: int(_get(c, "parallel_config", "pipeline_parallel_size", default=1)) > 1,
                   ("pipeline_parallel_size", 2)),
+    EngineRefusal("a key-norm method (knorm, lacache-salient, lacache-group) in bfloat16 or float16",
+                  "half-precision keys round their norms across the 8-bit values the rule ranks by, so the slots it "
+                  "keeps are not the transformers cache's (3.4% of them differ for lacache-group, docs/serving.md)",
+                  "serve it with --dtype float32 (lacache serve's default), or serve lacache-capped in half precision",
+                  _ranks_half_precision_keys, methods="knorm, lacache-salient, lacache-group"),
     EngineRefusal("--data-parallel-size > 1", "data-parallel engines are not tested with the plugin",
                   "run one server per replica behind a load balancer",
                   lambda a, c: int(_get(c, "parallel_config", "data_parallel_size", default=1)) > 1,
