@@ -2,7 +2,7 @@
 
 One in-process engine on the bundled model, float32, greedy: several prompts of different lengths
 in one `generate` call must equal `model.generate(ids, past_key_values=LaCache...)` token for
-token for 300 new tokens, for every served rule (index-only and key-reading) (more than 200 past each first compaction), and every layer of every
+token for 300 new tokens (more than 200 past each first compaction), and every layer of every
 request must hold exactly the tokens the transformers cache holds. The KV pool is 4 blocks of 128
 tokens while max_model_len is 2048: stock vLLM refuses to start with it.
 """
@@ -51,11 +51,9 @@ def _state_of(request_id):
     raise KeyError(request_id)
 
 
-@pytest.mark.parametrize("method", ["lacache", "lacache-capped", "streaming", "knorm", "lacache-salient",
-                                    "lacache-group"])
+@pytest.mark.parametrize("method", ["lacache", "lacache-capped", "streaming"])
 def test_outputs_and_kept_tokens_equal_the_transformers_cache(bundled, method):
-    """Also the rules that choose slots by key norm: the worker reads the norms from the paged keys, the
-    transformers cache from its own keys, and both round and rank them alike (``policies.base.key_norms``)."""
+    """The index-only rules (the key-norm rules: tests/serving/test_vllm_key_rules.py, in a process of its own)."""
     from vllm import SamplingParams
 
     from lacache import make_cache

@@ -13,9 +13,8 @@ passes: every test here then fails on its tokens.
 
 One in-process engine (float32, greedy, 16 blocks of 32: four decode rows of 128 slots) serves the first
 four scenarios; a second one with ``reuse`` off (room for ten rows) serves the chat's other side; a
-streaming session runs in a child process (``session_check.py``). A third engine serves
-``lacache-salient``, whose workers choose survivors by key norm: a request beside long prefills keeps the
-same slots in every layer as alone.
+streaming session runs in a child process (``session_check.py``). The key-norm rules' counterpart is
+tests/serving/test_vllm_key_rules.py.
 """
 
 import os
@@ -292,57 +291,3 @@ def test_a_session_with_inputs_longer_than_the_period_matches_the_transformers_c
         a, b = got["tokens"][turn * new:(turn + 1) * new], want[turn * new:(turn + 1) * new]
         assert a == b, ("input", turn, _first_difference(a, b))
 
-
-# ------------------------------------------------------------------ 6. a rule that ranks slots by key norm
-def test_a_key_norm_rule_keeps_the_same_slots_alone_and_beside_long_prefills(setup):
-    """``lacache-salient`` (the ladder plus a pool of the smallest-norm keys): the worker reads each slot's norm
-    once, from the key vLLM wrote, so a request cut into other passes beside long prefills keeps the same slots
-    in every layer and gets the same tokens as alone, and the transformers cache's."""
-    import torch
-
-    from lacache import make_cache
-    from lacache.cache.generation import stream_generate
-    from lacache.vllm.worker import states
-
-    model, tokenizer, words = setup
-    before = os.environ.get("LACACHE_VLLM_RECORD")
-    os.environ["LACACHE_VLLM_RECORD"] = "1"  # the workers keep what each request held
-    try:
-        llm = _engine_for("lacache-salient")
-    finally:  # as it was: other test modules of this process set it for their own engines
-        if before is None:
-            del os.environ["LACACHE_VLLM_RECORD"]
-        else:
-            os.environ["LACACHE_VLLM_RECORD"] = before
-    worker = states()[-1]
-    chat = _chat_prompt(setup)
-    longs = [_ids(tokenizer, words, 30000 + 600 * k, 500) for k in range(3)]
-
-    def kept(request_id):
-        held = {**worker.requests, **worker.finished}  # a finished request is forgotten at the next step
-        slots = next(s for k, s in held.items() if k == request_id or k.startswith(request_id + "-"))
-        return [slots.token_positions(layer) for layer in range(model.config.num_hidden_layers)]
-
-    out = llm.generate([{"prompt_token_ids": chat}], _params(NEW), use_tqdm=False)[0]
-    alone, alone_kept = list(out.outputs[0].token_ids), kept(out.request_id)
-    outs = llm.generate([{"prompt_token_ids": p} for p in longs[:2] + [chat] + longs[2:]],
-                        [_params(4), _params(4), _params(NEW), _params(4)], use_tqdm=False)
-    assert list(outs[2].outputs[0].token_ids) == alone, ("beside long prefills",
-                                                         _first_difference(list(outs[2].outputs[0].token_ids), alone))
-    assert kept(outs[2].request_id) == alone_kept
-    cache = make_cache("lacache-salient", model, BUDGET)
-    want, _ = stream_generate(model, torch.tensor([chat]), cache, NEW, prefill_chunk=300)
-    assert alone == want, ("the transformers cache", _first_difference(alone, want))
-
-
-def _engine_for(method: str):
-    from vllm import LLM
-
-    from lacache.lab.models import default_model_dir
-
-    llm = LLM(model=str(default_model_dir()), dtype="float32", enforce_eager=True, max_model_len=4096,
-              gpu_memory_utilization=0.3, block_size=BLOCK, num_gpu_blocks_override=BLOCKS,
-              max_num_batched_tokens=STEP, additional_config={"lacache": {"method": method, "budget": BUDGET,
-                                                                          "reuse": False}})
-    _ENGINES.append(llm)
-    return llm

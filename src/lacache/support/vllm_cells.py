@@ -44,7 +44,9 @@ ENGINE: list[Cell] = [
          "rank by (equal ones keep the older slot): at most 1 slot in 200 may differ (docs/serving.md, Rules that read "
          "keys). The workers read each slot's norm once from the paged keys; served, every rule compacts at points "
          "(chunk budget // 16, key-norm included). Float32 only: in half precision they are refused (below)",
-         (_TOKENS, "tests/test_points.py::test_key_reading_rules_count_on_the_scheduler_what_the_worker_keeps")),
+         ("tests/serving/test_vllm_key_rules.py::test_key_norm_rules_keep_the_transformers_caches_tokens",
+          "tests/serving/test_vllm_key_rules.py::test_a_key_norm_rule_keeps_the_same_slots_alone_and_beside_long_prefills",
+          "tests/test_points.py::test_key_reading_rules_count_on_the_scheduler_what_the_worker_keeps")),
     Cell(_ENGINE, "`--dtype bfloat16` (vLLM's default on x86 CPUs) and `--dtype float16`",
          "lacache, lacache-capped, streaming", EXACT,
          "within a stated tolerance: each greedy token is, within 4 spacings of the largest logit (in magnitude), a pick of the "
