@@ -137,12 +137,12 @@ def run_passkey(
         return item[0], item[2].depth, item[1], method
 
     if vllm is not None:
-        from .vllm_backend import vllm_answers
+        from .vllm_backend import stderr_line, vllm_answers
 
         return vllm_answers(vllm, tokenizer, prompts(), methods, budget, input_ids=lambda item: item[2].input_ids,
                             score=lambda item, answer: item[2].key in answer, make_trial=trial, new_tokens=new_tokens,
                             method_options=method_options, trial_key=key, finished=finished, on_trial=on_trial,
-                            log=(lambda line: None) if progress is False else _stderr)
+                            log=(lambda line: None) if progress is False else stderr_line)
     return run_trials(
         model, tokenizer, prompts(), methods, budget, input_ids=lambda item: item[2].input_ids,
         score=lambda item, answer: item[2].key in answer, make_trial=trial, new_tokens=new_tokens,
@@ -152,12 +152,6 @@ def run_passkey(
         group=lambda item: f"{item[0]} tokens, depth {item[2].depth:g}",
         prompt_count=len(lengths) * len(depths) * len(seeds), shard=shard,
     )
-
-
-def _stderr(line: str) -> None:
-    import sys
-
-    print(line, file=sys.stderr, flush=True)
 
 
 def accuracy_grid(trials: Sequence[PasskeyTrial], method: str) -> tuple[list[float], list[int], list[list[float]]]:

@@ -158,7 +158,7 @@ def run_ruler(
                           run.score == 1.0, run.seconds, prompt.needle_spans, run.options)
 
     if vllm is not None:
-        from .vllm_backend import vllm_answers
+        from .vllm_backend import stderr_line, vllm_answers
 
         return vllm_answers(vllm, tokenizer, prompts(), methods, budget, input_ids=lambda item: item[2].input_ids,
                             score=lambda item, answer: string_match_all(answer, item[2].references),
@@ -167,7 +167,7 @@ def run_ruler(
                             method_options=method_options,
                             trial_key=lambda item, method: (item[2].task, item[0], item[1], method),
                             finished=finished, on_trial=on_trial,
-                            log=(lambda line: None) if progress is False else _stderr)
+                            log=(lambda line: None) if progress is False else stderr_line)
     return run_trials(
         model, tokenizer, prompts(), methods, budget, input_ids=lambda item: item[2].input_ids,
         score=lambda item, answer: string_match_all(answer, item[2].references), make_trial=trial,
@@ -178,12 +178,6 @@ def run_ruler(
         group=lambda item: f"{item[2].task}, {item[0]} tokens",
         prompt_count=len(lengths) * len(tasks) * len(seeds), shard=shard,
     )
-
-
-def _stderr(line: str) -> None:
-    import sys
-
-    print(line, file=sys.stderr, flush=True)
 
 
 def mean_scores(trials: Sequence[RulerTrial]) -> dict[tuple[str, str, int], float]:

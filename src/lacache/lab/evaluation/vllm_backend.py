@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from ...registry import method_spec
 from .common import resolve_budget
 
-__all__ = ["VllmAnswers", "vllm_answers"]
+__all__ = ["VllmAnswers", "stderr_line", "vllm_answers"]
 
 
 class VllmAnswers:
@@ -57,6 +57,13 @@ class VllmAnswers:
         finally:
             del llm
             gc.collect()
+
+
+def stderr_line(line: str) -> None:
+    """One progress line on stderr (an engine's prompts answered), for runs without a progress bar."""
+    import sys
+
+    print(line, file=sys.stderr, flush=True)
 
 
 def _per_prompt(value, prompt):
