@@ -47,18 +47,26 @@ def test_engine_refusals_read_the_config():
     for refusal in REFUSALS:
         assert "\n" not in refusal.message() and refusal.message().count(";") >= 1
     # a key-norm rule in half precision: its slot choice would not be the transformers cache's
+    # named no method, the half-precision engine gets the half-precision default (lacache-capped), never a refusal
     for method, dtype, refused in [("knorm", torch.bfloat16, True), ("lacache-group", torch.float16, True),
-                                   ("lacache-salient", torch.float32, False), ("lacache-capped", torch.bfloat16, False)]:
+                                   ("lacache-salient", torch.float32, False), ("lacache-capped", torch.bfloat16, False),
+                                   (None, torch.bfloat16, False), (None, torch.float16, False),
+                                   (None, torch.float32, False)]:
         config = _config(dtype=dtype, hf_text_config=SimpleNamespace(num_hidden_layers=30,
                                                                      rope_parameters={"rope_type": "default"}))
-        config.additional_config = {"lacache": {"method": method, "budget": 256}}
+        config.additional_config = {"lacache": {"budget": 256} if method is None else {"method": method, "budget": 256}}
         found = engine_refusals(args, config)
         assert (found == ["lacache: a key-norm method (knorm, lacache-salient, lacache-group) in bfloat16 or "
-                          "float16 is not served with a bounded KV cache: half-precision keys round their norms "
-                          "across the 8-bit values the rule ranks by, so the slots it keeps are not the "
-                          "transformers cache's (3.4% of them differ for lacache-group, docs/serving.md); serve it "
-                          "with --dtype float32 (lacache serve's default), or serve lacache-capped in half "
-                          "precision"]) == refused, (method, dtype, found)
+                          "float16 is not served with a bounded KV cache: half-precision keys move their norms "
+                          "across the 8-bit values the rule ranks by, so it would keep other slots than the "
+                          "transformers cache (1.3% of lacache-group's, fed the same tokens; docs/serving.md); serve "
+                          "it with --dtype float32 (lacache serve's default), or name no method (lacache-capped in "
+                          "half precision)"]) == refused, (method, dtype, found)
+        if method is None:  # what the workers and the scheduler will serve
+            from lacache.vllm.config import serving_config
+
+            want = "lacache-group" if dtype == torch.float32 else "lacache-capped"
+            assert serving_config(config).method == want, (dtype, serving_config(config).method)
 
 
 def test_rope_types_of_flat_and_nested_parameters():

@@ -84,8 +84,9 @@ def test_half_precision_tokens_and_kept_tokens_match_the_transformers_cache(bund
 
 
 def test_a_chat_continues_its_cache_in_the_default_dtype(bundled):
-    """test_vllm_reuse.py's chat, in the dtype vLLM picks: every turn after the first takes over the last turn's
-    compacted cache, and each answer matches the transformers cache fed the conversation as one stream."""
+    """test_vllm_reuse.py's chat, in the dtype vLLM picks and with no method named (so the half-precision default,
+    lacache-capped): every turn after the first takes over the last turn's compacted cache, and each answer matches
+    the transformers cache fed the conversation as one stream."""
     from vllm import LLM, SamplingParams
 
     from lacache import make_cache
@@ -95,10 +96,13 @@ def test_a_chat_continues_its_cache_in_the_default_dtype(bundled):
     budget, new, turns = 64, 12, 16
     llm = LLM(model=str(model_dir), enforce_eager=True, max_model_len=4096, gpu_memory_utilization=0.3,
               block_size=32, num_gpu_blocks_override=12, max_num_batched_tokens=256,
-              additional_config={"lacache": {"method": "lacache-capped", "budget": budget}})
+              additional_config={"lacache": {"budget": budget}})  # no method: the half-precision default
     _ENGINES.append(llm)
     served = llm.llm_engine.vllm_config.model_config.dtype
     assert served != torch.float32
+    from lacache.vllm.config import serving_config
+
+    assert serving_config(llm.llm_engine.vllm_config).method == "lacache-capped"  # lacache-group is refused here
     half = copy.deepcopy(model).to(served)
     scheduler = llm.llm_engine.engine_core.engine_core.scheduler
     manager = scheduler.kv_cache_manager.coordinator.single_type_managers[0]

@@ -27,8 +27,10 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: the 
 import torch  # noqa: E402
 from streams import greedy_turn  # noqa: E402
 
+from lacache.registry import served_default_method  # noqa: E402
+
 BUDGET, CHUNK = 64, 128
-METHOD = "lacache-capped"
+METHOD = served_default_method()  # the rule a user gets in float32: lacache-group
 _ENGINES = []  # kept alive: tearing an engine down in-process breaks the next one's process groups
 
 

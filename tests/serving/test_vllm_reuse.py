@@ -17,7 +17,10 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in th
 
 from streams import greedy_turn, spy_preemptions  # noqa: E402
 
+from lacache.registry import served_default_method  # noqa: E402
+
 BUDGET, NEW, BLOCK, BLOCKS = 64, 12, 32, 12
+METHOD = served_default_method()  # the rule a user gets in float32 (lacache-group)
 _ENGINES = []
 
 
@@ -32,7 +35,7 @@ def setup():
     model, tokenizer = load_model(None)
     llm = LLM(model=str(default_model_dir()), dtype="float32", enforce_eager=True, max_model_len=4096,
               gpu_memory_utilization=0.3, block_size=BLOCK, num_gpu_blocks_override=BLOCKS,
-              max_num_batched_tokens=256, additional_config={"lacache": {"method": "lacache-capped", "budget": BUDGET}})
+              max_num_batched_tokens=256, additional_config={"lacache": {"method": METHOD, "budget": BUDGET}})
     _ENGINES.append(llm)  # kept alive: tearing an engine down in-process breaks the next one's process groups
     words = load_essays(40_000).split()
     messages = [tokenizer(" " + " ".join(words[11 * i: 11 * i + 11]))["input_ids"] for i in range(40)]
@@ -57,7 +60,7 @@ def test_each_turn_continues_the_last_ones_cache_and_equals_one_stream(setup):
 
     model, llm, messages = setup
     _, manager = _manager(llm)
-    cache = make_cache("lacache-capped", model, BUDGET)
+    cache = make_cache(METHOD, model, BUDGET)
     reused_before = manager.reused_requests
     prompt, pending = [], []  # pending: tokens of the conversation the stream has not been fed yet
     turns = 16
@@ -87,7 +90,7 @@ def test_a_prompt_that_differs_gets_a_full_prefill(setup):
     reused = manager.reused_requests
     got = _answer(llm, follow)
     assert manager.reused_requests == reused
-    assert got == greedy_turn(model, make_cache("lacache-capped", model, BUDGET), follow, NEW)
+    assert got == greedy_turn(model, make_cache(METHOD, model, BUDGET), follow, NEW)
 
 
 def test_kept_caches_give_their_blocks_to_a_request_that_needs_them(setup):

@@ -50,6 +50,8 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ...registry import served_default_method
+
 __all__ = ["API_REFUSALS", "NOT_EXPOSED", "SOAK_STEP_TOKENS", "SoakSettings", "fault_cases", "rss_mb",
            "server_processes", "soak", "soak_table"]
 
@@ -81,7 +83,7 @@ class SoakSettings:
 
     minutes: float = 20.0
     budget: int = 256
-    method: str = "lacache-capped"
+    method: str = field(default_factory=served_default_method)  # float32: lacache-group
     pool_blocks: int = 12
     max_model_len: int = 2048
     dtype: str = "float32"
