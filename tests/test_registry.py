@@ -100,14 +100,8 @@ def test_entries_say_what_their_rule_reads_and_whether_vllm_serves_it():
         registry.register(registry.Method("x", _newest_half, "x", base="nope"))
     with pytest.raises(ValueError, match="is the baseline already"):
         registry.register(registry.Method("x", _newest_half, "x", baseline=True))
-    # vLLM's default is its own mark, chosen on retrieval through the engine: the group ladder; in half precision
-    # (where rules that rank keys are refused) its own mark: the capped schedule
-    assert registry.served_default_method() == "lacache-group" != registry.default_method()
-    assert registry.served_default_method(half_precision=True) == "lacache-capped"
-    with pytest.raises(ValueError, match="is the half-precision serving default already"):
-        registry.register(registry.Method("x", _newest_half, "x", serving_default_half=True))
-    with pytest.raises(ValueError, match="needs a served rule that reads slots only"):
-        registry.register(registry.Method("x", _newest_half, "x", sees="keys", serving_default_half=True))
+    # vLLM's default is its own mark: the capped schedule, which compacts every budget // 16 tokens
+    assert registry.served_default_method() == "lacache-capped" != registry.default_method()
     with pytest.raises(ValueError, match="is the serving default already"):
         registry.register(registry.Method("x", _newest_half, "x", serving_default=True))
     with pytest.raises(ValueError, match="vLLM does not serve it"):

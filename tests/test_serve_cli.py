@@ -79,18 +79,12 @@ def test_the_method_defaults_to_the_serving_default(launch, model_dir):
     assert main(["serve", "--budget", "128", "--model", str(model_dir), "--port", "9000"]) == 0
     got = launch[0]["argv"]
     assert got[0] == str(model_dir) and "--model" not in got
-    assert _additional(got) == {"lacache": {"method": "lacache-group", "budget": 128}}  # lacache serve: float32
-    # in half precision, where the rules that rank keys are refused, the half-precision default
-    for dtype in (["--dtype", "bfloat16"], ["--dtype=float16"], ["--dtype", "auto"]):
-        assert main(["serve", "--budget", "128", "--model", str(model_dir), *dtype]) == 0
-        assert _additional(launch[-1]["argv"])["lacache"]["method"] == "lacache-capped", dtype
-    assert main(["serve", "--budget", "128", "--model", str(model_dir), "--dtype", "float32"]) == 0
-    assert _additional(launch[-1]["argv"])["lacache"]["method"] == "lacache-group"
+    assert _additional(got) == {"lacache": {"method": "lacache-capped", "budget": 128}}
 
 
 def test_no_reuse_switches_off_the_kept_caches(launch, model_dir):
     assert main(["serve", str(model_dir), "--budget", "64", "--no-reuse"]) == 0
-    assert _additional(launch[0]["argv"]) == {"lacache": {"method": "lacache-group", "budget": 64, "reuse": False}}
+    assert _additional(launch[0]["argv"]) == {"lacache": {"method": "lacache-capped", "budget": 64, "reuse": False}}
 
 
 def test_users_settings_win_over_the_defaults(launch, model_dir):
@@ -110,7 +104,7 @@ def test_users_own_additional_config_is_merged_not_overridden(launch, model_dir)
                  "--additional-config.other.b", "2", "--additional_config=" + json.dumps({"flag": True})]) == 0
     got = launch[0]["argv"]
     assert _additional(got) == {"other": {"a": 1, "b": 2}, "flag": True,
-                                "lacache": {"method": "lacache-group", "budget": 64}}
+                                "lacache": {"method": "lacache-capped", "budget": 64}}
     assert not any(arg.startswith(("--additional-config.", "--additional_config")) for arg in got)
 
 

@@ -39,16 +39,11 @@ def test_settings_mirror_from_model_defaults():
     cache_defaults = {"schedule": "reference", "sinks": 4, "window": 30, "span": 15, "overlap": 0}
     assert {k: config.describe()[k] for k in cache_defaults} == cache_defaults
     assert config.chunk == 0 and config.target == 256
-    # no method named: the serving default, the group ladder (it compacts every budget // 16 tokens); in half
-    # precision, where rules that rank keys are refused, the capped schedule
+    # no method named: the serving default, the capped schedule (it compacts every budget // 16 tokens)
     served = parse_config({"budget": 256}, 30)
-    assert served.method == "lacache-group" and served.reads_keys and served.chunk == 16
-    half = parse_config({"budget": 256}, 30, half_precision=True)
-    assert half.method == "lacache-capped" and half.describe()["schedule"] == "capped" and half.chunk == 16
-    assert parse_config({"method": "lacache-group", "budget": 256}, 30, half_precision=True).method == "lacache-group"
+    assert served.method == "lacache-capped" and served.describe()["schedule"] == "capped" and served.chunk == 16
     with pytest.raises(ValueError, match='fixes schedule=.capped.*serve method .lacache. with it'):
         parse_config({"method": "lacache-capped", "budget": 256, "schedule": "reference"}, 30)
-    assert served.describe()["schedule"] == "capped" and served.describe()["group"] == 8
     capped = parse_config({"method": "lacache", "budget": 256, "window": 64}, 30)  # a capped-only option: capped
     assert capped.describe()["schedule"] == "capped" and capped.chunk == 16 and capped.target == 240
     assert parse_config({"method": "streaming", "budget": 64, "sinks": 2}, 30).describe()["sinks"] == 2
@@ -62,7 +57,7 @@ def test_key_reading_rules_are_served_with_an_amortised_schedule(raw):
     compacts at points a period of 17 tokens apart."""
     config = parse_config(raw, 30)
     assert config.reads_keys and config.chunk == 16 and config.points.period == 17 and config.peak_slots(2048) == 257
-    assert not parse_config({"method": "lacache-capped", "budget": 256}, 30).reads_keys
+    assert not parse_config({"budget": 256}, 30).reads_keys  # the serving default reads slots only
     assert parse_config({**raw, "chunk": 0}, 30).points.period is None
 
 

@@ -84,7 +84,7 @@ def test_half_precision_tokens_and_kept_tokens_match_the_transformers_cache(bund
 
 
 def test_a_chat_continues_its_cache_in_the_default_dtype(bundled):
-    """test_vllm_reuse.py's chat, in the dtype vLLM picks and with no method named (so the half-precision default,
+    """test_vllm_reuse.py's chat, in the dtype vLLM picks and with no method named (the serving default,
     lacache-capped): every turn after the first takes over the last turn's compacted cache, and each answer matches
     the transformers cache fed the conversation as one stream."""
     from vllm import LLM, SamplingParams
@@ -102,7 +102,7 @@ def test_a_chat_continues_its_cache_in_the_default_dtype(bundled):
     assert served != torch.float32
     from lacache.vllm.config import serving_config
 
-    assert serving_config(llm.llm_engine.vllm_config).method == "lacache-capped"  # lacache-group is refused here
+    assert serving_config(llm.llm_engine.vllm_config).method == "lacache-capped"  # index-only: served in half precision
     half = copy.deepcopy(model).to(served)
     scheduler = llm.llm_engine.engine_core.engine_core.scheduler
     manager = scheduler.kv_cache_manager.coordinator.single_type_managers[0]

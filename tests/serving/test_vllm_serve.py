@@ -164,14 +164,15 @@ def test_lacache_serve_answers_and_shows_its_metrics(tmp_path):
         assert set(NAMES) <= set(found), page[-2000:]
         # the prompt in one pass (it fits max_num_batched_tokens), then one token a step; the last token
         # sampled is never run through the model
-        config = parse_config({"budget": BUDGET}, 30)  # lacache serve's default: float32, so lacache-group
-        assert config.method == "lacache-group" and config.reads_keys
+        config = parse_config({"budget": BUDGET}, 30)  # the serving default
         want = _replay(config, [usage["prompt_tokens"]] + [1] * (NEW - 1))
         assert want["lacache_compactions_total"] > 0 and want["lacache_evicted_tokens_total"] > 0
         assert {name: found[name] for name in NAMES[:2]} == {name: want[name] for name in NAMES[:2]}
-        # the slots that move depend on the keys' norms: at least one per layer and compaction, at most every kept one
         moved = found["lacache_moved_slot_layers_total"]
-        assert want["lacache_compactions_total"] * 30 <= moved <= want["lacache_moved_slot_layers_total"], moved
+        if config.reads_keys:  # which slots move depends on the keys' norms: at least one per layer and compaction
+            assert want["lacache_compactions_total"] * 30 <= moved <= want["lacache_moved_slot_layers_total"], moved
+        else:
+            assert moved == want["lacache_moved_slot_layers_total"]
         assert 0 <= found["lacache_held_slots"] <= BUDGET
     finally:
         server.send_signal(signal.SIGTERM)

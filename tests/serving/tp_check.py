@@ -31,8 +31,8 @@ import tempfile
 import time
 
 NEW = 200
-#: slots per layer: the serving default (lacache-group) needs 4 sinks + a window of 16 + a pool of budget // 8 + one
-#: rung of 16 slots, so at least 41 here
+#: slots per layer: lacache-group needs 4 sinks + a window of 16 + a pool of budget // 8 + one rung of 16 slots,
+#: so at least 41 here
 BUDGET = 48
 PROMPTS = ["Once upon a time there was",
            "The history of the lighthouse begins with a keeper who kept the lamp lit. " * 3,

@@ -90,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"lacache: error: {err}", file=sys.stderr)
         return 2
+    except FileNotFoundError as err:  # a text or model package not installed: its message names the package
+        print(f"lacache: error: {err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
     return 0

@@ -171,7 +171,7 @@ register(Method("lacache", ladder_policy, _LADDER_SUMMARY, default=True))
 register(Method("lacache-capped", ladder_policy,
                 "LaCache on the capped schedule: never over budget, window budget/4, compaction every budget/16 tokens",
                 defaults=MappingProxyType({"schedule": "capped"}), suites=frozenset({"ppl", "passkey", "ruler"}),
-                base="lacache", serving_default_half=True))
+                base="lacache", serving_default=True))
 register(Method("lacache-reference", ladder_policy,
                 "LaCache with the authors' released schedule: recent window of L slots, floor(R/2) extra slots, "
                 "wide rungs for long prompts",
@@ -181,7 +181,6 @@ register(Method("lacache-salient", ladder_policy,
                 defaults=MappingProxyType({"salient": 0.125}), sees="keys", suites=ALL_SUITES - {"decode"},
                 base="lacache"))
 register(Method("lacache-group", ladder_policy,
-                "the ladder over runs of 8 tokens plus a key-norm pool (budget/8) that keeps neighbours; "
-                "vLLM's default in float32",
+                "research: the ladder over runs of 8 tokens plus a key-norm pool (budget/8) that keeps neighbours",
                 defaults=MappingProxyType({"group": 8, "salient": 0.125, "salient_radius": 3}), sees="keys",
-                suites=frozenset({"ppl", "passkey", "ruler"}), base="lacache", serving_default=True))
+                suites=frozenset({"ppl", "passkey", "ruler"}), base="lacache"))

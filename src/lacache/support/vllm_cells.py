@@ -45,18 +45,18 @@ ENGINE: list[Cell] = [
          "rank by (equal ones keep the older slot): at most 1 slot in 200 may differ (docs/serving.md, Rules that read "
          "keys). The workers read each slot's norm once from the paged keys; served, every rule compacts at points "
          "(chunk budget // 16, key-norm included). Float32 only: in half precision they are refused (below). "
-         f"{served_default_method()} is the serving default, so every row below marked with it was run with it",
+         "Sessions (50 inputs, `lacache-group`) and tensor parallel 2 (`lacache-group`) are tested too",
          ("tests/serving/test_vllm_key_rules.py::test_key_norm_rules_keep_the_transformers_caches_tokens",
           "tests/serving/test_vllm_key_rules.py::test_a_key_norm_rule_keeps_the_same_slots_alone_and_beside_long_prefills",
-          "tests/test_points.py::test_key_reading_rules_count_on_the_scheduler_what_the_worker_keeps")),
+          "tests/test_points.py::test_key_reading_rules_count_on_the_scheduler_what_the_worker_keeps",
+          "tests/serving/test_vllm_sessions.py::test_a_streaming_session_is_exact_bounded_and_flat",
+          "tests/serving/test_vllm_tensor_parallel.py::test_tensor_parallel_2_gives_the_tp1_and_transformers_tokens_with_bounded_kv")),
     Cell(_ENGINE, "`--dtype bfloat16` (vLLM's default on x86 CPUs) and `--dtype float16`",
          "lacache, lacache-capped, streaming", EXACT,
          "within a stated tolerance: each greedy token is, within 4 spacings of the largest logit (in magnitude), a pick of the "
          "transformers cache in the same dtype, its logprob as close, and every layer holds the same tokens "
          "(300-token prompts, a 16-turn chat that continues its cache, a 50-input session); bitwise is out of "
-         "reach in half precision (docs/serving.md, Dtypes). Page layouts are measured at engine start. Named no "
-         f"method, a half-precision engine serves {served_default_method(half_precision=True)} (the rules that rank "
-         "keys are refused there) and says so at start",
+         "reach in half precision (docs/serving.md, Dtypes). Page layouts are measured at engine start",
          (_D + "test_half_precision_tokens_and_kept_tokens_match_the_transformers_cache",
           _D + "test_a_chat_continues_its_cache_in_the_default_dtype",
           _D + "test_a_streaming_session_in_the_default_dtype",
@@ -89,9 +89,8 @@ ENGINE: list[Cell] = [
          "fed in the same passes only, and how vLLM chunks a prompt depends on the load: a start-up warning says "
          "so; every other served method gives the same answer under any load (docs/method.md, Compaction points)",
          (_TOKENS, "tests/test_points.py::test_a_crossing_pass_keeps_the_transformers_cache_and_vllm_in_step")),
-    Cell(_ENGINE, "`--tensor-parallel-size 2`", f"{served_default_method()}, lacache, lacache-capped (the "
-         "key-reading rules average "
-         "norms over the ranks' heads)", EXACT,
+    Cell(_ENGINE, "`--tensor-parallel-size 2`", f"{served_default_method()}, lacache, lacache-group (the "
+         "key-reading rules average norms over the ranks' heads)", EXACT,
          "the TP=1 tokens and the transformers cache's",
          ("tests/serving/test_vllm_tensor_parallel.py::test_tensor_parallel_2_gives_the_tp1_and_transformers_tokens_with_bounded_kv",)),
     Cell(_ENGINE, "prefix caching (`--enable-prefix-caching`, vLLM's default)", _SERVED, EXACT,

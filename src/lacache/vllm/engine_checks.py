@@ -107,8 +107,8 @@ REFUSALS: tuple[EngineRefusal, ...] = (
                   "half-precision keys move their norms across the 8-bit values the rule ranks by, so it would keep "
                   "other slots than the transformers cache (1.3% of lacache-group's, fed the same tokens; "
                   "docs/serving.md)",
-                  "serve it with --dtype float32 (lacache serve's default), or name no method (lacache-capped in "
-                  "half precision)",
+                  "serve it with --dtype float32 (lacache serve's default), or serve lacache-capped (the default) "
+                  "in half precision",
                   _ranks_half_precision_keys, methods="knorm, lacache-salient, lacache-group"),
     EngineRefusal("--data-parallel-size > 1", "data-parallel engines are not tested with the plugin",
                   "run one server per replica behind a load balancer",

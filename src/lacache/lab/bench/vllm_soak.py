@@ -83,7 +83,7 @@ class SoakSettings:
 
     minutes: float = 20.0
     budget: int = 256
-    method: str = field(default_factory=served_default_method)  # float32: lacache-group
+    method: str = field(default_factory=served_default_method)
     pool_blocks: int = 12
     max_model_len: int = 2048
     dtype: str = "float32"
