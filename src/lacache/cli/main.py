@@ -87,10 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         values.check_values(args)  # every value, before a command imports torch or loads a model
         with command_context(argv, vars(args)):  # the "run" record of every result names this command
             module.run_cli(args)
-    except ValueError as err:
-        print(f"lacache: error: {err}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as err:  # a text or model package not installed: its message names the package
+    except (ValueError, FileNotFoundError) as err:  # FileNotFoundError: a text package not installed, named
         print(f"lacache: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

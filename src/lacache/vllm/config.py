@@ -189,12 +189,6 @@ def parse_config(raw: object, num_layers: int) -> ServingConfig:
     return ServingConfig(method, budget, chunk, dict(raw), num_layers, policy, reuse)
 
 
-def is_half_precision(vllm_config) -> bool:
-    """The engine's model runs in a dtype other than float32 (bfloat16 or float16)."""
-    dtype = getattr(getattr(vllm_config, "model_config", None), "dtype", None)
-    return dtype is not None and str(dtype).replace("torch.", "") not in ("float32", "float")
-
-
 def serving_config(vllm_config) -> ServingConfig | None:
     """The parsed ``lacache`` settings of an engine, or None when the plugin is off for it."""
     extra = getattr(vllm_config, "additional_config", None) or {}

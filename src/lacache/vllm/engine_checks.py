@@ -62,10 +62,10 @@ def _get(obj, *path, default=None):
 def _ranks_half_precision_keys(args, config) -> bool:
     """A rule that ranks slots by key norm, in a dtype other than float32 (its slot choice is then not the
     transformers cache's: the keys' own rounding moves norms across the 8-bit values both backends compare)."""
-    from .config import is_half_precision, serving_config
-
-    if not is_half_precision(config):
+    dtype = str(_get(config, "model_config", "dtype", default="float32")).replace("torch.", "")
+    if dtype == "float32":
         return False
+    from .config import serving_config
 
     try:
         served = serving_config(config)
