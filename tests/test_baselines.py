@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import policy_observe, policy_select, tiny_llama
-from lacache import H2OCache, KNormCache, TOVACache, make_cache
+from lacache import H2OCache, KeyDiffCache, KNormCache, TOVACache, make_cache
 from lacache.cache.observe import attention_probs
 from lacache.policies import H2OPolicy, KNormPolicy, TOVAPolicy, keep_top
 from oracle_forward import ReferenceStream
@@ -80,7 +80,7 @@ def test_observed_queries_reproduce_the_models_attention_weights():
     assert all(not m._forward_pre_hooks for m in model.modules())
 
 
-@pytest.mark.parametrize("cls", [TOVACache, H2OCache, KNormCache])
+@pytest.mark.parametrize("cls", [TOVACache, H2OCache, KNormCache, KeyDiffCache])
 def test_score_caches_match_reference_per_sequence(attn, cls):
     model = tiny_llama(attn)
     cache = cls.from_model(model, budget=20)
@@ -109,7 +109,7 @@ def test_score_caches_match_reference_per_sequence(attn, cls):
 def test_score_caches_work_in_generate():
     model = tiny_llama("sdpa")
     prompt = torch.randint(0, 96, (1, 30), generator=torch.Generator().manual_seed(2))
-    for method in ("tova", "h2o", "knorm"):
+    for method in ("tova", "h2o", "knorm", "keydiff"):
         cache = make_cache(method, model, budget=16)
         with torch.no_grad():
             out = model.generate(prompt, cache=cache, max_new_tokens=20, do_sample=False)

@@ -30,7 +30,7 @@ from lacache import make_cache
 
 INDEX = ("lacache", "lacache-capped", "lacache-reference", "streaming")
 STATIC = INDEX + ("knorm",)
-METHODS = STATIC + ("tova", "h2o", "lacache-salient", "lacache-group")
+METHODS = STATIC + ("tova", "h2o", "lacache-salient", "lacache-group", "keydiff")
 #: below every prompt here (lacache-group needs 41 on a 4-layer model with its pool)
 BUDGET = {"lacache-group": 48}
 PROMPT, NEW = 44, 20

@@ -387,15 +387,15 @@ def test_the_bundled_model_gives_the_same_tokens_for_any_prefill_chunk(smol, met
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@pytest.mark.parametrize("method", ["knorm", "lacache-salient", "lacache-group"])
+@pytest.mark.parametrize("method", ["knorm", "keydiff", "lacache-salient", "lacache-group"])
 @given(data=st.data(), budget=st.integers(40, 90), length=st.integers(1, 400))
 def test_key_reading_rules_count_on_the_scheduler_what_the_worker_keeps(method, data, budget, length):
-    """vLLM serves a rule that ranks slots by key norm in two halves: the scheduler replays only how many slots
-    survive (``count_after``), the worker hands in every layer's norms and keeps one row per layer. Over any
-    split at the points both hold the same count after every pass, every row is ascending and holds the sinks
-    and the recent window, and a kept row is what the rule chooses from those norms (the worker's norms of the
-    survivors follow them, as the worker does). Norms are drawn from a few values, so ties are common: the
-    older slot wins them."""
+    """vLLM serves a rule that ranks slots by a key statistic in two halves: the scheduler replays only how many
+    slots survive (``count_after``), the worker hands in every layer's statistic and keeps one row per layer.
+    Over any split at the points both hold the same count after every pass, every row is ascending and holds the
+    sinks and the recent window, and a kept row is what the rule chooses from those values (a per-slot
+    statistic's values of the survivors follow them, as the worker does; KeyDiff's are drawn afresh). Values
+    are drawn from a few, so ties are common: the older slot wins them."""
     try:
         config = parse_config({"method": method, "budget": budget}, 4)
     except ValueError:
@@ -405,17 +405,18 @@ def test_key_reading_rules_count_on_the_scheduler_what_the_worker_keeps(method, 
     held: dict[int, torch.Tensor] = {}
     rng = np.random.default_rng(length)
     sinks, window = worker.policy.sinks, worker.policy.window
+    per_slot = worker.policy.key_statistic.per_slot
     for q in _passes(data.draw, config.points, length, crossing=False):
         read = {}
 
-        def norms(layer, n):
-            old = held.get(layer, torch.zeros(0))
+        def stats(layer, n):  # a per-slot statistic (the key norm) is read once per slot, any other every time
+            old = held.get(layer, torch.zeros(0)) if per_slot else torch.zeros(0)
             every = torch.cat([old, torch.from_numpy(rng.choice([1.0, 1.5, 2.0], n - old.shape[0])).float()])
             read[layer] = every
             return every[None]
 
         scheduler.advance(q)
-        plan = worker.advance(q, norms=norms, layers=range(4))
+        plan = worker.advance(q, stats=stats, layers=range(4))
         assert scheduler.slots == worker.slots <= budget and scheduler.seen == worker.seen
         if plan is None:
             continue
@@ -424,8 +425,8 @@ def test_key_reading_rules_count_on_the_scheduler_what_the_worker_keeps(method, 
             assert (np.diff(rows) > 0).all() and rows[:sinks].tolist() == list(range(sinks))
             n = read[layer].shape[0]
             assert rows[-window:].tolist() == list(range(n - window, n))
-            if method == "knorm":  # the smallest norms, the older of equal ones
-                score = -read[layer].clone()
+            if method in ("knorm", "keydiff"):  # the smallest norms / the largest divergence, the older of equal ones
+                score = (-read[layer] if method == "knorm" else read[layer]).clone()
                 score[:sinks] = score[n - window:] = float("inf")
                 order = sorted(range(n), key=lambda i: (-float(score[i]), i))[:len(rows)]
                 assert rows.tolist() == sorted(order)

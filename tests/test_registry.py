@@ -89,7 +89,7 @@ def test_entries_say_what_their_rule_reads_and_whether_vllm_serves_it():
     assert sees["tova"] == sees["h2o"] == "attention" and sees["knorm"] == sees["lacache-salient"] == "keys"
     assert sees["lacache"] == sees["streaming"] == "slots"
     assert set(registry.served_methods()) == {"streaming", "lacache", "lacache-capped", "lacache-reference", "knorm",
-                                              "lacache-salient", "lacache-group"}
+                                              "keydiff", "lacache-salient", "lacache-group"}
     assert (registry.unbounded_method(), registry.baseline_method(), registry.default_method()) == (
         "full", "streaming", "lacache")
     with pytest.raises(ValueError, match="served=True needs a rule that reads slots or keys"):

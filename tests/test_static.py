@@ -283,7 +283,7 @@ def test_generate_compiles_a_static_cache_and_matches_the_host_path():
 def test_static_is_refused_for_rules_without_a_static_path():
     model = tiny_llama()
     for method, why in (("tova", "attention"), ("h2o", "attention"), ("lacache-salient", "no static decode path"),
-                        ("lacache-group", "no static decode path")):
+                        ("lacache-group", "no static decode path"), ("keydiff", "no static decode path")):
         with pytest.raises(ValueError, match=rf"static=True: .*{why}.*index-only methods .* and key-norm"):
             make_cache(method, model, 64, static=True)
     with pytest.raises(ValueError, match=r"static='yes' must be True or False"):

@@ -56,8 +56,8 @@ def test_engine_refusals_read_the_config():
                                                                      rope_parameters={"rope_type": "default"}))
         config.additional_config = {"lacache": {"budget": 256} if method is None else {"method": method, "budget": 256}}
         found = engine_refusals(args, config)
-        assert (found == ["lacache: a key-norm method (knorm, lacache-salient, lacache-group) in bfloat16 or "
-                          "float16 is not served with a bounded KV cache: half-precision keys move their norms "
+        assert (found == ["lacache: a key-reading method (knorm, keydiff, lacache-salient, lacache-group) in bfloat16 or "
+                          "float16 is not served with a bounded KV cache: half-precision keys move the key statistic "
                           "across the 8-bit values the rule ranks by, so it would keep other slots than the "
                           "transformers cache (1.3% of lacache-group's, fed the same tokens; docs/serving.md); serve "
                           "it with --dtype float32 (lacache serve's default), or serve lacache-capped (the default) "

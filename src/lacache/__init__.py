@@ -21,6 +21,7 @@ __all__ = [
     "TOVACache",
     "H2OCache",
     "KNormCache",
+    "KeyDiffCache",
     "METHODS",
     "make_cache",
     "default_span_overlap",
@@ -39,7 +40,7 @@ _moved.install()  # old module paths (lacache.models, lacache.evaluation, ...) k
 #: command line's --help and argument errors) stay instant
 _LAZY = {
     "BoundedCache": "lacache.cache", "LaCache": "lacache.cache", "StreamingLLMCache": "lacache.cache",
-    "TOVACache": "lacache.cache", "H2OCache": "lacache.cache", "KNormCache": "lacache.cache",
+    "TOVACache": "lacache.cache", "H2OCache": "lacache.cache", "KNormCache": "lacache.cache", "KeyDiffCache": "lacache.cache",
     "generate": "lacache.cache.hub_generate",
 }
 

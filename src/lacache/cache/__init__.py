@@ -14,6 +14,7 @@
 from .bounded import POSITION_MODES, BoundedCache
 from .classes import (
     H2OCache,
+    KeyDiffCache,
     KNormCache,
     LaCache,
     ModelCache,
@@ -25,4 +26,4 @@ from .classes import (
 from .storage import SlotLayer
 
 __all__ = ["BoundedCache", "ModelCache", "build_cache", "LaCache", "StreamingLLMCache", "TOVACache", "H2OCache",
-           "KNormCache", "SlotLayer", "POSITION_MODES", "build_bounded_cache"]
+           "KNormCache", "KeyDiffCache", "SlotLayer", "POSITION_MODES", "build_bounded_cache"]

@@ -377,7 +377,8 @@ class BoundedCache(Cache):
         policy = self.policy
         if step.over_budget or policy.observes_every_step:
             view = LayerView(layer_idx, int(keys.shape[-2]), step.query_length, step.index, keys,
-                             self._attention_fn(layer_idx, visible_keys) if policy.needs_attention else None)
+                             self._attention_fn(layer_idx, visible_keys) if policy.needs_attention else None,
+                             positioned_keys=visible_keys)
             if policy.observes_every_step:
                 policy.observe(view)
             if step.over_budget:

@@ -26,7 +26,7 @@ from .attach import attach_cache, model_signature
 from .bounded import POSITION_MODES, BoundedCache
 from .observe import QueryObserver
 
-__all__ = ["ModelCache", "LaCache", "StreamingLLMCache", "TOVACache", "H2OCache", "KNormCache", "build_cache",
+__all__ = ["ModelCache", "LaCache", "StreamingLLMCache", "TOVACache", "H2OCache", "KNormCache", "KeyDiffCache", "build_cache",
            "build_bounded_cache", "validate_common", "resolve_chunk"]
 
 
@@ -194,3 +194,13 @@ class KNormCache(_MethodCache):
     """
 
     method = "knorm"
+
+
+class KeyDiffCache(_MethodCache):
+    """KeyDiff: keep the slots whose keys point furthest from the layer's mean key direction, plus sinks and a
+    recent window.
+
+    Attention-free like key-norm; each compaction compares the layer's keys with their mean direction.
+    """
+
+    method = "keydiff"

@@ -6,7 +6,7 @@
   shape and one compaction's indices, and the authors' schedule of compactions;
 * one file per method, each ending with its ``register(Method(...))``: ``streaming``, ``lacache``
   (the ladder factory over ``ladder``, ``authors_ladder`` and ``salient``), ``tova``, ``h2o``,
-  ``knorm`` (over the shared ``scores``).
+  ``knorm`` and ``keydiff`` (over the shared ``scores``).
 
 Importing this package registers every built-in method, in the order commands list them; any other
 module of the package is imported too, so a new method file needs no line here.
@@ -21,6 +21,7 @@ from .plan import CompactionPlan, RowPlan, identity_plan
 from . import streaming, lacache, tova, h2o, knorm  # noqa: F401  (each registers its method)
 from .authors_ladder import ReferenceLadderPolicy
 from .h2o import H2OPolicy
+from .keydiff import KeyDiffPolicy
 from .knorm import KNormPolicy
 from .ladder import LadderPolicy, ladder_plan
 from .lacache import ladder_policy
@@ -53,5 +54,6 @@ __all__ = [
     "TOVAPolicy",
     "H2OPolicy",
     "KNormPolicy",
+    "KeyDiffPolicy",
     "keep_top",
 ]

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from .plan import CompactionPlan, RowPlan
 
 __all__ = ["LayerView", "RetentionPolicy", "IndexPolicy", "resolve_chunk", "rows_of", "key_norms", "head_norms",
-           "round_norms", "rank_slots"]
+           "round_norms", "rank_slots", "KeyStatistic", "KEY_NORM"]
 
 
 def key_norms(keys: "torch.Tensor") -> "torch.Tensor":
@@ -51,6 +51,42 @@ def round_norms(norms: "torch.Tensor") -> "torch.Tensor":
     return norms.to(torch.bfloat16).float()
 
 
+class KeyStatistic:
+    """What a key-reading rule ranks slots by: one value per slot, averaged over the layer's heads.
+
+    Every backend computes it with this object, so both keep the same slots: the transformers cache from
+    the keys it stores, vLLM's workers from the paged keys (averaging ``head_values`` over the ranks'
+    heads under tensor parallel, then ``round``-ing). ``per_slot``: a slot's value depends on its own key
+    alone and survives the position shift's rotations (the key norm), so a backend reads it once, when
+    the slot is written, and keeps it; otherwise (a value relative to the layer's other keys) every
+    slot's value is read again at each compaction. ``positioned``: the value is taken from keys as
+    attention reads them, each at its slot's position (a common shift of every position leaves it
+    unchanged), not from keys as a cache happens to store them.
+    """
+
+    def __init__(self, name: str, head_values: "Callable[[torch.Tensor], torch.Tensor]", per_slot: bool,
+                 positioned: bool):
+        self.name = name
+        self.head_values = head_values  # keys [B, H, n, D] -> [B, n], unrounded
+        self.per_slot = per_slot
+        self.positioned = positioned
+
+    def round(self, values: "torch.Tensor") -> "torch.Tensor":
+        """Values rounded to the 8 significant bits both backends compare (``round_norms``)."""
+        return round_norms(values)
+
+    def __call__(self, keys: "torch.Tensor") -> "torch.Tensor":
+        """The rounded values ``[B, n]`` of keys ``[B, H, n, D]``."""
+        return self.round(self.head_values(keys))
+
+    def __repr__(self) -> str:
+        return f"KeyStatistic({self.name!r})"
+
+
+#: the key norm (key-norm, the salient and group ladders)
+KEY_NORM = KeyStatistic("key norm", head_norms, per_slot=True, positioned=False)
+
+
 def rank_slots(score: "torch.Tensor", count: int) -> "torch.Tensor":
     """Indices ``[B, count]`` of the ``count`` highest ``score`` slots, ties going to the older (lower) slot.
 
@@ -73,25 +109,28 @@ class LayerView:
 
     ``num_slots`` counts the layer's slots including this forward's new tokens (the newest last);
     ``step`` numbers the forward passes of the stream, so a rule that plans every layer at once
-    knows when a new pass began. ``keys()`` are the stored keys ``[B, H, n, D]`` (their norms do not
-    depend on the position shift); ``norms()`` their head-averaged L2 norms ``[B, n]`` as the
-    key-reading rules compare them (``key_norms``): computed from the keys, or handed in by a
-    backend that keeps them instead of the keys (vLLM's workers read each slot's norm once, from
-    its paged key); ``attention()`` is the head-averaged attention of the new queries over all
+    knows when a new pass began. ``keys()`` are the stored keys ``[B, H, n, D]``;
+    ``positioned_keys()`` the same keys as attention reads them, each at its slot's position (the
+    stored ones when no positioned copy was handed in); ``stats(statistic)`` every slot's value of a
+    key-reading rule's ``KeyStatistic`` ``[B, n]``: computed from the keys, or handed in by a backend
+    that reads them itself (vLLM's workers read them from the paged keys); ``norms()`` is
+    ``stats(KEY_NORM)``. ``attention()`` is the head-averaged attention of the new queries over all
     slots ``[B, q, n]``, computed on first use and only for caches that observe queries.
     """
 
-    __slots__ = ("layer_idx", "num_slots", "query_length", "step", "_keys", "_norms", "_attention", "_attention_fn")
+    __slots__ = ("layer_idx", "num_slots", "query_length", "step", "_keys", "_positioned", "_stats", "_attention",
+                 "_attention_fn")
 
     def __init__(self, layer_idx: int, num_slots: int, query_length: int, step: int,
                  keys: "torch.Tensor | None" = None, attention: "Callable[[], torch.Tensor] | None" = None,
-                 norms: "torch.Tensor | None" = None):
+                 stats: "torch.Tensor | None" = None, positioned_keys: "torch.Tensor | None" = None):
         self.layer_idx = layer_idx
         self.num_slots = num_slots
         self.query_length = query_length
         self.step = step
         self._keys = keys
-        self._norms = norms
+        self._positioned = positioned_keys
+        self._stats = stats
         self._attention_fn = attention
         self._attention = None
 
@@ -100,16 +139,23 @@ class LayerView:
             raise RuntimeError("this view carries no keys")
         return self._keys
 
+    def positioned_keys(self) -> "torch.Tensor":
+        return self._positioned if self._positioned is not None else self.keys()
+
     @property
-    def carries_norms(self) -> bool:
-        """The backend handed in every slot's norm (the rule must not read them from its own state)."""
-        return self._norms is not None
+    def carries_stats(self) -> bool:
+        """The backend handed in every slot's statistic (the rule must not read it from its own state)."""
+        return self._stats is not None
+
+    def stats(self, statistic: KeyStatistic) -> "torch.Tensor":
+        """Every slot's ``statistic`` ``[B, n]``, as the key-reading rules compare it."""
+        if self._stats is None:
+            self._stats = statistic(self.positioned_keys() if statistic.positioned else self.keys())
+        return self._stats
 
     def norms(self) -> "torch.Tensor":
         """Every slot's key norm ``[B, n]`` as the key-reading rules compare them (``key_norms``)."""
-        if self._norms is None:
-            self._norms = key_norms(self.keys())
-        return self._norms
+        return self.stats(KEY_NORM)
 
     def attention(self) -> "torch.Tensor":
         if self._attention is None:
@@ -132,6 +178,9 @@ class RetentionPolicy(ABC):
     observes_every_step: bool = False
     #: the cache may free ``chunk`` extra slots per compaction; False for a rule that sets its own points
     amortises: bool = True
+    #: what a rule that reads keys but not attention ranks slots by (a backend that never hands it the keys,
+    #: vLLM's workers, computes it for the rule); None for index-only and attention rules
+    key_statistic: "KeyStatistic | None" = None
 
     @abstractmethod
     def retain(self, view: LayerView, target: int) -> "CompactionPlan | RowPlan":

@@ -8,7 +8,7 @@ from __future__ import annotations
 from .. import checks
 from .._lazy import torch
 from ..registry import Method, register
-from .base import LayerView, key_norms
+from .base import KEY_NORM, LayerView, key_norms
 from .scores import ScorePolicy, score_rule
 
 __all__ = ["KNormPolicy", "knorm_policy"]
@@ -19,6 +19,7 @@ class KNormPolicy(ScorePolicy):
 
     observes_every_step = True
     keyed_state = True
+    key_statistic = KEY_NORM
 
     def observe(self, view: LayerView) -> None:
         new = self.key_state(view.keys()[:, :, -view.query_length:])
@@ -32,7 +33,7 @@ class KNormPolicy(ScorePolicy):
 
     def score(self, view: LayerView) -> torch.Tensor:
         # vLLM's workers hand in every slot's norm at compaction time instead of observing each pass
-        return self.state_score(view.norms() if view.carries_norms else self.state[view.layer_idx])
+        return self.state_score(view.norms() if view.carries_stats else self.state[view.layer_idx])
 
     def state_score(self, state: torch.Tensor) -> torch.Tensor:
         return -state  # the smallest norms are kept

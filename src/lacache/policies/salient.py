@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 
 from .._lazy import torch
-from .base import LayerView, RetentionPolicy, rank_slots, rows_of
+from .base import KEY_NORM, LayerView, RetentionPolicy, rank_slots, rows_of
 from .ladder import LadderPolicy
 from .ladder_geometry import LadderGeometry
 from .plan import RowPlan
@@ -26,6 +26,8 @@ __all__ = ["SalientLadderPolicy"]
 
 class SalientLadderPolicy(RetentionPolicy):
     """Ladder over the non-pool slots plus a pool of ``pool`` lowest-key-norm evicted slots per layer."""
+
+    key_statistic = KEY_NORM
 
     def __init__(self, geometry: LadderGeometry, sinks: int, window: int, pool: int, radius: int = 0):
         if sinks < 0:

@@ -3,7 +3,7 @@
 Paths: the host path (the default cache, ``static=False``), a left-padded batch (one single-row cache
 per sequence, ``cache.padded``) and ``static=True`` (fixed buffers, compiled decode). Method families:
 index-only (``lacache``, ``lacache-capped``, ``lacache-reference``, ``streaming``), key-norm
-(``knorm``), attention-score (``tova``, ``h2o``) and the salient pool (``lacache-salient``,
+(``knorm``), KeyDiff (``keydiff``), attention-score (``tova``, ``h2o``) and the salient pool (``lacache-salient``,
 ``lacache-group``). Every ``GenerationMode`` of transformers appears by its value in an option text
 (tests/test_support_matrix.py checks it); tests/test_generate_modes.py holds most cells.
 Importing this imports no torch and no transformers.
@@ -17,7 +17,8 @@ __all__ = ["CELLS"]
 
 _T = "transformers"
 _M = "tests/test_generate_modes.py::"
-_EVERY = "index-only, key-norm, attention-score (tova, h2o), salient pool (lacache-salient, lacache-group)"
+_EVERY = ("index-only, key-norm, keydiff, attention-score (tova, h2o), salient pool (lacache-salient, "
+          "lacache-group)")
 _STATIC = "static=True: index-only and key-norm"
 _REPLAYED = _M + "test_each_returned_row_is_its_sequence_replayed_alone"
 _BEAMS_REPLAYED = _M + "test_each_beams_score_is_its_sequence_replayed_alone"
@@ -146,10 +147,10 @@ CELLS: list[Cell] = [
     _hub_mode("group (diverse) beam search (`group_beam_search`)", "`num_beam_groups>1`, `diversity_penalty`"),
     _hub_mode("constrained beam search (`constrained_beam_search`)", "`force_words_ids`, `constraints`"),
     # ------------------------------------------------------------------ paths refused as a whole
-    Cell(_T, "`static=True` with TOVA, H2O or the salient pool (any generate mode)", "tova, h2o, lacache-salient, "
-         "lacache-group", REFUSED,
-         "TOVA and H2O read each step's attention, which a compiled step never shows the cache; the salient pool has "
-         "no static decode path: refused by name when the cache is built; leave static=False",
+    Cell(_T, "`static=True` with TOVA, H2O, KeyDiff or the salient pool (any generate mode)", "tova, h2o, keydiff, "
+         "lacache-salient, lacache-group", REFUSED,
+         "TOVA and H2O read each step's attention, which a compiled step never shows the cache; KeyDiff and the "
+         "salient pool have no static decode path: refused by name when the cache is built; leave static=False",
          ("tests/test_static.py::test_static_is_refused_for_rules_without_a_static_path",),
          where="cache build"),
     Cell(_T, "`static=True` with a left-padded batch (any generate mode)", "index-only and key-norm", REFUSED,

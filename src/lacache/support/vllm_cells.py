@@ -38,15 +38,18 @@ ENGINE: list[Cell] = [
          "lacache, lacache-capped, streaming", EXACT,
          "the same tokens as model.generate with the transformers cache for 300 new tokens, and every layer holds "
          "the same tokens", (_TOKENS,)),
-    Cell(_ENGINE, "rules that rank slots by key norm (float32, greedy, chunked prefill, a pool smaller than one "
-         "max-length request)", "knorm, lacache-salient, lacache-group", EXACT,
+    Cell(_ENGINE, "rules that rank slots by a key statistic (float32, greedy, chunked prefill, a pool smaller than "
+         "one max-length request)", "knorm, keydiff, lacache-salient, lacache-group", EXACT,
          "the same tokens as model.generate with the transformers cache for 300 new tokens; every layer holds the same "
-         "tokens but where a key's norm lies within the backends' float noise of a boundary of the 8-bit values both "
-         "rank by (equal ones keep the older slot): at most 1 slot in 200 may differ (docs/serving.md, Rules that read "
-         "keys). The workers read each slot's norm once from the paged keys; served, every rule compacts at points "
-         "(chunk budget // 16, key-norm included). Float32 only: in half precision they are refused (below). "
-         "Sessions (50 inputs, `lacache-group`) and tensor parallel 2 (`lacache-group`) are tested too",
-         ("tests/serving/test_vllm_key_rules.py::test_key_norm_rules_keep_the_transformers_caches_tokens",
+         "tokens but where a slot's statistic lies within the backends' float noise of a boundary of the 8-bit values "
+         "both rank by (equal ones keep the older slot): at most 1 slot in 200 may differ (docs/serving.md, Rules "
+         "that read keys). The workers read the statistic from the paged keys at compaction time (a key norm once per "
+         "slot; KeyDiff's divergence from the mean direction for every held key, at its slot's position); served, "
+         "every rule compacts at points (chunk budget // 16, key-norm and KeyDiff included). Float32 only: in half "
+         "precision they are refused (below). Sessions (50 inputs, `lacache-group`) and tensor parallel 2 "
+         "(`lacache-group`) are tested too",
+         ("tests/test_keydiff.py::test_keydiff_keeps_the_keys_furthest_from_the_mean_direction",
+          "tests/serving/test_vllm_key_rules.py::test_key_norm_rules_keep_the_transformers_caches_tokens",
           "tests/serving/test_vllm_key_rules.py::test_a_key_norm_rule_keeps_the_same_slots_alone_and_beside_long_prefills",
           "tests/test_points.py::test_key_reading_rules_count_on_the_scheduler_what_the_worker_keeps",
           "tests/serving/test_vllm_sessions.py::test_a_streaming_session_is_exact_bounded_and_flat",

@@ -23,7 +23,7 @@ __all__ = ["KEY", "ServingConfig", "parse_config", "serving_config", "served_met
 KEY = "lacache"
 
 # What a rule reads decides whether a paged engine can run it: index-only rules need nothing but
-# slot counts, and key-reading rules need counts on the scheduler and key norms on the workers, which
+# slot counts, and key-reading rules need counts on the scheduler and a key statistic on the workers, which
 # read them from the paged keys. vLLM's fused attention kernels never materialise the queries'
 # attention, so rules that read it are refused.
 _WHY_NOT = {
@@ -52,7 +52,7 @@ class ServingConfig:
 
     @property
     def reads_keys(self) -> bool:
-        """The rule chooses survivors by key norm (the workers read them from the paged keys)."""
+        """The rule chooses survivors by a key statistic (the workers read it from the paged keys)."""
         from ..policies.base import IndexPolicy
 
         return not isinstance(self._policy, IndexPolicy)

@@ -60,8 +60,9 @@ def _get(obj, *path, default=None):
 
 
 def _ranks_half_precision_keys(args, config) -> bool:
-    """A rule that ranks slots by key norm, in a dtype other than float32 (its slot choice is then not the
-    transformers cache's: the keys' own rounding moves norms across the 8-bit values both backends compare)."""
+    """A rule that ranks slots by a key statistic, in a dtype other than float32 (its slot choice is then not
+    the transformers cache's: the keys' own rounding moves the statistic across the 8-bit values both backends
+    compare)."""
     dtype = str(_get(config, "model_config", "dtype", default="float32")).replace("torch.", "")
     if dtype == "float32":
         return False
@@ -103,13 +104,13 @@ REFUSALS: tuple[EngineRefusal, ...] = (
                   "use --tensor-parallel-size to split the model instead",
                   lambda a, c: int(_get(c, "parallel_config", "pipeline_parallel_size", default=1)) > 1,
                   ("pipeline_parallel_size", 2)),
-    EngineRefusal("a key-norm method (knorm, lacache-salient, lacache-group) in bfloat16 or float16",
-                  "half-precision keys move their norms across the 8-bit values the rule ranks by, so it would keep "
+    EngineRefusal("a key-reading method (knorm, keydiff, lacache-salient, lacache-group) in bfloat16 or float16",
+                  "half-precision keys move the key statistic across the 8-bit values the rule ranks by, so it would keep "
                   "other slots than the transformers cache (1.3% of lacache-group's, fed the same tokens; "
                   "docs/serving.md)",
                   "serve it with --dtype float32 (lacache serve's default), or serve lacache-capped (the default) "
                   "in half precision",
-                  _ranks_half_precision_keys, methods="knorm, lacache-salient, lacache-group"),
+                  _ranks_half_precision_keys, methods="knorm, keydiff, lacache-salient, lacache-group"),
     EngineRefusal("--data-parallel-size > 1", "data-parallel engines are not tested with the plugin",
                   "run one server per replica behind a load balancer",
                   lambda a, c: int(_get(c, "parallel_config", "data_parallel_size", default=1)) > 1,

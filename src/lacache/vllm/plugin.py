@@ -479,7 +479,7 @@ def __getattr__(name: str):
 
 def _mean_over_ranks():
     """Under tensor parallel, the mean over every rank of a tensor each rank computed from its own KV heads (the
-    key-reading rules rank slots by the norm averaged over all heads); None on one device. Every rank holds the
+    key-reading rules rank slots by a key statistic averaged over all heads); None on one device. Every rank holds the
     same number of KV heads (vLLM splits or replicates them evenly), so the mean of the ranks' means is the mean
     over the heads."""
     from vllm.distributed import get_tensor_model_parallel_world_size, tensor_model_parallel_all_reduce

@@ -7,10 +7,10 @@ point allows, the rule's plan compacts it to ``plan.kept``. The scheduler needs 
 compaction empties and size the next allocation); the worker also applies the plan to the paged
 keys and values. Because the rule is deterministic, the two never need to talk.
 
-A rule that reads keys (key-norm, the salient and group ladders) chooses *which* slots survive from
-the keys' norms, but *how many* from counts alone (``RetentionPolicy.count_after``): the scheduler
-replays the counts, and the worker hands each layer's norms in (``advance(q, norms=...)``) and gets
-one row of survivors per layer.
+A rule that reads keys (key-norm, KeyDiff, the salient and group ladders) chooses *which* slots
+survive from a statistic of the keys (``RetentionPolicy.key_statistic``), but *how many* from counts
+alone (``RetentionPolicy.count_after``): the scheduler replays the counts, and the worker hands each
+layer's statistic in (``advance(q, stats=...)``) and gets one row of survivors per layer.
 """
 
 from __future__ import annotations
@@ -52,10 +52,11 @@ class RequestSlots:
         self.slots = 0  # physical slots held (every layer the same)
         self.seen = 0  # logical tokens processed
         self.passes = 0
-        #: the rule chooses slots from key norms (``RetentionPolicy.count_after`` gives their number)
+        #: the rule chooses slots from a key statistic (``RetentionPolicy.count_after`` gives their number)
         self.reads_keys = not isinstance(policy, IndexPolicy)
-        #: the worker's norms of the held slots, per model layer (key-reading rules; follow the request on reuse)
-        self.norms: dict = {}
+        #: the worker's statistic of the held slots, per model layer, for a statistic a slot keeps
+        #: (``KeyStatistic.per_slot``: key norms); follows the request on reuse
+        self.held_stats: dict = {}
         # original token index of every slot, [1 or layers, slots] (the worker keeps it for inspection)
         self.tokens: np.ndarray | None = np.zeros((1, 0), dtype=np.int64) if track_tokens else None
 
@@ -64,10 +65,10 @@ class RequestSlots:
         """Logical tokens minus physical slots: how far physical addresses lag logical positions."""
         return self.seen - self.slots
 
-    def advance(self, q: int, norms=None, layers=None):
+    def advance(self, q: int, stats=None, layers=None):
         """A forward pass of ``q`` tokens ran; returns the compaction plan it triggers, or None.
 
-        A key-reading rule needs ``norms(layer, n)`` (``[1, n]``, the layer's every slot, ``LayerView.norms``)
+        A key-reading rule needs ``stats(layer, n)`` (``[1, n]``, the layer's every slot, ``LayerView.stats``)
         and the model ``layers`` it is asked for (the worker's): it then returns one row of survivors per layer
         (other layers keep their first ``kept`` slots in the plan, never applied). Without them (the
         scheduler) only the count advances and the plan is None."""
@@ -83,7 +84,7 @@ class RequestSlots:
         if target is None:
             return None
         if self.reads_keys:
-            return self._choose(q, target, norms, layers)
+            return self._choose(q, target, stats, layers)
         plan = self.policy.retain(LayerView(0, self.slots, q, self.passes), target)
         if self.tokens is not None:
             rows = plan.index
@@ -94,17 +95,17 @@ class RequestSlots:
         self.slots = plan.kept
         return plan
 
-    def _choose(self, q: int, target: int, norms, layers) -> CompactionPlan | None:
-        if norms is None:  # the scheduler: how many survive, not which
+    def _choose(self, q: int, target: int, stats, layers) -> CompactionPlan | None:
+        if stats is None:  # the scheduler: how many survive, not which
             self.slots = self.policy.count_after(self.slots, target)
             if self.tokens is not None:
-                raise RuntimeError("token tracking needs the keys' norms (the worker's replay)")
+                raise RuntimeError("token tracking needs the keys' statistic (the worker's replay)")
             return None
         n = self.slots
         rows = np.tile(np.arange(n, dtype=np.int64), (self.num_layers, 1))
         kept = None
         for layer in layers:
-            chosen = self.policy.retain(LayerView(layer, n, q, self.passes, norms=norms(layer, n)), target).index
+            chosen = self.policy.retain(LayerView(layer, n, q, self.passes, stats=stats(layer, n)), target).index
             if chosen.shape[0] != 1:
                 raise RuntimeError("lacache: a served request is one sequence; the rule planned several rows")
             row = chosen[0].cpu().numpy()

@@ -11,9 +11,11 @@ plugin keeps, per request, the ``RequestSlots`` replay of the retention rule and
   budget, every layer's kept slots are gathered, re-rotated by ``new slot - old slot`` (keys are
   stored after RoPE) and written to the front of the row with the backend's own writer; the row's
   tail blocks are dropped, as the scheduler's ``LadderManager`` frees them. A rule that reads keys
-  (key-norm, the salient and group ladders) is handed each layer's key norms: those of the slots
-  written since the request's last compaction are read from the paged keys then (never per token),
-  the older ones were kept from earlier compactions (a rotation leaves a norm unchanged).
+  is handed each layer's key statistic (``RetentionPolicy.key_statistic``), read from the paged
+  keys at compaction time, never per token: for the key norm (key-norm, the salient and group
+  ladders) only the slots written since the request's last compaction are read, the older ones were
+  kept from earlier compactions (a rotation leaves a norm unchanged); a statistic relative to the
+  layer's other keys (KeyDiff) reads every held slot again, each at its slot's position.
 
 ``lacache.vllm.plugin`` calls these from its model runner (``LadderModelRunner``); this module
 imports no vLLM.
@@ -28,7 +30,6 @@ import weakref
 
 import torch
 
-from ..policies.base import head_norms, round_norms
 from ..rope import rotate_half
 from . import metrics
 from .config import ServingConfig
@@ -79,8 +80,8 @@ class WorkerState:
     def __init__(self, runner, config: ServingConfig, mean_over_ranks=None):
         self.runner = runner
         self.config = config
-        #: under tensor parallel, ``[layers, k]`` head-averaged norms of this rank's heads -> the mean over every
-        #: rank's (one all-reduce per compaction); None on one device
+        #: under tensor parallel, ``[layers, k]`` head-averaged key statistics of this rank's heads -> the mean
+        #: over every rank's (one all-reduce per compaction); None on one device
         self.mean_over_ranks = mean_over_ranks
         self.requests: dict[str, RequestSlots] = {}
         self.finished: dict[str, RequestSlots] = {}  # kept for inspection when LACACHE_VLLM_RECORD=1
@@ -145,11 +146,11 @@ class WorkerState:
                 continue
             started = time.perf_counter()
             if slots.reads_keys:
-                norms = self._norm_reader(req_id, slots)
-                plan = slots.advance(q, norms=norms, layers=self.layer_numbers)
-                if plan is not None:
-                    slots.norms = {layer: every[torch.from_numpy(plan.rows_for(layer))]
-                                   for layer, every in norms.read.items()}
+                stats = self._stat_reader(req_id, slots)
+                plan = slots.advance(q, stats=stats, layers=self.layer_numbers)
+                if plan is not None and stats.statistic.per_slot:
+                    slots.held_stats = {layer: every[torch.from_numpy(plan.rows_for(layer))]
+                                        for layer, every in stats.read.items()}
             else:
                 plan = slots.advance(q)
             if plan is not None:
@@ -200,35 +201,41 @@ class WorkerState:
             del self.kept[first]
 
     # ------------------------------------------------------------------ compaction
-    def _norm_reader(self, req_id: str, slots: RequestSlots):
-        """``norms(layer, n)`` for ``RequestSlots.advance``: every slot's key norm ``[1, n]`` of one layer, the
-        slots since the last compaction read from the paged keys (they were written at their slot and never
-        moved), the others kept from then. Read for every layer at the first call (most steps never make one),
-        averaged over the ranks' heads under tensor parallel, then rounded (``policies.base.key_norms``).
-        What it read stays on ``norms.read`` (the survivors' are kept)."""
+    def _stat_reader(self, req_id: str, slots: RequestSlots):
+        """``stats(layer, n)`` for ``RequestSlots.advance``: every slot's key statistic ``[1, n]`` of one layer
+        (``RetentionPolicy.key_statistic``), read from the paged keys, where each key sits at its slot's
+        position. A statistic a slot keeps (``per_slot``, the key norm) is read only for the slots written
+        since the last compaction (they never moved), the others kept from then; any other is read for
+        every slot. Read for every layer at the first call (most steps never make one), averaged over the
+        ranks' heads under tensor parallel, then rounded as every backend rounds it. What it read stays
+        on ``stats.read`` (a kept statistic's survivors are kept)."""
         paged = self.paged()
+        statistic = slots.policy.key_statistic
+        if statistic is None:
+            raise RuntimeError(f"lacache: {type(slots.policy).__name__} reads keys but names no key_statistic")
 
-        def norms(layer: int, n: int) -> torch.Tensor:
-            if not norms.new:
+        def stats(layer: int, n: int) -> torch.Tensor:
+            if not stats.new:
                 rows = list(self.runner.requests[req_id].block_ids[0])
-                start = next(iter(slots.norms.values())).shape[0] if slots.norms else 0
+                held = slots.held_stats if statistic.per_slot else {}
+                start = next(iter(held.values())).shape[0] if held else 0
                 wanted = torch.arange(start, n, dtype=torch.int64)
                 local = []
                 for i in range(len(self.layer_numbers)):
                     keys, _ = paged.read(i, rows, wanted)  # [k, heads, dim]
-                    local.append(head_norms(keys.permute(1, 0, 2)[None])[0])
+                    local.append(statistic.head_values(keys.permute(1, 0, 2)[None])[0])
                 means = torch.stack(local) if local else torch.zeros(0, n - start)
                 if self.mean_over_ranks is not None:
                     means = self.mean_over_ranks(means)
-                means = round_norms(means).cpu()
-                norms.new = {number: means[i] for i, number in enumerate(self.layer_numbers)}
-            held = slots.norms.get(layer)
-            every = norms.new[layer] if held is None else torch.cat([held, norms.new[layer]])
-            norms.read[layer] = every
+                means = statistic.round(means).cpu()
+                stats.new = {number: means[i] for i, number in enumerate(self.layer_numbers)}
+            held = slots.held_stats.get(layer) if statistic.per_slot else None
+            every = stats.new[layer] if held is None else torch.cat([held, stats.new[layer]])
+            stats.read[layer] = every
             return every[None]
 
-        norms.read, norms.new = {}, {}
-        return norms
+        stats.read, stats.new, stats.statistic = {}, {}, statistic
+        return stats
 
     def measure_pages(self) -> PagedKV:
         """(Re)read the page layout of the KV caches the runner holds now (at engine start, and again should
