@@ -20,7 +20,7 @@ _D = "tests/serving/test_vllm_dtypes.py::"
 _P = "tests/serving/test_vllm_pool_engine.py::"
 _SAME = "tests/serving/test_vllm_same_answer.py::"
 _ENGINE, _REQUEST = "vLLM engine", "vLLM request"
-_SERVED = f"{served_default_method()} (the serving default)"
+_SERVED = f"{served_default_method()} (the serving default)"  # in float32, the engine tests' dtype
 _ANY = "every method"
 
 
@@ -92,8 +92,9 @@ ENGINE: list[Cell] = [
          "fed in the same passes only, and how vLLM chunks a prompt depends on the load: a start-up warning says "
          "so; every other served method gives the same answer under any load (docs/method.md, Compaction points)",
          (_TOKENS, "tests/test_points.py::test_a_crossing_pass_keeps_the_transformers_cache_and_vllm_in_step")),
-    Cell(_ENGINE, "`--tensor-parallel-size 2`", f"{served_default_method()}, lacache, lacache-group (the "
-         "key-reading rules average norms over the ranks' heads)", EXACT,
+    Cell(_ENGINE, "`--tensor-parallel-size 2`", f"{served_default_method()} (the serving default), lacache, "
+         f"lacache-group, {served_default_method(half_precision=True)} (the key-reading rules average their "
+         "statistic over the ranks' heads)", EXACT,
          "the TP=1 tokens and the transformers cache's",
          ("tests/serving/test_vllm_tensor_parallel.py::test_tensor_parallel_2_gives_the_tp1_and_transformers_tokens_with_bounded_kv",)),
     Cell(_ENGINE, "prefix caching (`--enable-prefix-caching`, vLLM's default)", _SERVED, EXACT,
