@@ -46,8 +46,8 @@ ENGINE: list[Cell] = [
          "that read keys). The workers read the statistic from the paged keys at compaction time (a key norm once per "
          "slot; KeyDiff's divergence from the mean direction for every held key, at its slot's position); served, "
          "every rule compacts at points (chunk budget // 16, key-norm and KeyDiff included). Float32 only: in half "
-         "precision they are refused (below). Sessions (50 inputs, `lacache-group`) and tensor parallel 2 "
-         "(`lacache-group`) are tested too",
+         "precision they are refused (below). Sessions (50 inputs, `lacache-group` and `keydiff`) and tensor "
+         "parallel 2 (`lacache-group`, and `keydiff` as the float32 default) are tested too",
          ("tests/test_keydiff.py::test_keydiff_keeps_the_keys_furthest_from_the_mean_direction",
           "tests/serving/test_vllm_key_rules.py::test_key_norm_rules_keep_the_transformers_caches_tokens",
           "tests/serving/test_vllm_key_rules.py::test_a_key_norm_rule_keeps_the_same_slots_alone_and_beside_long_prefills",
