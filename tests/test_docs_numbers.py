@@ -42,6 +42,25 @@ def test_the_vllm_speed_ratio_is_the_capacity_run_s():
     assert f"{speed['lacache-capped'] / speed['lacache']:.1f}" == found[1]
 
 
+def test_the_serving_defaults_numbers_are_their_runs():
+    """The README's keydiff sentence: pass keys through vLLM at half and a quarter of the prompt (keydiff's and
+    lacache-capped's runs) and keydiff's throughput beside lacache-capped in one capacity run."""
+    found = re.search(r"finds (\d+)/20 pass keys at half and (\d+)/20 at a quarter\s+of the prompt, where the "
+                      r"capped ladder finds (\d+)/20 and (\d+)/20, at (\d\.\d+) of its throughput", README)
+    assert found, "the README's serving-default sentence changed: update this test with it"
+
+    def correct(name: str, method: str) -> int:
+        with open(DOCS / name) as fh:
+            return sum(row["correct"] == "True" for row in csv.DictReader(fh) if row["method"] == method)
+
+    assert [int(g) for g in found.groups()[:4]] == [
+        correct("passkey_50_chunked_keydiff_vllm.csv", "keydiff"), correct("passkey_25_chunked_keydiff_vllm.csv", "keydiff"),
+        correct("passkey_50_chunked_vllm.csv", "lacache-capped"), correct("passkey_25_chunked_vllm.csv", "lacache-capped")]
+    with open(DOCS / "bench_vllm_capacity_keydiff.csv") as fh:
+        speed = {row["method"]: float(row["tokens_per_s"]) for row in csv.DictReader(fh)}
+    assert f"{speed['keydiff'] / speed['lacache-capped']:.2f}" == found[5]
+
+
 def test_the_demo_numbers_are_the_recorded_demo_run_s():
     paragraph = README[README.index("`make demo` prints one line"):README.index("`TORCH_SPEC=...`")]
     run = (DOCS / "demo.txt").read_text(encoding="utf-8")

@@ -248,7 +248,8 @@ def _cli_args(argv):
 
 def test_cli_defaults():
     args = _cli_args([])
-    assert args.methods == "full,streaming,lacache,lacache-capped,lacache-salient,lacache-group,tova,h2o" and args.tasks == ",".join(TASKS)
+    assert (args.methods == "full,streaming,lacache,lacache-capped,lacache-salient,lacache-group,tova,h2o,keydiff"
+            and args.tasks == ",".join(TASKS))
     assert args.lengths == "500" and args.budget == 0.5 and args.out == "runs/ruler"
     assert args.filler == "grass" and args.prefill == "full" and args.dtype == "float32"
 
