@@ -3,7 +3,8 @@
 The expected survivors are recomputed here from the independent reference forward's raw keys
 (``ReferenceStream.history``), rotated to their slot positions with the model's own rotary module,
 scored with a per-head loop written for this test (not ``lacache.policies.keydiff``), rounded to
-bfloat16's 8 bits and ranked with the older slot winning ties.
+bfloat16's 8 bits and ranked with the older slot winning ties. A slot is scored once, at the first
+compaction that holds it, against the mean direction of the keys held then; its score is kept after.
 """
 
 import pytest
@@ -27,10 +28,13 @@ def _divergence(keys: torch.Tensor) -> torch.Tensor:
     return torch.stack(per_head).mean(dim=0).float()
 
 
-def _expected(ref: ReferenceStream, layer: int, tokens: list[int], target: int, sinks: int, window: int) -> list[int]:
+def _expected(ref: ReferenceStream, layer: int, tokens: list[int], target: int, sinks: int, window: int,
+              scored: dict) -> list[int]:
+    """The survivors of one compaction of ``tokens``; ``scored[(layer, token)]`` holds every score already given."""
     raw = torch.stack([ref.history[layer][t][0] for t in tokens], dim=1)  # [kv, n, D]
     n = len(tokens)
-    score = _divergence(ref._rope(raw, torch.arange(n))).to(torch.bfloat16).float().tolist()
+    now = _divergence(ref._rope(raw, torch.arange(n))).to(torch.bfloat16).float().tolist()
+    score = [scored.setdefault((layer, t), now[i]) for i, t in enumerate(tokens)]
     forced = [float("inf") if i < sinks or i >= n - window else score[i] for i in range(n)]
     best = sorted(range(n), key=lambda i: (-forced[i], i))[:target]
     return [tokens[i] for i in sorted(best)]
@@ -39,7 +43,7 @@ def _expected(ref: ReferenceStream, layer: int, tokens: list[int], target: int, 
 @pytest.mark.parametrize("rotation", ["stored", "read"])
 def test_keydiff_keeps_the_keys_furthest_from_the_mean_direction(rotation):
     """Over a prompt and 36 decode steps, every compaction of every layer keeps exactly the sinks, the window and
-    the top-scoring rest, scored on keys at their slot positions: with keys stored at their slots (float32's
+    the top-scoring rest, each slot scored once on keys at their slot positions: with keys stored at their slots (float32's
     ``stored``) and with keys stored unrotated (``read``) alike, and the logits stay the reference forward's."""
     model = tiny_llama("sdpa")
     cache = make_cache("keydiff", model, budget=20, chunk=0)
@@ -47,7 +51,7 @@ def test_keydiff_keeps_the_keys_furthest_from_the_mean_direction(rotation):
     sinks, window = cache.policy.sinks, cache.policy.window
     ref = ReferenceStream(model)
     ids = torch.randint(0, 96, (1, 60), generator=torch.Generator().manual_seed(3))
-    start, compactions, worst = 0, 0, 0.0
+    start, compactions, worst, scored = 0, 0, 0.0, {}
     for size in [24] + [1] * 36:
         piece = ids[:, start : start + size]
         before = [cache.token_positions(layer).tolist() for layer in range(4)]
@@ -61,7 +65,7 @@ def test_keydiff_keeps_the_keys_furthest_from_the_mean_direction(rotation):
             held = before[layer] + new
             if after != held:
                 compactions += 1
-                assert after == _expected(ref, layer, held, len(after), sinks, window), (start, layer)
+                assert after == _expected(ref, layer, held, len(after), sinks, window, scored), (start, layer)
         assert cache.num_slots <= 20
         start += size
     assert compactions >= 4 * 30 and worst <= 1e-4
@@ -80,6 +84,23 @@ def test_a_shift_common_to_every_position_leaves_the_scores_unchanged(seed, shif
     b = anchor_divergence(ref._rope(raw, positions + shift + 600)[None])
     assert torch.allclose(a, b, atol=1e-5)
     assert torch.allclose(a[0], _divergence(ref._rope(raw, positions)), atol=1e-5)
+
+
+def test_a_held_slot_keeps_the_score_it_was_first_given():
+    """What a backend hands in for slots scored at an earlier compaction is ignored: only the new slots'
+    values are read (so two backends that round a held key's value differently still keep the same slots)."""
+    from lacache.policies.base import LayerView
+    from lacache.policies.keydiff import keydiff_policy
+
+    first = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.5, 0.1, 0.3, 0.2, 0.4, 0.0]])
+    kept = []
+    for handed in (lambda held: held, lambda held: held.flip(1)):  # the same values, or the held ones shuffled
+        policy = keydiff_policy(num_layers=1, budget=9, sinks=2, window=1)
+        policy.retain(LayerView(0, 10, 10, 0, stats=first), 8)
+        held = policy.state[0].clone()
+        later = torch.cat([handed(held), torch.tensor([[0.45, 0.0]])], dim=1)
+        kept.append(policy.retain(LayerView(0, 10, 2, 1, stats=later), 8).index.tolist())
+    assert kept[0] == kept[1]
 
 
 def test_keydiff_is_named_and_refuses_what_it_cannot_do():
