@@ -24,7 +24,7 @@ def session_reference(model, cache, chunks: list[list[int]], new: int) -> list[i
     return [token for ids in chunks for token in greedy_turn(model, cache, ids, new)]
 
 
-@pytest.mark.parametrize("method", ["lacache", "lacache-capped", "lacache-group"])
+@pytest.mark.parametrize("method", ["lacache", "lacache-capped", "lacache-group", "keydiff"])
 def test_a_streaming_session_is_exact_bounded_and_flat(method):
     from lacache import load_model, make_cache
     from lacache.lab.models import default_model_dir
