@@ -394,8 +394,9 @@ def test_key_reading_rules_count_on_the_scheduler_what_the_worker_keeps(method, 
     slots survive (``count_after``), the worker hands in every layer's statistic and keeps one row per layer.
     Over any split at the points both hold the same count after every pass, every row is ascending and holds the
     sinks and the recent window, and a kept row is what the rule chooses from those values (a per-slot
-    statistic's values of the survivors follow them, as the worker does; KeyDiff's are drawn afresh). Values
-    are drawn from a few, so ties are common: the older slot wins them."""
+    statistic's values of the survivors follow them, as the worker does; KeyDiff's are drawn afresh for every
+    held slot, and the rule uses only the new slots', a slot keeping the score of its first compaction).
+    Values are drawn from a few, so ties are common: the older slot wins them."""
     try:
         config = parse_config({"method": method, "budget": budget}, 4)
     except ValueError:
@@ -425,9 +426,12 @@ def test_key_reading_rules_count_on_the_scheduler_what_the_worker_keeps(method, 
             assert (np.diff(rows) > 0).all() and rows[:sinks].tolist() == list(range(sinks))
             n = read[layer].shape[0]
             assert rows[-window:].tolist() == list(range(n - window, n))
+            used = read[layer]
+            if not per_slot and layer in held:  # the held slots' first scores, the new slots' read now
+                used = torch.cat([held[layer], read[layer][held[layer].shape[0]:]])
             if method in ("knorm", "keydiff"):  # the smallest norms / the largest divergence, the older of equal ones
-                score = (-read[layer] if method == "knorm" else read[layer]).clone()
+                score = (-used if method == "knorm" else used).clone()
                 score[:sinks] = score[n - window:] = float("inf")
                 order = sorted(range(n), key=lambda i: (-float(score[i]), i))[:len(rows)]
                 assert rows.tolist() == sorted(order)
-            held[layer] = read[layer][torch.from_numpy(rows)]
+            held[layer] = used[torch.from_numpy(rows)]
