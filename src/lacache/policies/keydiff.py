@@ -25,7 +25,8 @@ from .. import checks
 from .._lazy import torch
 from ..registry import Method, register
 from .base import KeyStatistic, LayerView
-from .scores import ScorePolicy, score_rule
+from .plan import RowPlan
+from .scores import ScorePolicy, keep_top, score_rule
 
 __all__ = ["KeyDiffPolicy", "keydiff_policy", "KEY_DIVERGENCE", "anchor_divergence"]
 
@@ -57,9 +58,12 @@ class KeyDiffPolicy(ScorePolicy):
         held = self.state[view.layer_idx]
         return values if held is None else torch.cat([held, values[:, held.shape[1]:]], dim=1)
 
-    def retain(self, view: LayerView, target: int):
-        self.state[view.layer_idx] = self.score(view)
-        return super().retain(view, target)
+    def retain(self, view: LayerView, target: int) -> RowPlan:
+        """Keep the top slots; the survivors keep the scores they were ranked by."""
+        scores = self.score(view)
+        idx = keep_top(scores, target, self.sinks, self.window)
+        self.state[view.layer_idx] = scores.gather(1, idx)
+        return RowPlan(idx)
 
 
 def keydiff_policy(num_layers: int, budget: int, sinks: int = 4, window: int | None = None) -> KeyDiffPolicy:
