@@ -100,10 +100,16 @@ def test_entries_say_what_their_rule_reads_and_whether_vllm_serves_it():
         registry.register(registry.Method("x", _newest_half, "x", base="nope"))
     with pytest.raises(ValueError, match="is the baseline already"):
         registry.register(registry.Method("x", _newest_half, "x", baseline=True))
-    # vLLM's default is its own mark: the capped schedule, which compacts every budget // 16 tokens
-    assert registry.served_default_method() == "lacache-capped" != registry.default_method()
+    # vLLM's defaults are their own marks: keydiff (the most pass keys through the engine), and in half precision,
+    # where rules that rank keys are refused, the capped schedule; both compact every budget // 16 tokens
+    assert registry.served_default_method() == "keydiff" != registry.default_method()
+    assert registry.served_default_method(half_precision=True) == "lacache-capped"
     with pytest.raises(ValueError, match="is the serving default already"):
         registry.register(registry.Method("x", _newest_half, "x", serving_default=True))
+    with pytest.raises(ValueError, match="is the half-precision serving default already"):
+        registry.register(registry.Method("x", _newest_half, "x", serving_default_half=True))
+    with pytest.raises(ValueError, match="serving_default_half=True needs a served rule that reads slots only"):
+        registry.register(registry.Method("x", _newest_half, "x", sees="keys", serving_default_half=True))
     with pytest.raises(ValueError, match="vLLM does not serve it"):
         registry.register(registry.Method("x", _newest_half, "x", sees="attention", serving_default=True))
 

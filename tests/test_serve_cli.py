@@ -79,12 +79,18 @@ def test_the_method_defaults_to_the_serving_default(launch, model_dir):
     assert main(["serve", "--budget", "128", "--model", str(model_dir), "--port", "9000"]) == 0
     got = launch[0]["argv"]
     assert got[0] == str(model_dir) and "--model" not in got
-    assert _additional(got) == {"lacache": {"method": "lacache-capped", "budget": 128}}
+    assert _additional(got) == {"lacache": {"method": "keydiff", "budget": 128}}
+    # a half-precision --dtype gets the half-precision default (rules that rank keys are refused there)
+    for dtype in (["--dtype", "bfloat16"], ["--dtype=float16"], ["--dtype", "auto"]):
+        assert main(["serve", str(model_dir), "--budget", "128", *dtype]) == 0
+        assert _additional(launch[-1]["argv"]) == {"lacache": {"method": "lacache-capped", "budget": 128}}, dtype
+    assert main(["serve", str(model_dir), "--budget", "128", "--dtype", "float32"]) == 0
+    assert _additional(launch[-1]["argv"])["lacache"]["method"] == "keydiff"
 
 
 def test_no_reuse_switches_off_the_kept_caches(launch, model_dir):
     assert main(["serve", str(model_dir), "--budget", "64", "--no-reuse"]) == 0
-    assert _additional(launch[0]["argv"]) == {"lacache": {"method": "lacache-capped", "budget": 64, "reuse": False}}
+    assert _additional(launch[0]["argv"]) == {"lacache": {"method": "keydiff", "budget": 64, "reuse": False}}
 
 
 def test_users_settings_win_over_the_defaults(launch, model_dir):
@@ -104,7 +110,7 @@ def test_users_own_additional_config_is_merged_not_overridden(launch, model_dir)
                  "--additional-config.other.b", "2", "--additional_config=" + json.dumps({"flag": True})]) == 0
     got = launch[0]["argv"]
     assert _additional(got) == {"other": {"a": 1, "b": 2}, "flag": True,
-                                "lacache": {"method": "lacache-capped", "budget": 64}}
+                                "lacache": {"method": "keydiff", "budget": 64}}
     assert not any(arg.startswith(("--additional-config.", "--additional_config")) for arg in got)
 
 
@@ -143,7 +149,9 @@ def test_layers_are_read_from_the_models_config(tmp_path):
     (["--budget", "64", "--option", "span"], "must look like KEY=VALUE"),
     (["--budget", "64", "--option", "streaming.sinks=2"], "'streaming' is not the method served here"),
     (["--budget", "64", "--option", "budget=9"], "give the budget with --budget"),
-    (["--budget", "8", "--option", "sinks=4", "--option", "window=4"], "budget=8 is too small"),
+    (["--budget", "8", "--method", "lacache-capped", "--option", "sinks=4", "--option", "window=4"],
+     "budget=8 is too small"),
+    (["--budget", "8", "--option", "sinks=4", "--option", "window=9"], "budget=8 is smaller than sinks=4 + window=9"),
     (["--budget", "64", "--additional-config", '{"lacache": {"budget": 9}}'], "not in --additional-config"),
     (["--budget", "64", "--additional-config", "[1]"], "must be a JSON object"),
 ])

@@ -24,8 +24,10 @@ from lacache.vllm.config import parse_config
     ({"method": "lacache-reference", "budget": 256, "window": 8}, "takes no window"),
     ({"method": "lacache-reference", "budget": 256, "chunk": 8}, "takes no chunk"),
     ({"method": "lacache-reference", "budget": 256, "schedule": "reference"}, "leave it out"),
-    ({"budget": 8, "sinks": 4, "window": 4}, "budget=8 is too small"),
-    ({"budget": 256, "span": 3}, "give both or neither"),
+    ({"method": "lacache-capped", "budget": 8, "sinks": 4, "window": 4}, "budget=8 is too small"),
+    ({"budget": 8, "sinks": 4, "window": 9}, "budget=8 is smaller than sinks=4 \\+ window=9"),
+    ({"method": "lacache-capped", "budget": 256, "span": 3}, "give both or neither"),
+    ({"budget": 256, "span": 3}, "unknown option"),
     ({"budget": 256, "chunk": 999}, "chunk=999"),
     ([1, 2], "must be a JSON object"),
 ])
@@ -39,8 +41,11 @@ def test_settings_mirror_from_model_defaults():
     cache_defaults = {"schedule": "reference", "sinks": 4, "window": 30, "span": 15, "overlap": 0}
     assert {k: config.describe()[k] for k in cache_defaults} == cache_defaults
     assert config.chunk == 0 and config.target == 256
-    # no method named: the serving default, the capped schedule (it compacts every budget // 16 tokens)
+    # no method named: the serving default, keydiff in float32 and the capped schedule in half precision (both
+    # compact every budget // 16 tokens)
     served = parse_config({"budget": 256}, 30)
+    assert served.method == "keydiff" and served.reads_keys and served.chunk == 16
+    served = parse_config({"budget": 256}, 30, half_precision=True)
     assert served.method == "lacache-capped" and served.describe()["schedule"] == "capped" and served.chunk == 16
     with pytest.raises(ValueError, match='fixes schedule=.capped.*serve method .lacache. with it'):
         parse_config({"method": "lacache-capped", "budget": 256, "schedule": "reference"}, 30)
@@ -50,14 +55,15 @@ def test_settings_mirror_from_model_defaults():
 
 
 @pytest.mark.parametrize("raw", [{"method": "knorm", "budget": 256}, {"method": "lacache-salient", "budget": 256},
-                                 {"method": "lacache-group", "budget": 256},
+                                 {"method": "lacache-group", "budget": 256}, {"budget": 256},
                                  {"method": "lacache", "budget": 256, "salient": 0.125}])
 def test_key_reading_rules_are_served_with_an_amortised_schedule(raw):
     """Served, every rule frees budget // 16 slots per compaction (key-norm too, as in the transformers cache), so it
     compacts at points a period of 17 tokens apart."""
     config = parse_config(raw, 30)
     assert config.reads_keys and config.chunk == 16 and config.points.period == 17 and config.peak_slots(2048) == 257
-    assert not parse_config({"budget": 256}, 30).reads_keys  # the serving default reads slots only
+    # the serving default reads keys in float32 (keydiff) and slots only in half precision (lacache-capped)
+    assert not parse_config({"budget": 256}, 30, half_precision=True).reads_keys
     assert parse_config({**raw, "chunk": 0}, 30).points.period is None
 
 

@@ -47,7 +47,8 @@ def test_engine_refusals_read_the_config():
     for refusal in REFUSALS:
         assert "\n" not in refusal.message() and refusal.message().count(";") >= 1
     # a key-norm rule in half precision: its slot choice would not be the transformers cache's
-    # named no method, a half-precision engine gets the serving default (lacache-capped, index-only), never a refusal
+    # named no method, a half-precision engine gets its own serving default (lacache-capped, index-only), never a
+    # refusal; a float32 engine gets keydiff
     for method, dtype, refused in [("knorm", torch.bfloat16, True), ("lacache-group", torch.float16, True),
                                    ("lacache-salient", torch.float32, False), ("lacache-capped", torch.bfloat16, False),
                                    (None, torch.bfloat16, False), (None, torch.float16, False),
@@ -60,12 +61,13 @@ def test_engine_refusals_read_the_config():
                           "float16 is not served with a bounded KV cache: half-precision keys move the key statistic "
                           "across the 8-bit values the rule ranks by, so it would keep other slots than the "
                           "transformers cache (1.3% of lacache-group's, fed the same tokens; docs/serving.md); serve "
-                          "it with --dtype float32 (lacache serve's default), or serve lacache-capped (the default) "
-                          "in half precision"]) == refused, (method, dtype, found)
+                          "it with --dtype float32 (lacache serve's default), or name no method (lacache-capped in "
+                          "half precision)"]) == refused, (method, dtype, found)
         if method is None:  # what the workers and the scheduler will serve
             from lacache.vllm.config import serving_config
 
-            assert serving_config(config).method == "lacache-capped", (dtype, serving_config(config).method)
+            want = "keydiff" if dtype == torch.float32 else "lacache-capped"
+            assert serving_config(config).method == want, (dtype, serving_config(config).method)
 
 
 def test_rope_types_of_flat_and_nested_parameters():

@@ -76,9 +76,13 @@ class Method:
     baseline: bool = False
     #: what commands run when no method is named (one entry)
     default: bool = False
-    #: what the vLLM plugin serves when no method is named (one entry; else ``default``): serving pays
-    #: for every compaction on every request, so it may prefer a rule that compacts less often
+    #: what the vLLM plugin serves when no method is named (one entry; else ``default``): chosen on retrieval
+    #: measured through the engine, within the throughput of the rules that compact at points
     serving_default: bool = False
+    #: what it serves when none is named and the engine runs in half precision (one entry, a rule that reads
+    #: slots only; else ``serving_default``): there rules that rank keys are refused, because the keys' own
+    #: rounding moves their statistic, so the slots kept would not be the transformers cache's
+    serving_default_half: bool = False
 
     def __post_init__(self):
         if self.sees not in SEES:
@@ -170,6 +174,13 @@ def register(spec: Method) -> Method:
     if spec.serving_default and any(s.serving_default for s in _BY_NAME.values()):
         raise ValueError(f"method {spec.name!r}: serving_default=True, but {served_default_method()!r} is the "
                          "serving default already")
+    if spec.serving_default_half and (not spec.served or spec.sees != "slots"):
+        raise ValueError(f"method {spec.name!r}: serving_default_half=True needs a served rule that reads slots "
+                         f"only (sees={spec.sees!r}); rules that rank keys are refused in half precision")
+    if spec.serving_default_half and any(s.serving_default_half for s in _BY_NAME.values()):
+        raise ValueError(f"method {spec.name!r}: serving_default_half=True, but "
+                         f"{served_default_method(half_precision=True)!r} is the half-precision serving default "
+                         "already")
     _BY_NAME[spec.name] = spec
     METHODS = tuple(_BY_NAME)
     return spec
@@ -240,11 +251,17 @@ def default_method() -> str:
     return next(spec.name for spec in _BY_NAME.values() if spec.default)
 
 
-def served_default_method() -> str:
-    """The method the vLLM plugin serves when none is named: the entry marked ``serving_default``
-    (``lacache-capped``: it compacts every ``budget // 16`` tokens where the authors' schedule compacts
-    on almost every token), else ``default_method()``."""
-    return next((spec.name for spec in _BY_NAME.values() if spec.serving_default), None) or default_method()
+def served_default_method(half_precision: bool = False) -> str:
+    """The method the vLLM plugin serves when none is named. In float32 the entry marked ``serving_default``
+    (``keydiff``: the served rule that finds the most pass keys through the engine, at half and at a quarter of
+    the prompt, in the suite's filler and in running text; docs/serving.md "Which rule to serve"), else
+    ``default_method()``. In half precision (``half_precision``: an engine in bfloat16 or float16) a rule that
+    ranks keys is refused, so there it is the entry marked ``serving_default_half`` (``lacache-capped``)
+    when the float32 default reads keys."""
+    chosen = next((spec.name for spec in _BY_NAME.values() if spec.serving_default), None) or default_method()
+    if half_precision and _BY_NAME[chosen].sees != "slots":
+        return next((spec.name for spec in _BY_NAME.values() if spec.serving_default_half), chosen)
+    return chosen
 
 
 def served_methods() -> tuple[str, ...]:

@@ -30,7 +30,7 @@ from streams import greedy_turn  # noqa: E402
 from lacache.registry import served_default_method  # noqa: E402
 
 BUDGET, CHUNK = 64, 128
-METHOD = served_default_method()  # the rule a user gets when naming none: lacache-capped
+METHOD = served_default_method()  # the rule a user gets naming none, in float32: keydiff
 _ENGINES = []  # kept alive: tearing an engine down in-process breaks the next one's process groups
 
 

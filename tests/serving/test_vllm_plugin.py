@@ -94,7 +94,8 @@ def test_outputs_and_kept_tokens_equal_the_transformers_cache(bundled, method):
 @pytest.mark.parametrize("settings, match", [
     ({"method": "h2o", "budget": 64}, "not served in vLLM"),
     ({"budget": 64, "windows": 8}, r"unknown option\(s\) \['windows'\]"),
-    ({"budget": 6}, "too small"),
+    ({"method": "lacache-capped", "budget": 6}, "too small"),
+    ({"budget": 4}, "budget=4 is smaller than sinks=4 \\+ window=1"),
 ])
 def test_bad_settings_fail_at_engine_start(bundled, settings, match):
     with pytest.raises(Exception, match=match):

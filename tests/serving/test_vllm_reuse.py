@@ -20,7 +20,7 @@ from streams import greedy_turn, spy_preemptions  # noqa: E402
 from lacache.registry import served_default_method  # noqa: E402
 
 BUDGET, NEW, BLOCK, BLOCKS = 64, 12, 32, 12
-METHOD = served_default_method()  # the rule a user gets when naming none (lacache-capped)
+METHOD = served_default_method()  # the rule a user gets naming none, in float32 (keydiff)
 _ENGINES = []
 
 

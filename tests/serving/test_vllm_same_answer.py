@@ -1,7 +1,7 @@
 """Same tokens, same answer: what a request's bounded cache holds depends on its token stream alone.
 
-A rule that amortises its compactions (the serving default ``lacache-capped``, and every other served rule but
-the authors' schedule: budget 127 frees 7 slots at a time) compacts
+A rule that amortises its compactions (the serving defaults, ``keydiff`` in float32 and ``lacache-capped`` in half
+precision, and every other served rule but the authors' schedule: budget 127 frees 7 slots at a time) compacts
 only at fixed stream positions, multiples of the period ``P = chunk + 1 = 8`` (``policies.points``), and
 lacache's scheduler ends every pass at or before the next one. So however a busy engine cuts a request
 into passes (the prompt chunked by what other requests leave of ``max_num_batched_tokens``, a chat turn
@@ -30,7 +30,7 @@ from streams import greedy_turn, run_session, spy_preemptions  # noqa: E402
 from lacache.registry import served_default_method  # noqa: E402
 
 BUDGET, STEP, BLOCK, BLOCKS = 127, 128, 32, 17  # 16 usable blocks + vLLM's null block
-METHOD = served_default_method()  # the rule a user gets when naming none: lacache-capped
+METHOD = served_default_method()  # the rule a user gets naming none, in float32: keydiff
 PERIOD = BUDGET // 16 + 1  # every served rule's default chunk, plus one
 NEW = 100  # new tokens of the long answers: all of them past the first compaction (their prompts exceed the budget)
 _ENGINES = []  # kept alive: tearing an engine down in-process breaks the next one's process groups

@@ -36,10 +36,14 @@ def _replay(config, passes: list[int]) -> dict:
     slots = config.new_slots()
     found = dict.fromkeys(NAMES, 0)
     for q in passes:
+        evicted = slots.evicted
         plan = slots.advance(q)
-        if plan is not None:
+        if plan is not None or slots.evicted > evicted:
+            # a rule that reads keys (the scheduler's replay): the count only; which slots move depends on the
+            # keys, so the replay gives the most that can move (every kept slot)
+            kept, start = (plan.kept, plan.stable_prefix) if plan is not None else (slots.slots, 0)
             found["lacache_compactions_total"] += 1
-            found["lacache_moved_slot_layers_total"] += max(plan.kept - plan.stable_prefix, 0) * config.num_layers
+            found["lacache_moved_slot_layers_total"] += max(kept - start, 0) * config.num_layers
     found["lacache_evicted_tokens_total"] = slots.evicted
     return found
 
@@ -160,9 +164,14 @@ def test_lacache_serve_answers_and_shows_its_metrics(tmp_path):
         assert set(NAMES) <= set(found), page[-2000:]
         # the prompt in one pass (it fits max_num_batched_tokens), then one token a step; the last token
         # sampled is never run through the model
-        want = _replay(parse_config({"budget": BUDGET}, 30), [usage["prompt_tokens"]] + [1] * (NEW - 1))
+        config = parse_config({"budget": BUDGET}, 30)  # lacache serve's default: float32, so keydiff
+        assert config.method == "keydiff" and config.reads_keys
+        want = _replay(config, [usage["prompt_tokens"]] + [1] * (NEW - 1))
         assert want["lacache_compactions_total"] > 0 and want["lacache_evicted_tokens_total"] > 0
-        assert {name: found[name] for name in NAMES[:3]} == {name: want[name] for name in NAMES[:3]}
+        assert {name: found[name] for name in NAMES[:2]} == {name: want[name] for name in NAMES[:2]}
+        # the slots that move depend on the keys: at least one per layer and compaction, at most every kept one
+        moved = found["lacache_moved_slot_layers_total"]
+        assert want["lacache_compactions_total"] * 30 <= moved <= want["lacache_moved_slot_layers_total"], moved
         assert 0 <= found["lacache_held_slots"] <= BUDGET
     finally:
         server.send_signal(signal.SIGTERM)

@@ -42,9 +42,11 @@ import pytest
 pytest.importorskip("vllm")
 
 #: what tp_check.py checks: the serving default (no method named) at TP=2 and TP=1, then the authors'
-#: schedule, which compacts on almost every token, and lacache-group, which ranks slots by the key norm averaged
-#: over every rank's heads (one all-reduce per compaction), at TP=2 only (30-80 s per TP=2 engine on 2 cores)
-METHODS = ("default", "lacache", "lacache-group")
+#: schedule, which compacts on almost every token, lacache-group, which ranks slots by the key norm averaged
+#: over every rank's heads (one all-reduce per compaction), and lacache-capped, the half-precision default, at
+#: TP=2 only (30-80 s per TP=2 engine on 2 cores). The default (keydiff in float32) averages each head's cosines
+#: to its own anchor over the ranks the same way.
+METHODS = ("default", "lacache", "lacache-group", "lacache-capped")
 
 FIELDS = ("method", "prompt", "tp1", "transformers", "full_cache", "ranks", "kv_heads_per_rank",
           "rank_compactions", "seen", "expected_seen", "slots_per_rank", "capacity", "held_tokens",

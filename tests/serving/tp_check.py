@@ -141,8 +141,11 @@ def engine_run(model_dir: str, tp: int, lacache: dict, prompts: list[list[int]])
         if broken is not None and tp > 1:
             assert any(llm.collective_rpc(break_rank, args=(int(broken),))), broken
             print(f"INFO rank {broken} broken on purpose: its compactions move no keys", flush=True)
+        # no min_tokens: vLLM's min_tokens masks the tokenizer's EOS even under ignore_eos, and the transformers
+        # run has no EOS (random weights), so a greedy EOS would be picked there and masked here; ignore_eos
+        # alone runs every request to NEW tokens
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                            SamplingParams(max_tokens=NEW, min_tokens=NEW, temperature=0, ignore_eos=True))
+                            SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True))
         reports = sorted(llm.collective_rpc(worker_report), key=lambda r: r["rank"])
     finally:
         llm.llm_engine.engine_core.shutdown()

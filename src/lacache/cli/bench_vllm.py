@@ -33,10 +33,12 @@ def add_parser(kinds) -> argparse.ArgumentParser:
                         help="both = stream and capacity; chat runs three OpenAI-compatible servers in turn; "
                              "soak drives one lacache serve with good and bad clients for --minutes; prefill "
                              "times prompts alone and together with max_tokens=1")
-    parser.add_argument("--method", type=_served_list, default=served_default_method(),
+    parser.add_argument("--method", type=_served_list, default=None,
                         help="bounded method(s) compared with the full cache, comma-separated (each one vLLM "
-                             f"serves: {', '.join(served_methods())}; default: %(default)s), each optionally with "
-                             "integer options after a colon, e.g. lacache-capped:chunk=63")
+                             f"serves: {', '.join(served_methods())}; default: the serving default, "
+                             f"{served_default_method()} in float32, {served_default_method(half_precision=True)} "
+                             "in bfloat16 or float16), each optionally with integer options after a colon, e.g. "
+                             "lacache-capped:chunk=63")
     parser.add_argument("--budget", type=common.positive_int, default=256)
     parser.add_argument("--tokens", type=common.positive_int, default=1024, help="(a) new tokens per request")
     parser.add_argument("--batch", type=common.positive_int, default=None,
@@ -70,6 +72,8 @@ def add_parser(kinds) -> argparse.ArgumentParser:
 def part_defaults(args: argparse.Namespace) -> argparse.Namespace:
     """``--prompt-tokens`` and ``--batch`` left out: 2048 and 4 for the prefill part, 64 and 2 for the others."""
     prefill = args.part == "prefill"
+    if getattr(args, "method", "") is None:  # the engine's own default for the dtype
+        args.method = served_default_method(half_precision=common.DTYPES.get(args.dtype, args.dtype) != "float32")
     if args.prompt_tokens is None:
         args.prompt_tokens = 2048 if prefill else 64
     if args.batch is None:

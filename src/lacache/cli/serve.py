@@ -77,7 +77,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--budget", metavar="N", default=None,
                         help="KV slots per layer each request keeps (required), e.g. 256")
     parser.add_argument("--method", default=None,
-                        help=f"the bounded method (default: {served_default_method()}; served: {', '.join(served_methods())})")
+                        help=f"the bounded method (default: {served_default_method()}, or "
+                             f"{served_default_method(half_precision=True)} with --dtype bfloat16/float16/auto; "
+                             f"served: {', '.join(served_methods())})")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="a method option, repeatable, e.g. --option span=9 --option sinks=4 "
                              "(METHOD.KEY=VALUE also works, METHOD being --method)")
@@ -122,9 +124,22 @@ def _options(items: list[str], method: str) -> dict:
     return out
 
 
+def _half_precision(args: argparse.Namespace) -> bool:
+    """The passed-through ``--dtype`` asks for bfloat16 or float16 (lacache serve's own default is float32;
+    ``auto`` counts as half: vLLM picks bfloat16 on a CPU for most checkpoints)."""
+    rest = list(getattr(args, "passed_through", []) or [])
+    dtype = "float32"
+    for i, item in enumerate(rest):
+        if item == "--dtype" and i + 1 < len(rest):
+            dtype = rest[i + 1]
+        elif item.startswith("--dtype="):
+            dtype = item.partition("=")[2]
+    return dtype not in ("float32", "float")
+
+
 def settings_for(args: argparse.Namespace) -> dict:
     """The ``lacache`` entry of vLLM's ``additional_config`` these arguments ask for (not yet checked)."""
-    method = args.method if args.method is not None else served_default_method()
+    method = args.method if args.method is not None else served_default_method(_half_precision(args))
     settings = {"method": method, "budget": _budget(args.budget), **_options(args.option, method)}
     if getattr(args, "no_reuse", False):
         settings["reuse"] = False

@@ -75,5 +75,7 @@ def keydiff_policy(num_layers: int, budget: int, sinks: int = 4, window: int | N
 
 
 # chunked like key-norm (budget // 16 freed per compaction): each compaction reads the layer's keys again
+# vLLM's serving default in float32 (docs/serving.md, "Which rule to serve"); lacache-capped in half precision
 register(Method("keydiff", keydiff_policy, "KeyDiff: keys furthest from the mean key direction + sinks + a "
-                "recent window", sees="keys", suites=frozenset({"passkey", "ruler"})))
+                "recent window; vLLM's default in float32", sees="keys", suites=frozenset({"passkey", "ruler"}),
+                serving_default=True))

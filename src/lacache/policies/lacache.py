@@ -171,7 +171,7 @@ register(Method("lacache", ladder_policy, _LADDER_SUMMARY, default=True))
 register(Method("lacache-capped", ladder_policy,
                 "LaCache on the capped schedule: never over budget, window budget/4, compaction every budget/16 tokens",
                 defaults=MappingProxyType({"schedule": "capped"}), suites=frozenset({"ppl", "passkey", "ruler"}),
-                base="lacache", serving_default=True))
+                base="lacache", serving_default_half=True))
 register(Method("lacache-reference", ladder_policy,
                 "LaCache with the authors' released schedule: recent window of L slots, floor(R/2) extra slots, "
                 "wide rungs for long prompts",

@@ -20,7 +20,7 @@ _D = "tests/serving/test_vllm_dtypes.py::"
 _P = "tests/serving/test_vllm_pool_engine.py::"
 _SAME = "tests/serving/test_vllm_same_answer.py::"
 _ENGINE, _REQUEST = "vLLM engine", "vLLM request"
-_SERVED = f"{served_default_method()} (the serving default)"
+_SERVED = f"{served_default_method()} (the serving default)"  # in float32, the engine tests' dtype
 _ANY = "every method"
 
 
@@ -46,8 +46,8 @@ ENGINE: list[Cell] = [
          "that read keys). The workers read the statistic from the paged keys at compaction time (a key norm once per "
          "slot; KeyDiff's divergence from the mean direction for every held key, at its slot's position); served, "
          "every rule compacts at points (chunk budget // 16, key-norm and KeyDiff included). Float32 only: in half "
-         "precision they are refused (below). Sessions (50 inputs, `lacache-group` and `keydiff`) and tensor parallel 2 "
-         "(`lacache-group`) are tested too",
+         "precision they are refused (below). Sessions (50 inputs, `lacache-group` and `keydiff`) and tensor "
+         "parallel 2 (`lacache-group`, and `keydiff` as the float32 default) are tested too",
          ("tests/test_keydiff.py::test_keydiff_keeps_the_keys_furthest_from_the_mean_direction",
           "tests/serving/test_vllm_key_rules.py::test_key_norm_rules_keep_the_transformers_caches_tokens",
           "tests/serving/test_vllm_key_rules.py::test_a_key_norm_rule_keeps_the_same_slots_alone_and_beside_long_prefills",
@@ -92,8 +92,9 @@ ENGINE: list[Cell] = [
          "fed in the same passes only, and how vLLM chunks a prompt depends on the load: a start-up warning says "
          "so; every other served method gives the same answer under any load (docs/method.md, Compaction points)",
          (_TOKENS, "tests/test_points.py::test_a_crossing_pass_keeps_the_transformers_cache_and_vllm_in_step")),
-    Cell(_ENGINE, "`--tensor-parallel-size 2`", f"{served_default_method()}, lacache, lacache-group (the "
-         "key-reading rules average norms over the ranks' heads)", EXACT,
+    Cell(_ENGINE, "`--tensor-parallel-size 2`", f"{served_default_method()} (the serving default), lacache, "
+         f"lacache-group, {served_default_method(half_precision=True)} (the key-reading rules average their "
+         "statistic over the ranks' heads)", EXACT,
          "the TP=1 tokens and the transformers cache's",
          ("tests/serving/test_vllm_tensor_parallel.py::test_tensor_parallel_2_gives_the_tp1_and_transformers_tokens_with_bounded_kv",)),
     Cell(_ENGINE, "prefix caching (`--enable-prefix-caching`, vLLM's default)", _SERVED, EXACT,

@@ -132,9 +132,10 @@ class ServingConfig:
                 "reuse": self.reuse, **self._policy.describe()}
 
 
-def parse_config(raw: object, num_layers: int) -> ServingConfig:
+def parse_config(raw: object, num_layers: int, half_precision: bool = False) -> ServingConfig:
     """Check ``additional_config["lacache"]`` for a model of ``num_layers`` layers; one ``ValueError``
-    that names the key and a value that works otherwise."""
+    that names the key and a value that works otherwise. ``half_precision`` (the engine runs in bfloat16 or
+    float16) picks the half-precision serving default when no method is named (``served_default_method``)."""
     if not isinstance(raw, Mapping):
         raise ValueError(f'additional_config["{KEY}"] must be a JSON object, e.g. {{"method": "lacache", "budget": 256}}')
     settings = dict(raw)
@@ -144,7 +145,7 @@ def parse_config(raw: object, num_layers: int) -> ServingConfig:
         raise ValueError(f'{KEY}.reuse={reuse!r} must be true or false (keep finished requests\' caches for the '
                          'requests that continue them), e.g. "reuse": true')
     try:
-        spec = method_spec(name) if name is not None else method_spec(served_default_method())
+        spec = method_spec(name) if name is not None else method_spec(served_default_method(half_precision))
     except ValueError:
         raise ValueError(f"{KEY}.method={name!r} is not served in vLLM; use one of {served_methods()}, "
                          f'e.g. "method": "{served_default_method()}"') from None
@@ -189,6 +190,12 @@ def parse_config(raw: object, num_layers: int) -> ServingConfig:
     return ServingConfig(method, budget, chunk, dict(raw), num_layers, policy, reuse)
 
 
+def is_half_precision(vllm_config) -> bool:
+    """The engine's model runs in a dtype other than float32 (bfloat16 or float16)."""
+    dtype = getattr(getattr(vllm_config, "model_config", None), "dtype", None)
+    return dtype is not None and str(dtype).replace("torch.", "") not in ("float32", "float")
+
+
 def serving_config(vllm_config) -> ServingConfig | None:
     """The parsed ``lacache`` settings of an engine, or None when the plugin is off for it."""
     extra = getattr(vllm_config, "additional_config", None) or {}
@@ -198,7 +205,7 @@ def serving_config(vllm_config) -> ServingConfig | None:
     if cached is not None:
         return cached
     text = vllm_config.model_config.hf_text_config
-    parsed = parse_config(extra[KEY], int(text.num_hidden_layers))
+    parsed = parse_config(extra[KEY], int(text.num_hidden_layers), is_half_precision(vllm_config))
     try:
         object.__setattr__(vllm_config, "_lacache_parsed", parsed)
     except Exception:  # a frozen or slotted config: parse again next time (cheap)

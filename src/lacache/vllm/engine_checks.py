@@ -63,10 +63,10 @@ def _ranks_half_precision_keys(args, config) -> bool:
     """A rule that ranks slots by a key statistic, in a dtype other than float32 (its slot choice is then not
     the transformers cache's: the keys' own rounding moves the statistic across the 8-bit values both backends
     compare)."""
-    dtype = str(_get(config, "model_config", "dtype", default="float32")).replace("torch.", "")
-    if dtype == "float32":
+    from .config import is_half_precision, serving_config
+
+    if not is_half_precision(config):
         return False
-    from .config import serving_config
 
     try:
         served = serving_config(config)
@@ -108,8 +108,8 @@ REFUSALS: tuple[EngineRefusal, ...] = (
                   "half-precision keys move the key statistic across the 8-bit values the rule ranks by, so it would keep "
                   "other slots than the transformers cache (1.3% of lacache-group's, fed the same tokens; "
                   "docs/serving.md)",
-                  "serve it with --dtype float32 (lacache serve's default), or serve lacache-capped (the default) "
-                  "in half precision",
+                  "serve it with --dtype float32 (lacache serve's default), or name no method (lacache-capped in "
+                  "half precision)",
                   _ranks_half_precision_keys, methods="knorm, keydiff, lacache-salient, lacache-group"),
     EngineRefusal("--data-parallel-size > 1", "data-parallel engines are not tested with the plugin",
                   "run one server per replica behind a load balancer",

@@ -174,10 +174,18 @@ def configure_engine(vllm_config, engine_args=None) -> ServingConfig | None:
     block_size = getattr(cache, "block_size", None)
     row = f"; {config.row_note(int(block_size))}" if block_size else ""
     logger.info("lacache: bounded KV cache on: %s%s", config.describe(), row)
+    if "method" not in config.options:
+        from ..registry import served_default_method
+
+        if config.method != served_default_method():
+            logger.info("lacache: no method named: serving %s, the default in half precision (%s); the float32 "
+                        "default %s finds more pass keys but ranks keys, which half precision does not match "
+                        "(docs/serving.md, Which rule to serve)", config.method,
+                        str(vllm_config.model_config.dtype).replace("torch.", ""), served_default_method())
     if config.points.period is None:
         logger.warning("lacache: method %r (the authors' schedule) sets its own compaction points, so a request's "
                        "answer depends on how the engine chunks its prompt (other requests, reuse, preemption); "
-                       "every other served method (e.g. the default, lacache-capped) gives the same answer under "
+                       "every other served method (e.g. the defaults, keydiff and lacache-capped) gives the same answer under "
                        "any load", config.method)
     _size_pool(config, vllm_config, engine_args)
     return config
