@@ -104,6 +104,13 @@ def test_entries_say_what_their_rule_reads_and_whether_vllm_serves_it():
     # where rules that rank keys are refused, the capped schedule; both compact every budget // 16 tokens
     assert registry.served_default_method() == "keydiff" != registry.default_method()
     assert registry.served_default_method(half_precision=True) == "lacache-capped"
+    # one answer to "is this half precision" for --dtype names, torch dtypes and vLLM's resolved dtype
+    import torch
+
+    for dtype in ("bfloat16", "bf16", "float16", "half", "auto", torch.bfloat16, torch.float16):
+        assert registry.is_half_precision(dtype), dtype
+    for dtype in (None, "float32", "float", "fp32", torch.float32):
+        assert not registry.is_half_precision(dtype), dtype
     with pytest.raises(ValueError, match="is the serving default already"):
         registry.register(registry.Method("x", _newest_half, "x", serving_default=True))
     with pytest.raises(ValueError, match="is the half-precision serving default already"):

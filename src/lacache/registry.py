@@ -251,6 +251,18 @@ def default_method() -> str:
     return next(spec.name for spec in _BY_NAME.values() if spec.default)
 
 
+#: the names a dtype in float32 goes by (a ``--dtype`` argument, a torch dtype's ``str`` without "torch.")
+FLOAT32_NAMES = ("float32", "float", "fp32")
+
+
+def is_half_precision(dtype) -> bool:
+    """``dtype`` (a name such as ``--dtype`` takes, or a torch dtype) is not float32: bfloat16 or float16, or
+    ``auto``, which vLLM resolves to bfloat16 on a CPU for most checkpoints. ``None`` (nothing asked) is not:
+    lacache's own default is float32. The one answer to "is this half precision" for every command and the
+    plugin, so a method chosen from it and the plugin's refusal of key-reading rules always agree."""
+    return dtype is not None and str(dtype).replace("torch.", "") not in FLOAT32_NAMES
+
+
 def served_default_method(half_precision: bool = False) -> str:
     """The method the vLLM plugin serves when none is named. In float32 the entry marked ``serving_default``
     (``keydiff``: the served rule that finds the most pass keys through the engine, at half and at a quarter of

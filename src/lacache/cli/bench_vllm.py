@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..registry import served_default_method, served_methods
+from ..registry import is_half_precision, served_default_method, served_methods
 from . import common
 from .resume import add_resume_argument, open_run
 
@@ -73,7 +73,7 @@ def part_defaults(args: argparse.Namespace) -> argparse.Namespace:
     """``--prompt-tokens`` and ``--batch`` left out: 2048 and 4 for the prefill part, 64 and 2 for the others."""
     prefill = args.part == "prefill"
     if getattr(args, "method", "") is None:  # the engine's own default for the dtype
-        args.method = served_default_method(half_precision=common.DTYPES.get(args.dtype, args.dtype) != "float32")
+        args.method = served_default_method(half_precision=is_half_precision(args.dtype))
     if args.prompt_tokens is None:
         args.prompt_tokens = 2048 if prefill else 64
     if args.batch is None:

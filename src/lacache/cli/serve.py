@@ -32,7 +32,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..registry import served_default_method, served_methods
+from ..registry import is_half_precision, served_default_method, served_methods
 from ..vllm.config import KEY, parse_config
 from . import common
 
@@ -128,13 +128,13 @@ def _half_precision(args: argparse.Namespace) -> bool:
     """The passed-through ``--dtype`` asks for bfloat16 or float16 (lacache serve's own default is float32;
     ``auto`` counts as half: vLLM picks bfloat16 on a CPU for most checkpoints)."""
     rest = list(getattr(args, "passed_through", []) or [])
-    dtype = "float32"
+    dtype = None
     for i, item in enumerate(rest):
         if item == "--dtype" and i + 1 < len(rest):
             dtype = rest[i + 1]
         elif item.startswith("--dtype="):
             dtype = item.partition("=")[2]
-    return dtype not in ("float32", "float")
+    return is_half_precision(dtype)
 
 
 def settings_for(args: argparse.Namespace) -> dict:

@@ -16,6 +16,7 @@ from functools import cached_property
 from ..policies.base import RetentionPolicy, resolve_chunk
 from ..policies.points import CompactionPoints, points_for
 from ..registry import BACKEND_OPTIONS, method_spec, served_default_method, served_methods
+from ..registry import is_half_precision as _half_precision_dtype
 
 __all__ = ["KEY", "ServingConfig", "parse_config", "serving_config", "served_methods"]
 
@@ -192,8 +193,7 @@ def parse_config(raw: object, num_layers: int, half_precision: bool = False) -> 
 
 def is_half_precision(vllm_config) -> bool:
     """The engine's model runs in a dtype other than float32 (bfloat16 or float16)."""
-    dtype = getattr(getattr(vllm_config, "model_config", None), "dtype", None)
-    return dtype is not None and str(dtype).replace("torch.", "") not in ("float32", "float")
+    return _half_precision_dtype(getattr(getattr(vllm_config, "model_config", None), "dtype", None))
 
 
 def serving_config(vllm_config) -> ServingConfig | None:
