@@ -53,7 +53,8 @@ async def main(settings: dict) -> dict:
             yield StreamingInput(prompt={"prompt_token_ids": list(ids)})  # vLLM extends the list it is given
 
     tokens, logprobs, samples, position = [], [], [], 0
-    params = SamplingParams(max_tokens=new, min_tokens=new, logprobs=0 if settings.get("logprobs") else None, **greedy)
+    # min_tokens masks the tokenizer's end of sequence; a model that declares none may pick it ("min_tokens": false)
+    params = SamplingParams(max_tokens=new, min_tokens=new if settings.get("min_tokens", True) else 0, logprobs=0 if settings.get("logprobs") else None, **greedy)
     async for out in engine.generate(inputs(), params, request_id="session"):
         for k, token in enumerate(out.outputs[0].token_ids):
             if settings.get("logprobs"):

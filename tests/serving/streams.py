@@ -7,11 +7,67 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 #: the prompts of the token tests (4, 31 and 73 tokens with the bundled tokenizer), float32 and half precision
 PROMPTS = ["Once upon a time", "The history of the lighthouse begins with a keeper who " * 3,
            "Write a long story about a dragon. " * 9]
+
+
+# ------------------------------------------------------------------------------ models
+def save_tiny_llama(path: str, layers: int = 4):
+    """A tiny random Llama over the bundled tokenizer's vocabulary, saved with that tokenizer to ``path`` (where a
+    vLLM engine can load it); returns (model, tokenizer).
+
+    Why the exactness tests use it: a check that vLLM keeps and shifts exactly what the transformers cache keeps
+    compares which tokens every layer holds and the greedy tokens, neither of which needs trained weights; the
+    bundled model's decode costs 130 ms a token on 2 cores, this one's a few. Head size 32 (the smallest the CPU
+    attention backend takes), grouped-query attention as in the bundled model, tied embeddings; wider weights
+    than the default init (0.1) make the logits peaked, so rounding in the two backends' kernels never flips a
+    greedy pick. It declares no end of sequence: ask vLLM with ``ignore_eos`` and without ``min_tokens``, which
+    masks the tokenizer's end-of-sequence token that the transformers side may pick."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from lacache.lab.models import default_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256,
+                         num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4, head_dim=32,
+                         max_position_embeddings=4096, tie_word_embeddings=True, initializer_range=0.1)
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config.eos_token_id = None  # random weights: never stop early
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    """The bundled SmolLM2: (model in float32, tokenizer, its folder)."""
+    from lacache import load_model
+    from lacache.lab.models import default_model_dir
+
+    model, tokenizer = load_model(None)
+    return model, tokenizer, default_model_dir()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """:func:`save_tiny_llama`'s model: (model, tokenizer, its folder)."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model, tokenizer = save_tiny_llama(str(folder))
+    return model, tokenizer, folder
+
+
+def greedy_params(model, new: int, **more):
+    """vLLM's greedy request for ``new`` tokens that ``model``'s transformers run can match: ``min_tokens`` (which
+    masks end-of-sequence in vLLM, as ``min_new_tokens`` does in transformers) only where the model declares one."""
+    from vllm import SamplingParams
+
+    stops = model.generation_config.eos_token_id is not None
+    return SamplingParams(max_tokens=new, min_tokens=new if stops else 0, temperature=0, ignore_eos=True, **more)
 
 
 def greedy_turn(model, cache, ids: list[int], new: int, most: int | None = None) -> list[int]:

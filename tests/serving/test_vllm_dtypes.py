@@ -22,7 +22,7 @@ os.environ["LACACHE_VLLM_RECORD"] = "1"
 import torch  # noqa: E402
 from streams import PROMPTS, assert_close, forced_turn, run_session, session_chunks  # noqa: E402
 
-BUDGET, NEW = 64, 300
+BUDGET, NEW = 64, 150
 _ENGINES = []
 
 
@@ -50,8 +50,9 @@ def _state_of(request_id):
     raise KeyError(request_id)
 
 
-@pytest.mark.parametrize("dtype, method", [(None, "lacache"), (None, "streaming"), ("float16", "lacache-capped")],
-                         ids=["default-lacache", "default-streaming", "float16-lacache-capped"])
+# streaming, index-only as these two, is exact in float32 (test_vllm_plugin.py); each case here costs 1-2 minutes
+@pytest.mark.parametrize("dtype, method", [(None, "lacache"), ("float16", "lacache-capped")],
+                         ids=["default-lacache", "float16-lacache-capped"])
 def test_half_precision_tokens_and_kept_tokens_match_the_transformers_cache(bundled, dtype, method):
     from vllm import LLM, SamplingParams
 
@@ -78,7 +79,7 @@ def test_half_precision_tokens_and_kept_tokens_match_the_transformers_cache(bund
         print(f"{served} {method} prompt of {len(ids)}: largest difference {worst:.2f} spacings")
         slots = _state_of(out.request_id)
         assert slots.seen == cache.seen == len(ids) + NEW - 1
-        assert cache.seen - BUDGET >= 200  # far past the first compaction
+        assert cache.seen - BUDGET >= 85  # far past the first compaction
         for layer in range(model.config.num_hidden_layers):
             assert slots.token_positions(layer) == cache.token_positions(layer).tolist(), layer
 
@@ -128,12 +129,13 @@ def test_a_chat_continues_its_cache_in_the_default_dtype(bundled):
 
 
 def test_a_streaming_session_in_the_default_dtype(bundled):
-    """test_vllm_sessions.py's endless session (50 inputs, more than 20x the budget), in the dtype vLLM picks."""
+    """test_vllm_sessions.py's endless session, in the dtype vLLM picks, on the bundled model: 20 of its inputs
+    (over 8x the budget; the float32 sessions there run 30 on the tiny model)."""
 
     from lacache import make_cache
 
     model, tokenizer, model_dir = bundled
-    budget, new, inputs = 64, 16, 50
+    budget, new, inputs = 64, 16, 20
     chunks = session_chunks(tokenizer, inputs)
     settings = {"model": str(model_dir), "chunks": chunks, "new": new, "block_size": 32, "blocks": 8,
                 "max_model_len": 4096, "logprobs": True, "lacache": {"method": "lacache", "budget": budget, "reuse": False}}
@@ -149,4 +151,4 @@ def test_a_streaming_session_in_the_default_dtype(bundled):
         worst = max(worst, assert_close(rows, tokens, got["logprobs"][turn * new:(turn + 1) * new], served,
                                         where=turn, suppressed=_eos(model)))
     print(f"{served} session of {cache.seen} tokens: largest difference {worst:.2f} spacings")
-    assert cache.seen >= 20 * budget
+    assert cache.seen >= 8 * budget

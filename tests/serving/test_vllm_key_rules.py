@@ -1,9 +1,9 @@
 """The rules that rank slots by a key statistic (``knorm``, ``keydiff``, ``lacache-salient``, ``lacache-group``)
 inside vLLM.
 
-Run by ``make test-vllm`` in a pytest process of its own: each test keeps its in-process engine alive
-(tearing one down in-process breaks the next one's process groups), and the main serving suite holds
-as many engines as the machine's memory allows.
+On the tiny random Llama (``streams.save_tiny_llama``; the bundled model runs the served default in
+test_vllm_plugin.py): trained weights are not what these checks need, and the bundled model would take 15
+minutes here.
 
 * The plugin test's setting (``test_vllm_plugin.py``: float32, greedy, prompts of 4, 31 and 73 tokens in
   one ``generate`` call, 300 new tokens, budget 64, 128-token steps, a pool of 4 blocks): the same tokens
@@ -22,24 +22,19 @@ pytest.importorskip("vllm")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: introspection
 os.environ["LACACHE_VLLM_RECORD"] = "1"  # the workers keep what each request held
 
-from test_vllm_plugin import bundled  # noqa: E402,F401  (the fixture)
-from test_vllm_plugin import test_outputs_and_kept_tokens_equal_the_transformers_cache as _plugin_check  # noqa: E402
+from streams import greedy_params, tiny  # noqa: E402  (tiny: the fixture)
+from test_vllm_plugin import NEW as PLUGIN_NEW  # noqa: E402
+from test_vllm_plugin import check_outputs_and_kept_tokens  # noqa: E402
 
 BUDGET, NEW, STEP, BLOCK, BLOCKS = 127, 100, 128, 32, 17
 _ENGINES = []  # kept alive: tearing an engine down in-process breaks the next one's process groups
 
 
 @pytest.mark.parametrize("method", ["knorm", "keydiff", "lacache-salient", "lacache-group"])
-def test_key_norm_rules_keep_the_transformers_caches_tokens(bundled, method):  # noqa: F811
+def test_key_norm_rules_keep_the_transformers_caches_tokens(tiny, method):
     """The plugin test, for the rules whose workers choose survivors by a key statistic read from the paged
     keys."""
-    _plugin_check(bundled, method)
-
-
-def _params(new: int):
-    from vllm import SamplingParams
-
-    return SamplingParams(max_tokens=new, min_tokens=new, temperature=0, ignore_eos=True)
+    check_outputs_and_kept_tokens(tiny, method, PLUGIN_NEW)
 
 
 def _first_difference(a: list[int], b: list[int]) -> int | None:
@@ -47,7 +42,7 @@ def _first_difference(a: list[int], b: list[int]) -> int | None:
 
 
 @pytest.mark.parametrize("method", ["lacache-salient", "keydiff"])
-def test_a_key_norm_rule_keeps_the_same_slots_alone_and_beside_long_prefills(bundled, method):  # noqa: F811
+def test_a_key_norm_rule_keeps_the_same_slots_alone_and_beside_long_prefills(tiny, method):
     """``lacache-salient`` (the ladder plus a pool of the smallest-norm keys): the worker reads each slot's norm
     once, from the key vLLM wrote; ``keydiff``: it reads every held key again at each compaction, at its slot's
     position. Either way a request cut into other passes beside long prefills keeps the same slots in every
@@ -60,7 +55,7 @@ def test_a_key_norm_rule_keeps_the_same_slots_alone_and_beside_long_prefills(bun
     from lacache.lab.texts import load_essays
     from lacache.vllm.worker import states
 
-    model, tokenizer, model_dir = bundled
+    model, tokenizer, model_dir = tiny
     words = load_essays(200_000).split()
     llm = LLM(model=str(model_dir), dtype="float32", enforce_eager=True, max_model_len=4096,
               gpu_memory_utilization=0.3, block_size=BLOCK, num_gpu_blocks_override=BLOCKS,
@@ -77,10 +72,10 @@ def test_a_key_norm_rule_keeps_the_same_slots_alone_and_beside_long_prefills(bun
         slots = next(s for k, s in held.items() if k == request_id or k.startswith(request_id + "-"))
         return [slots.token_positions(layer) for layer in range(model.config.num_hidden_layers)]
 
-    out = llm.generate([{"prompt_token_ids": chat}], _params(NEW), use_tqdm=False)[0]
+    out = llm.generate([{"prompt_token_ids": chat}], greedy_params(model, NEW), use_tqdm=False)[0]
     alone, alone_kept = list(out.outputs[0].token_ids), kept(out.request_id)
     outs = llm.generate([{"prompt_token_ids": p} for p in longs[:2] + [chat] + longs[2:]],
-                        [_params(4), _params(4), _params(NEW), _params(4)], use_tqdm=False)
+                        [greedy_params(model, n) for n in (4, 4, NEW, 4)], use_tqdm=False)
     beside = list(outs[2].outputs[0].token_ids)
     assert beside == alone, ("beside long prefills", _first_difference(beside, alone))
     assert kept(outs[2].request_id) == alone_kept

@@ -1,10 +1,11 @@
 """lacache inside vLLM (run by `make test-vllm`, in the environment that target builds).
 
-One in-process engine on the bundled model, float32, greedy: several prompts of different lengths
-in one `generate` call must equal `model.generate(ids, past_key_values=LaCache...)` token for
-token for 300 new tokens (more than 200 past each first compaction), and every layer of every
-request must hold exactly the tokens the transformers cache holds. The KV pool is 4 blocks of 128
-tokens while max_model_len is 2048: stock vLLM refuses to start with it.
+One in-process engine, float32, greedy: several prompts of different lengths in one `generate` call
+must equal `model.generate(ids, past_key_values=make_cache(...))` token for token, far past each first
+compaction, and every layer of every request must hold exactly the tokens the transformers cache holds.
+The KV pool is 4 blocks of 128 tokens while max_model_len is 2048: stock vLLM refuses to start with it.
+Each index-only rule runs on the tiny random Llama (``streams.save_tiny_llama``: 300 new tokens in
+seconds); the serving default runs on the bundled model as well, 120 new tokens.
 """
 
 import os
@@ -16,7 +17,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in th
 os.environ["LACACHE_VLLM_RECORD"] = "1"
 
 import torch  # noqa: E402
-from streams import PROMPTS  # noqa: E402
+from streams import PROMPTS, bundled, greedy_params, tiny  # noqa: E402  (bundled, tiny: fixtures)
 
 BUDGET, NEW = 64, 300
 
@@ -32,15 +33,6 @@ def _engine(model_dir, **lacache):
                max_num_batched_tokens=128, additional_config={"lacache": lacache})
 
 
-@pytest.fixture(scope="module")
-def bundled():
-    from lacache import load_model
-    from lacache.lab.models import default_model_dir
-
-    model, tokenizer = load_model(None)
-    return model, tokenizer, default_model_dir()
-
-
 def _state_of(request_id):
     from lacache.vllm.worker import states
 
@@ -52,31 +44,41 @@ def _state_of(request_id):
 
 
 @pytest.mark.parametrize("method", ["lacache", "lacache-capped", "streaming"])
-def test_outputs_and_kept_tokens_equal_the_transformers_cache(bundled, method):
-    """The index-only rules (the key-norm rules: tests/serving/test_vllm_key_rules.py, in a process of its own)."""
-    from vllm import SamplingParams
+def test_outputs_and_kept_tokens_equal_the_transformers_cache(tiny, method):
+    """The index-only rules (the key-norm rules: tests/serving/test_vllm_key_rules.py)."""
+    check_outputs_and_kept_tokens(tiny, method, NEW)
 
+
+def test_the_served_default_on_the_bundled_model_equals_the_transformers_cache(bundled):
+    """What a user who names no method gets in float32, on the model they get."""
+    from lacache.registry import served_default_method
+
+    check_outputs_and_kept_tokens(bundled, served_default_method(), 120)
+
+
+def check_outputs_and_kept_tokens(loaded, method: str, new: int) -> None:
+    """The engine's tokens and kept tokens for ``PROMPTS`` against the transformers cache's (``loaded``: model,
+    tokenizer, folder)."""
     from lacache import make_cache
     from lacache.vllm.config import parse_config
 
-    model, tokenizer, model_dir = bundled
+    model, tokenizer, model_dir = loaded
     prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
     llm = _engine(model_dir, method=method, budget=BUDGET)
     _ENGINES.append(llm)  # kept alive: tearing an engine down in-process breaks the next one's process groups
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                        SamplingParams(max_tokens=NEW, min_tokens=NEW, temperature=0, ignore_eos=True))
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy_params(model, new), use_tqdm=False)
     for ids, out in zip(prompts, outs):
         cache = make_cache(method, model, BUDGET)
         assert cache.points == parse_config({"method": method, "budget": BUDGET}, model.config.num_hidden_layers).points
         # chunks of one period end at the compaction points, as vLLM's scheduler cuts its passes (the authors'
         # schedule has none: one pass, as vLLM runs these short prompts)
-        want = model.generate(torch.tensor([ids]), past_key_values=cache, max_new_tokens=NEW, min_new_tokens=NEW,
+        want = model.generate(torch.tensor([ids]), past_key_values=cache, max_new_tokens=new, min_new_tokens=new,
                               do_sample=False, prefill_chunk_size=cache.points.period)[0, len(ids):].tolist()
         got = list(out.outputs[0].token_ids)
         assert got == want, (len(ids), next(j for j, (a, b) in enumerate(zip(got, want)) if a != b))
         slots = _state_of(out.request_id)
-        assert slots.seen == cache.seen == len(ids) + NEW - 1
-        assert cache.seen - BUDGET >= 200  # the comparison runs far past the first compaction
+        assert slots.seen == cache.seen == len(ids) + new - 1
+        assert cache.seen - BUDGET >= 50  # the comparison runs far past the first compaction
         layers = range(model.config.num_hidden_layers)
         if not slots.reads_keys:
             for layer in layers:
@@ -97,6 +99,6 @@ def test_outputs_and_kept_tokens_equal_the_transformers_cache(bundled, method):
     ({"method": "lacache-capped", "budget": 6}, "too small"),
     ({"budget": 4}, "budget=4 is smaller than sinks=4 \\+ window=1"),
 ])
-def test_bad_settings_fail_at_engine_start(bundled, settings, match):
+def test_bad_settings_fail_at_engine_start(tiny, settings, match):
     with pytest.raises(Exception, match=match):
-        _engine(bundled[2], **settings)
+        _engine(tiny[2], **settings)

@@ -15,7 +15,8 @@ passes: every test here then fails on its tokens.
 One in-process engine (float32, greedy, 16 blocks of 32: four decode rows of 128 slots) serves the first
 four scenarios; a second one with ``reuse`` off (room for ten rows) serves the chat's other side; a
 streaming session runs in a child process (``session_check.py``). The key-norm rules' counterpart is
-tests/serving/test_vllm_key_rules.py.
+tests/serving/test_vllm_key_rules.py. All on the tiny random Llama (``streams.save_tiny_llama``): what is
+tested is how passes are cut, which no trained weight changes, and its tokens still move with every kept slot.
 """
 
 import os
@@ -25,7 +26,7 @@ import pytest
 pytest.importorskip("vllm")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: introspection
 
-from streams import greedy_turn, run_session, spy_preemptions  # noqa: E402
+from streams import greedy_turn, run_session, spy_preemptions, tiny  # noqa: E402  (tiny: fixture)
 
 from lacache.registry import served_default_method  # noqa: E402
 
@@ -36,13 +37,11 @@ NEW = 100  # new tokens of the long answers: all of them past the first compacti
 _ENGINES = []  # kept alive: tearing an engine down in-process breaks the next one's process groups
 
 
-def _engine(reuse: bool = True, blocks: int = BLOCKS):
+def _engine(model_dir, reuse: bool = True, blocks: int = BLOCKS):
     from vllm import LLM
 
-    from lacache.lab.models import default_model_dir
-
     lacache = {"method": METHOD, "budget": BUDGET} if reuse else {"method": METHOD, "budget": BUDGET, "reuse": False}
-    llm = LLM(model=str(default_model_dir()), dtype="float32", enforce_eager=True, max_model_len=4096,
+    llm = LLM(model=str(model_dir), dtype="float32", enforce_eager=True, max_model_len=4096,
               gpu_memory_utilization=0.3, block_size=BLOCK, num_gpu_blocks_override=blocks,
               max_num_batched_tokens=STEP, additional_config={"lacache": lacache})
     _ENGINES.append(llm)
@@ -50,26 +49,25 @@ def _engine(reuse: bool = True, blocks: int = BLOCKS):
 
 
 @pytest.fixture(scope="module")
-def setup():
+def setup(tiny):
     """The transformers model, its tokenizer and the essays' words."""
-    from lacache import load_model
     from lacache.lab.texts import load_essays
 
-    model, tokenizer = load_model(None)
+    model, tokenizer, _ = tiny
     return model, tokenizer, load_essays(200_000).split()
 
 
 @pytest.fixture(scope="module")
-def served(setup):
+def served(tiny):
     """The engine of the first four scenarios: ``reuse`` on (the default)."""
-    return _engine()
+    return _engine(tiny[2])
 
 
 @pytest.fixture(scope="module")
-def unreused(setup):
+def unreused(tiny):
     """An engine with ``reuse`` off (every turn of a chat recomputes the whole conversation), with room for
     ten decode rows at once."""
-    return _engine(reuse=False, blocks=41)
+    return _engine(tiny[2], reuse=False, blocks=41)
 
 
 def _ids(tokenizer, words: list[str], start: int, count: int) -> list[int]:
@@ -77,9 +75,11 @@ def _ids(tokenizer, words: list[str], start: int, count: int) -> list[int]:
 
 
 def _params(new: int):
+    """Greedy, ``new`` tokens; no ``min_tokens``: it masks the tokenizer's end of sequence, which the tiny model
+    does not declare, so its transformers run may pick it (``streams.save_tiny_llama``)."""
     from vllm import SamplingParams
 
-    return SamplingParams(max_tokens=new, min_tokens=new, temperature=0, ignore_eos=True)
+    return SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
 
 
 def _answers(llm, prompts: list[list[int]], new) -> list[list[int]]:
@@ -274,17 +274,16 @@ def test_a_turn_whose_kept_cache_was_evicted_gets_the_answer_of_one_that_reused_
 
 
 # ------------------------------------------------------------------ 5. a session fed inputs longer than the period
-def test_a_session_with_inputs_longer_than_the_period_matches_the_transformers_cache(setup):
+def test_a_session_with_inputs_longer_than_the_period_matches_the_transformers_cache(setup, tiny):
     from lacache import make_cache
-    from lacache.lab.models import default_model_dir
 
     model, tokenizer, words = setup
     budget, new, inputs, size = 96, 12, 8, 40  # period 7: every input crosses five or six compaction points
     stream = _ids(tokenizer, words, 20000, 400)
     chunks = [stream[size * i: size * (i + 1)] for i in range(inputs)]
     assert all(len(c) == size for c in chunks) and budget // 16 + 1 == 7
-    settings = {"model": str(default_model_dir()), "chunks": chunks, "new": new, "block_size": BLOCK, "blocks": 8,
-                "max_model_len": 4096, "dtype": "float32",
+    settings = {"model": str(tiny[2]), "chunks": chunks, "new": new, "block_size": BLOCK, "blocks": 8,
+                "max_model_len": 4096, "dtype": "float32", "min_tokens": False,
                 "lacache": {"method": METHOD, "budget": budget, "reuse": False}}
     got = run_session(settings)
 

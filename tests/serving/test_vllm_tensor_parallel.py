@@ -1,15 +1,15 @@
 """The plugin under tensor parallel 2 on CPU: the same greedy tokens as TP=1 and as the transformers
 cache, with the KV cache bounded (tests/serving/tp_check.py, run in a child process).
 
-A tiny random Llama (8 attention heads, 4 KV heads, 4 layers, head size 32) is split over two worker
-processes, each holding 2 of the 4 KV heads of every layer in its own paged KV cache, and each
-replaying the retention rule and compacting its own pages. Three prompts (6, 46 and 76 tokens) get
-200 greedy tokens each with budget 32: with the serving default (the capped schedule) every request
-compacts every other step, with the authors' schedule (``lacache``) on almost every step, and the
-prompts longer than the budget compact at prefill too; key-norm (``knorm``) ranks each layer's slots by
-the key norm averaged over both ranks' heads (one all-reduce per compaction), so both ranks keep the
-same slots. The serving default runs at TP=2 and TP=1, ``lacache`` and ``knorm`` at TP=2 only
-(compared with the transformers cache), to keep to two extra engines.
+A tiny random Llama (``streams.save_tiny_llama``: 8 attention heads, 4 KV heads, 4 layers, head size 32)
+is split over two worker processes, each holding 2 of the 4 KV heads of every layer in its own paged KV
+cache, and each replaying the retention rule and compacting its own pages. Three prompts (6, 46 and 76
+tokens) get 200 greedy tokens each with budget 48: the serving default (``keydiff`` in float32) ranks each
+layer's slots by its heads' cosines to their anchors averaged over both ranks (one all-reduce per
+compaction), so both ranks keep the same slots; the authors' schedule (``lacache``) compacts on almost
+every step; ``lacache-group`` ranks by the key norm averaged over both ranks' heads. The prompts longer
+than the budget compact at prefill too. The serving default runs at TP=2 and TP=1, the other two at TP=2
+only (compared with the transformers cache), to keep to two extra engines.
 
 Why this fails if the plugin were broken under TP: each rank computes the attention of its own heads
 from its own pages, and the all-reduce after every attention layer mixes them into every token. If
@@ -27,8 +27,8 @@ cdiv(capacity + 1, block_size) while decoding (2 blocks of 32, where unbounded r
 vLLM on CPU runs TP=2 as two worker processes bound to cores by ``VLLM_CPU_OMP_THREADS_BIND``; this
 test sets it to ``"0|1"`` (one core per rank) unless it is set already. Left at vLLM's "auto", an engine
 on a one-NUMA-node machine refuses to start ("Not enough allowed NUMA nodes to bind threads of 2 local
-CPUWorkers"). Takes 2 to 3 minutes on
-2 cores (3 engines); skipped only on a machine with fewer than 2 usable CPUs.
+CPUWorkers"). Takes about 4 minutes on
+2 cores (4 engines); skipped only on a machine with fewer than 2 usable CPUs.
 """
 
 import os
@@ -41,12 +41,12 @@ import pytest
 
 pytest.importorskip("vllm")
 
-#: what tp_check.py checks: the serving default (no method named) at TP=2 and TP=1, then the authors'
-#: schedule, which compacts on almost every token, lacache-group, which ranks slots by the key norm averaged
-#: over every rank's heads (one all-reduce per compaction), and lacache-capped, the half-precision default, at
-#: TP=2 only (30-80 s per TP=2 engine on 2 cores). The default (keydiff in float32) averages each head's cosines
-#: to its own anchor over the ranks the same way.
-METHODS = ("default", "lacache", "lacache-group", "lacache-capped")
+#: what tp_check.py checks: the serving default (no method named: keydiff in float32, which averages each head's
+#: cosines to its own anchor over the ranks, one all-reduce per compaction) at TP=2 and TP=1, then the authors'
+#: schedule, which compacts on almost every token (index-only: lacache-capped and streaming take the same path
+#: through the workers), and lacache-group, which ranks slots by the key norm averaged over every rank's heads, at
+#: TP=2 only (30-80 s per TP=2 engine on 2 cores).
+METHODS = ("default", "lacache", "lacache-group")
 
 FIELDS = ("method", "prompt", "tp1", "transformers", "full_cache", "ranks", "kv_heads_per_rank",
           "rank_compactions", "seen", "expected_seen", "slots_per_rank", "capacity", "held_tokens",

@@ -44,23 +44,10 @@ STEP_CAP = 256  # max_num_batched_tokens: the three prompts prefill in one step
 
 def build_model(path: str):
     """The tiny Llama with the bundled tokenizer, saved to ``path``; returns (model, tokenizer)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from streams import save_tiny_llama
 
-    from lacache.lab.models import default_model_dir
-
-    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
-    torch.manual_seed(0)
-    # head size 32: the smallest the CPU attention backend takes; wider weights than the default init
-    # (0.1) make the logits peaked, so float rounding (TP=2 sums partial products) never flips an argmax
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256,
-                         num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, head_dim=32,
-                         max_position_embeddings=2048, tie_word_embeddings=True, initializer_range=0.1)
-    model = LlamaForCausalLM(config).eval()
-    model.generation_config.eos_token_id = None  # random weights: never stop early
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return model, tokenizer
+    return save_tiny_llama(path)
 
 
 def transformers_run(model, method: str, budget: int | None, ids: list[int]):

@@ -37,18 +37,21 @@ ENGINE: list[Cell] = [
     Cell(_ENGINE, "default settings (float32, greedy, chunked prefill, a pool smaller than one max-length request)",
          "lacache, lacache-capped, streaming", EXACT,
          "the same tokens as model.generate with the transformers cache for 300 new tokens, and every layer holds "
-         "the same tokens", (_TOKENS,)),
+         "the same tokens (a tiny random Llama over the bundled tokenizer: which tokens are kept and where keys "
+         "sit needs no trained weights)", (_TOKENS,)),
     Cell(_ENGINE, "rules that rank slots by a key statistic (float32, greedy, chunked prefill, a pool smaller than "
          "one max-length request)", "knorm, keydiff, lacache-salient, lacache-group", EXACT,
-         "the same tokens as model.generate with the transformers cache for 300 new tokens; every layer holds the same "
+         "the same tokens as model.generate with the transformers cache for 300 new tokens on a tiny random Llama, "
+         "and for 120 on the bundled model with the serving default (`keydiff`); every layer holds the same "
          "tokens but where a slot's statistic lies within the backends' float noise of a boundary of the 8-bit values "
          "both rank by (equal ones keep the older slot): at most 1 slot in 200 may differ (docs/serving.md, Rules "
          "that read keys). The workers read the statistic from the paged keys at compaction time (a key norm once per "
          "slot; KeyDiff's divergence from the mean direction for every held key, at its slot's position); served, "
          "every rule compacts at points (chunk budget // 16, key-norm and KeyDiff included). Float32 only: in half "
-         "precision they are refused (below). Sessions (50 inputs, `lacache-group` and `keydiff`) and tensor "
+         "precision they are refused (below). Sessions (30 inputs, `lacache-group` and `keydiff`) and tensor "
          "parallel 2 (`lacache-group`, and `keydiff` as the float32 default) are tested too",
          ("tests/test_keydiff.py::test_keydiff_keeps_the_keys_furthest_from_the_mean_direction",
+          "tests/serving/test_vllm_plugin.py::test_the_served_default_on_the_bundled_model_equals_the_transformers_cache",
           "tests/serving/test_vllm_key_rules.py::test_key_norm_rules_keep_the_transformers_caches_tokens",
           "tests/serving/test_vllm_key_rules.py::test_a_key_norm_rule_keeps_the_same_slots_alone_and_beside_long_prefills",
           "tests/test_points.py::test_key_reading_rules_count_on_the_scheduler_what_the_worker_keeps",
@@ -58,7 +61,8 @@ ENGINE: list[Cell] = [
          "lacache, lacache-capped, streaming", EXACT,
          "within a stated tolerance: each greedy token is, within 4 spacings of the largest logit (in magnitude), a pick of the "
          "transformers cache in the same dtype, its logprob as close, and every layer holds the same tokens "
-         "(300-token prompts, a 16-turn chat that continues its cache, a 50-input session); bitwise is out of "
+         "(three prompts x 150 tokens, a 16-turn chat that continues its cache, a 20-input session; the bundled "
+         "model); bitwise is out of "
          "reach in half precision (docs/serving.md, Dtypes). Page layouts are measured at engine start",
          (_D + "test_half_precision_tokens_and_kept_tokens_match_the_transformers_cache",
           _D + "test_a_chat_continues_its_cache_in_the_default_dtype",
