@@ -80,6 +80,8 @@ vllm-env: $(VBIN)/.lacache-vllm
 VLLM_TESTS := $(sort $(wildcard tests/serving/test_*.py)) tests/test_vllm_config.py
 
 test-vllm: $(VBIN)/.lacache-vllm
-	@failed=; for file in $(VLLM_TESTS); do echo "== $$file"; \
-		VLLM_CPU_KVCACHE_SPACE=1 $(VBIN)/python -m pytest -q $$file || failed="$$failed $$file"; done; \
+	@failed=; all=$$(date +%s); for file in $(VLLM_TESTS); do echo "== $$file"; start=$$(date +%s); \
+		VLLM_CPU_KVCACHE_SPACE=1 $(VBIN)/python -m pytest -q $$file || failed="$$failed $$file"; \
+		echo "== $$file: $$(( $$(date +%s) - start )) s"; done; \
+		echo "== test-vllm: $$(( $$(date +%s) - all )) s"; \
 		if [ -n "$$failed" ]; then echo "test-vllm failed in:$$failed"; exit 1; fi
