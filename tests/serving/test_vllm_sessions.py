@@ -49,7 +49,7 @@ def test_a_streaming_session_is_exact_bounded_and_flat(tiny, method):
     assert got["samples"][-1][1] == 0.0
     full = [use for position, use in during if position > capacity + 128]
     early = [use for position, use in during if position <= capacity]
-    assert len(full) > 400
+    assert len(full) > 300  # 367 readings in all for 30 inputs
     assert len(set(full)) == 1, sorted(set(full))  # flat once the cache is full
     assert max(early) <= full[0] < 1  # never more than the pool; grew to it, then stayed
     # nothing holds a block once the sessions are over (the aborted one included)
