@@ -129,13 +129,13 @@ def test_a_chat_continues_its_cache_in_the_default_dtype(bundled):
 
 
 def test_a_streaming_session_in_the_default_dtype(bundled):
-    """test_vllm_sessions.py's endless session, in the dtype vLLM picks, on the bundled model: 20 of its inputs
-    (over 8x the budget; the float32 sessions there run 30 on the tiny model)."""
+    """test_vllm_sessions.py's endless session, in the dtype vLLM picks, on the bundled model: 12 of its inputs
+    (over 4x the budget, about 50 compactions; the float32 sessions there run 30 on the tiny model)."""
 
     from lacache import make_cache
 
     model, tokenizer, model_dir = bundled
-    budget, new, inputs = 64, 16, 20
+    budget, new, inputs = 64, 16, 12
     chunks = session_chunks(tokenizer, inputs)
     settings = {"model": str(model_dir), "chunks": chunks, "new": new, "block_size": 32, "blocks": 8,
                 "max_model_len": 4096, "logprobs": True, "lacache": {"method": "lacache", "budget": budget, "reuse": False}}
@@ -151,4 +151,4 @@ def test_a_streaming_session_in_the_default_dtype(bundled):
         worst = max(worst, assert_close(rows, tokens, got["logprobs"][turn * new:(turn + 1) * new], served,
                                         where=turn, suppressed=_eos(model)))
     print(f"{served} session of {cache.seen} tokens: largest difference {worst:.2f} spacings")
-    assert cache.seen >= 8 * budget
+    assert cache.seen >= 4 * budget

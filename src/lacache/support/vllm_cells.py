@@ -48,7 +48,7 @@ ENGINE: list[Cell] = [
          "that read keys). The workers read the statistic from the paged keys at compaction time (a key norm once per "
          "slot; KeyDiff's divergence from the mean direction for every held key, at its slot's position); served, "
          "every rule compacts at points (chunk budget // 16, key-norm and KeyDiff included). Float32 only: in half "
-         "precision they are refused (below). Sessions (30 inputs, `lacache-group` and `keydiff`) and tensor "
+         "precision they are refused (below). Sessions (30 inputs, `keydiff`) and tensor "
          "parallel 2 (`lacache-group`, and `keydiff` as the float32 default) are tested too",
          ("tests/test_keydiff.py::test_keydiff_keeps_the_keys_furthest_from_the_mean_direction",
           "tests/serving/test_vllm_plugin.py::test_the_served_default_on_the_bundled_model_equals_the_transformers_cache",
@@ -61,7 +61,7 @@ ENGINE: list[Cell] = [
          "lacache, lacache-capped, streaming", EXACT,
          "within a stated tolerance: each greedy token is, within 4 spacings of the largest logit (in magnitude), a pick of the "
          "transformers cache in the same dtype, its logprob as close, and every layer holds the same tokens "
-         "(three prompts x 150 tokens, a 16-turn chat that continues its cache, a 20-input session; the bundled "
+         "(three prompts x 150 tokens, a 16-turn chat that continues its cache, a 12-input session; the bundled "
          "model); bitwise is out of "
          "reach in half precision (docs/serving.md, Dtypes). Page layouts are measured at engine start",
          (_D + "test_half_precision_tokens_and_kept_tokens_match_the_transformers_cache",
