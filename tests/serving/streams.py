@@ -61,13 +61,13 @@ def tiny(tmp_path_factory):
     return model, tokenizer, folder
 
 
-def greedy_params(model, new: int, **more):
+def greedy_params(model, new: int):
     """vLLM's greedy request for ``new`` tokens that ``model``'s transformers run can match: ``min_tokens`` (which
     masks end-of-sequence in vLLM, as ``min_new_tokens`` does in transformers) only where the model declares one."""
     from vllm import SamplingParams
 
     stops = model.generation_config.eos_token_id is not None
-    return SamplingParams(max_tokens=new, min_tokens=new if stops else 0, temperature=0, ignore_eos=True, **more)
+    return SamplingParams(max_tokens=new, min_tokens=new if stops else 0, temperature=0, ignore_eos=True)
 
 
 def greedy_turn(model, cache, ids: list[int], new: int, most: int | None = None) -> list[int]:

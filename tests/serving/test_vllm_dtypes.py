@@ -20,19 +20,10 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in th
 os.environ["LACACHE_VLLM_RECORD"] = "1"
 
 import torch  # noqa: E402
-from streams import PROMPTS, assert_close, forced_turn, run_session, session_chunks  # noqa: E402
+from streams import PROMPTS, assert_close, bundled, forced_turn, run_session, session_chunks  # noqa: E402  (bundled: fixture)
 
 BUDGET, NEW = 64, 150
 _ENGINES = []
-
-
-@pytest.fixture(scope="module")
-def bundled():
-    from lacache import load_model
-    from lacache.lab.models import default_model_dir
-
-    model, tokenizer = load_model(None)
-    return model, tokenizer, default_model_dir()
 
 
 def _eos(model) -> list[int]:

@@ -30,6 +30,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from streams import save_tiny_llama  # noqa: E402  (the tiny Llama with the bundled tokenizer)
+
 NEW = 200
 #: slots per layer: lacache-group needs 4 sinks + a window of 16 + a pool of budget // 8 + one rung of 16 slots,
 #: so at least 41 here
@@ -40,14 +43,6 @@ PROMPTS = ["Once upon a time there was",
 BLOCK_SIZE = 32  # the CPU backend wants multiples of 32; small blocks make the bound visible
 POOL_BLOCKS = 12  # 384 slots, shared by the three requests: unbounded they would need 7 + 8 + 9 blocks
 STEP_CAP = 256  # max_num_batched_tokens: the three prompts prefill in one step
-
-
-def build_model(path: str):
-    """The tiny Llama with the bundled tokenizer, saved to ``path``; returns (model, tokenizer)."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from streams import save_tiny_llama
-
-    return save_tiny_llama(path)
 
 
 def transformers_run(model, method: str, budget: int | None, ids: list[int]):
@@ -212,7 +207,7 @@ def check(method_settings: dict, model, tokenizer, model_dir: str, with_tp1: boo
 def main() -> None:
     methods = sys.argv[1:] or ["default"]
     with tempfile.TemporaryDirectory(prefix="lacache-tp-") as model_dir:
-        model, tokenizer = build_model(model_dir)
+        model, tokenizer = save_tiny_llama(model_dir)
         unbounded: dict[int, list[int]] = {}
         for name in methods:
             settings = {"budget": BUDGET} if name == "default" else {"method": name, "budget": BUDGET}
